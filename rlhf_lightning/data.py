@@ -1,0 +1,375 @@
+"""Prompt data for RL (and prompt+completion pairs for SFT).
+
+`PromptDataModule` reads prompts from a built-in task, a local jsonl/json/parquet/csv file, a local dataset
+folder or a hub id, keeps every other column (reward functions receive them by name), tokenizes the prompts
+once in `setup`, and yields left-padded batches:
+
+    {"prompt_ids": [B, P], "prompt_mask": [B, P], "prompts": list[str], <column>: list, ...}
+    (+ "input_ids", "attention_mask", "labels": [B, L] right-padded, when `completion_column` is set, for SFT)
+
+The tokenizer is the model's: when `tokenizer` is not given, `setup` takes `trainer.lightning_module.tokenizer`,
+so one `model_name_or_path` in the YAML decides both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _looks_like_path(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in _FILE_FORMATS
+
+
+def load_rows(path: str, split: str = "train", subset: str | None = None) -> list[dict[str, Any]]:
+    """Rows (dicts) from a local file, a local dataset folder or a hub id; one-line ValueError on failure."""
+    import datasets
+
+    local = Path(os.path.expanduser(path))
+    try:
+        if local.is_file():
+            fmt = _FILE_FORMATS.get(local.suffix.lower())
+            if fmt is None:
+                raise ValueError(f"data file {path!r} has unsupported extension {local.suffix!r}; "
+                                 f"use one of {sorted(_FILE_FORMATS)}")
+            if fmt == "json":
+                return _read_json_rows(local)
+            ds = datasets.load_dataset(fmt, data_files=str(local), split="train")
+        elif local.is_dir():
+            if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+                ds = datasets.load_from_disk(str(local))
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise ValueError(f"dataset folder {path!r} has splits {list(ds)}, not {split!r}")
+                    ds = ds[split]
+            else:
+                ds = datasets.load_dataset(str(local), subset, split=split)
+        elif _looks_like_path(path):
+            raise ValueError(f"data path {path!r} does not exist")
+        else:
+            ds = datasets.load_dataset(path, subset, split=split)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a library traceback
+        msg = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"could not load data {path!r} (split {split!r}): {type(err).__name__}: {msg}") from err
+    return [dict(row) for row in ds]
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """jsonl (one object per line) or a json list; errors name the line."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from err
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: every record must be a JSON object")
+    return rows
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded shuffle (a new permutation per epoch) that can restart mid-epoch.
+
+    `state_dict()` records the epoch and how many indices of it were consumed, so a resumed run sees exactly the
+    prompts the interrupted one would have seen next.
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True):
+        self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.epoch = 0
+        self.consumed = 0  # indices of the current epoch handed out so far (set by the data module on resume)
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_items))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_items, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        start, self._skip = self._skip, 0
+        for i in range(start, len(order)):
+            self.consumed = i + 1
+            yield order[i]
+        self.consumed = 0
+        self.epoch += 1
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip = state["epoch"], state["consumed"]
+
+
+class _ListDataset(Dataset):
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts (+ every other column) for RL, or prompt/completion pairs for SFT.
+
+    Args:
+        path: a local .jsonl/.json/.parquet/.csv file, a local dataset folder, or a hub dataset id.
+            Mutually exclusive with `task`.
+        task: a built-in task name (`addition`, `chain`); examples are generated, seeded, offline.
+        task_kwargs: arguments of the task (e.g. `{digits: 3}`).
+        num_train / num_val: how many task examples to generate for train / validation.
+        subset: the hub dataset's configuration name (e.g. `main` for gsm8k).
+        split / val_split: split names for hub datasets and dataset folders.
+        val_path: a separate validation file; else `val_split` (hub/folder) or `val_fraction` of the train rows.
+        val_fraction: share of rows held out for validation when no other validation source is given.
+        prompt_column: the column holding the prompt (a string, or a list of chat messages).
+        completion_column: for SFT: the column holding the target completion (an EOS is appended).
+        tokenizer: a tokenizer name/path; None = the LightningModule's own tokenizer.
+        batch_size: prompts per step (GRPO repeats each `group_size` times inside the step).
+        val_batch_size: prompts per validation batch (default: batch_size).
+        max_prompt_length: longer prompts are left-truncated (keeping their end) with one warning.
+        max_length: SFT only: prompt+completion tokens kept (longer pairs are dropped with a count).
+        seed: shuffling seed (and the task's example seed).
+        num_workers: DataLoader workers (0 is right for the small tokenized tensors here).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        task: str | None = None,
+        task_kwargs: dict[str, Any] | None = None,
+        num_train: int = 2000,
+        num_val: int = 200,
+        subset: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        val_path: str | None = None,
+        val_fraction: float = 0.05,
+        prompt_column: str = "prompt",
+        completion_column: str | None = None,
+        tokenizer: str | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        max_prompt_length: int = 256,
+        max_length: int = 512,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if (path is None) == (task is None):
+            raise ValueError("PromptDataModule needs exactly one of `path` (file, folder or hub id) or `task` "
+                             "(built-in: addition, chain)")
+        for name, value in (("batch_size", batch_size), ("num_train", num_train), ("max_prompt_length",
+                            max_prompt_length), ("max_length", max_length)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be a positive integer, got {val_batch_size!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if path is not None and _looks_like_path(path) and not Path(os.path.expanduser(path)).exists():
+            raise ValueError(f"data path {path!r} does not exist")
+        if val_path is not None and not Path(os.path.expanduser(val_path)).exists():
+            raise ValueError(f"val_path {val_path!r} does not exist")
+        if task is not None:
+            from .tasks import get_task
+
+            self.task = get_task(task, **(task_kwargs or {}))  # validates name and kwargs now, not after loading
+        else:
+            self.task = None
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.train_rows: list[dict[str, Any]] = []
+        self.val_rows: list[dict[str, Any]] = []
+        self.sampler: ResumableSampler | None = None
+        self._pending_sampler_state: dict[str, int] | None = None
+
+    # ----------------------------------------------------------------------------------------- loading
+    def _load_all_rows(self) -> tuple[list[dict], list[dict]]:
+        hp = self.hparams
+        if self.task is not None:
+            train = self.task.make_examples(hp.num_train, seed=hp.seed)
+            val = self.task.make_examples(hp.num_val, seed=hp.seed + 1_000_003) if hp.num_val else []
+            return train, val
+        rows = load_rows(hp.path, split=hp.split, subset=hp.subset)
+        if not rows:
+            raise ValueError(f"data {hp.path!r} is empty")
+        if hp.val_path is not None:
+            val = load_rows(hp.val_path)
+        elif hp.val_split is not None:
+            val = load_rows(hp.path, split=hp.val_split, subset=hp.subset)
+        elif hp.val_fraction > 0 and len(rows) > 1:
+            n_val = max(1, int(round(len(rows) * hp.val_fraction)))
+            gen = torch.Generator().manual_seed(hp.seed)
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            val = [rows[i] for i in order[:n_val]]
+            rows = [rows[i] for i in order[n_val:]]
+        else:
+            val = []
+        return rows, val
+
+    def _check_columns(self, rows: list[dict], where: str) -> None:
+        if not rows:
+            return
+        needed = [self.hparams.prompt_column] + ([self.hparams.completion_column] if self.hparams.completion_column
+                                                 else [])
+        for col in needed:
+            if col not in rows[0]:
+                raise ValueError(f"{where} has no column {col!r}; columns are {sorted(rows[0])} "
+                                 f"(set prompt_column/completion_column)")
+
+    def _resolve_tokenizer(self):
+        if self.hparams.tokenizer is not None:
+            from .tokenizer import load_tokenizer
+
+            return load_tokenizer(self.hparams.tokenizer)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or getattr(module, "tokenizer", None) is None:
+            raise ValueError("PromptDataModule has no tokenizer: pass `tokenizer` or use it with a module that has "
+                             "a `tokenizer` attribute")
+        return module.tokenizer
+
+    def prepare_rows(self, tokenizer) -> None:
+        """Load, validate and tokenize train/val rows (callable without a Trainer, e.g. in notebooks)."""
+        self.tokenizer = tokenizer
+        train, val = self._load_all_rows()
+        self._check_columns(train, "the training data")
+        self._check_columns(val, "the validation data")
+        self.train_rows = self._tokenize(train, "train")
+        self.val_rows = self._tokenize(val, "validation")
+        if not self.train_rows:
+            raise ValueError("no training examples left after filtering (check max_length / the data)")
+        self.sampler = ResumableSampler(len(self.train_rows), seed=self.hparams.seed, shuffle=self.hparams.shuffle)
+        if self._pending_sampler_state is not None:
+            self.sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sampler is None:
+            self.prepare_rows(self._resolve_tokenizer())
+
+    def _prompt_text(self, prompt: Any) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+    def _tokenize(self, rows: list[dict], where: str) -> list[dict]:
+        hp, tok = self.hparams, self.tokenizer
+        out, truncated, dropped = [], 0, 0
+        for row in rows:
+            text = self._prompt_text(row[hp.prompt_column])
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > hp.max_prompt_length:
+                ids, truncated = ids[-hp.max_prompt_length:], truncated + 1
+            item = {k: v for k, v in row.items() if k != hp.prompt_column}
+            item["prompts"], item["_prompt_ids"] = text, ids
+            if hp.completion_column:
+                target = tok(str(row[hp.completion_column]), add_special_tokens=False)["input_ids"]
+                target = target + [tok.eos_token_id]
+                if len(ids) + len(target) > hp.max_length:
+                    dropped += 1
+                    continue
+                item["_target_ids"] = target
+            out.append(item)
+        if truncated:
+            warnings.warn(f"{truncated} {where} prompt(s) longer than max_prompt_length={hp.max_prompt_length} "
+                          f"tokens were left-truncated", stacklevel=2)
+        if dropped:
+            warnings.warn(f"dropped {dropped} {where} pair(s) longer than max_length={hp.max_length} tokens",
+                          stacklevel=2)
+        return out
+
+    # ----------------------------------------------------------------------------------------- batches
+    def collate(self, items: list[dict]) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        P = max(len(it["_prompt_ids"]) for it in items)
+        prompt_ids = torch.full((len(items), P), pad, dtype=torch.long)  # [B, P] left-padded
+        prompt_mask = torch.zeros((len(items), P), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["_prompt_ids"])
+            prompt_ids[i, P - n:] = torch.tensor(it["_prompt_ids"])
+            prompt_mask[i, P - n:] = 1
+        batch: dict[str, Any] = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+        for key in items[0]:
+            if not key.startswith("_"):
+                batch[key] = [it[key] for it in items]
+        if "_target_ids" in items[0]:
+            seqs = [it["_prompt_ids"] + it["_target_ids"] for it in items]
+            L_ = max(map(len, seqs))
+            input_ids = torch.full((len(items), L_), pad, dtype=torch.long)  # [B, L] right-padded
+            attention_mask = torch.zeros((len(items), L_), dtype=torch.long)
+            labels = torch.full((len(items), L_), -100, dtype=torch.long)  # loss on completion tokens only
+            for i, (it, seq) in enumerate(zip(items, seqs)):
+                input_ids[i, :len(seq)] = torch.tensor(seq)
+                attention_mask[i, :len(seq)] = 1
+                labels[i, len(it["_prompt_ids"]):len(seq)] = torch.tensor(it["_target_ids"])
+            batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_ListDataset(self.train_rows), batch_size=self.hparams.batch_size, sampler=self.sampler,
+                          collate_fn=self.collate, num_workers=self.hparams.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rows:
+            return []
+        return DataLoader(_ListDataset(self.val_rows), batch_size=self.hparams.val_batch_size or
+                          self.hparams.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.floor(len(self.train_rows) / self.hparams.batch_size))
+
+    # ----------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sampler" in state:
+            if self.sampler is not None:
+                self.sampler.load_state_dict(state["sampler"])
+            else:
+                self._pending_sampler_state = state["sampler"]

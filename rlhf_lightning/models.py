@@ -1,0 +1,152 @@
+"""Loading policies, critics and reward models: a preset name, a local directory or a hub id, one code path.
+
+Presets build a small Qwen2-style decoder from a config (random init, seeded), sized for the offline default's
+character tokenizer. A local directory is anything written by `save_pretrained`. Anything else is treated as a
+hub id and handed to `from_pretrained` (which needs the network the first time).
+
+Safety: `trust_remote_code` is off unless the caller turns it on, and transformers loads safetensors first
+(and `torch.load(weights_only=True)` for legacy `.bin` files).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Qwen2-style decoders built from scratch. `small` is the benchmark's model (hidden 256, 4 layers);
+# `medium` is the ~100M-parameter one (hidden 768, 12 layers, GPT-2-small shaped).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=1024),
+    "medium": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                   intermediate_size=3072),
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16'/'bfloat16'/torch.bfloat16 -> torch.bfloat16; None stays None (the checkpoint's own dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def model_source(name_or_path: str) -> str:
+    """Classify `name_or_path` as 'preset', 'local' or 'hub'; a path-looking string that doesn't exist raises."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"model_name_or_path must be a preset {sorted(PRESETS)}, a local directory or a hub id, "
+                         f"got {name_or_path!r}")
+    if name_or_path in PRESETS:
+        return "preset"
+    path = Path(os.path.expanduser(name_or_path))
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model path {name_or_path!r} is a file; give the directory written by save_pretrained")
+        if not (path / "config.json").exists():
+            raise ValueError(f"model directory {name_or_path!r} has no config.json (not a save_pretrained directory)")
+        return "local"
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
+    if looks_like_path:
+        raise ValueError(f"model path {name_or_path!r} does not exist")
+    return "hub"
+
+
+def preset_config(name: str, tokenizer, max_position_embeddings: int = 1024):
+    """A Qwen2Config for preset `name` whose vocabulary and special ids match `tokenizer`."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,  # small vocab: tying halves the embedding parameters at no cost
+        rope_theta=10000.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **PRESETS[name],
+    )
+
+
+def _hub_error(kind: str, name_or_path: str, err: Exception) -> ValueError:
+    return ValueError(f"could not load {kind} {name_or_path!r}: it is neither a preset {sorted(PRESETS)} nor a local "
+                      f"directory, and loading it as a hub id failed ({type(err).__name__}: {str(err).splitlines()[0]})")
+
+
+def load_causal_lm(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,
+                   trust_remote_code: bool = False, seed: int = 0) -> nn.Module:
+    """An `AutoModelForCausalLM`-compatible policy from a preset, a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    dtype = resolve_dtype(torch_dtype)
+    source = model_source(name_or_path)
+    if source == "preset":
+        if tokenizer is None:
+            from .tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(name_or_path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(preset_config(name_or_path, tokenizer))
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model.to(dtype) if dtype is not None else model
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised as one clear line
+        if source == "local":
+            raise ValueError(f"could not load causal LM from {name_or_path!r}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0]}") from err
+        raise _hub_error("model", name_or_path, err) from err
+
+
+def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,
+                             trust_remote_code: bool = False, seed: int = 0) -> nn.Module:
+    """A scalar-head `AutoModelForSequenceClassification` (num_labels=1) from a preset, local dir or hub id.
+
+    A causal-LM checkpoint (e.g. an SFT export) loads too: transformers keeps the backbone and initialises the
+    `score` head fresh.
+    """
+    from transformers import AutoModelForSequenceClassification, Qwen2ForSequenceClassification
+
+    dtype = resolve_dtype(torch_dtype)
+    source = model_source(name_or_path)
+    if source == "preset":
+        if tokenizer is None:
+            from .tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(name_or_path)
+        config = preset_config(name_or_path, tokenizer)
+        config.num_labels = 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2ForSequenceClassification(config)
+        return model.to(dtype) if dtype is not None else model
+    kwargs = dict(trust_remote_code=trust_remote_code, num_labels=1)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+    except Exception as err:  # noqa: BLE001
+        if source == "local":
+            raise ValueError(f"could not load sequence classifier from {name_or_path!r}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0]}") from err
+        raise _hub_error("reward model", name_or_path, err) from err
+    if tokenizer is not None and model.config.pad_token_id is None:
+        # the classifier finds the last real token through pad_token_id; without it batched scoring is wrong
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

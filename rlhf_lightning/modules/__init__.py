@@ -1,0 +1,1 @@
+"""LightningModules: SFT warm start, GRPO, PPO, reward model."""

@@ -1,0 +1,200 @@
+"""What every policy-training module shares: loading, reward functions, greedy validation, optimizers, export.
+
+Subclasses (SFT, GRPO, PPO) add their own `training_step`. Counters:
+- `self.rollouts` / `self.optimizer_steps` are explicit (Lightning's `global_step` counts every optimizer's
+  steps in manual optimization, so it is not the same quantity across modules). TensorBoard's x-axis is
+  `trainer.global_step` for SFT and "rollout steps" for RL modules (see `log_step`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..models import load_causal_lm
+from ..tokenizer import load_tokenizer
+
+
+class PolicyModuleBase(L.LightningModule):
+    """Base for modules that train a causal-LM policy. Not used directly.
+
+    Shared init arguments (subclasses forward them):
+        model_name_or_path: a preset (`tiny`, `small`, `medium`), a `save_pretrained` directory, or a hub id.
+        tokenizer_name_or_path: defaults to `model_name_or_path` (presets use the built-in char tokenizer).
+        reward_fns: import paths of reward functions `f(prompts, completions, **columns) -> list[float|None]`
+            (Python callers may pass callables). None = the built-in task's verifiers when the data is a task.
+        reward_weights: one weight per reward function (default 1 each).
+        lr, weight_decay, betas, warmup_steps, lr_schedule (`constant|cosine|linear`), min_lr_ratio: AdamW and
+            its schedule; the schedule's horizon is the trainer's estimated optimizer steps.
+        torch_dtype: dtype of the weights (`float32`, `bfloat16`); precision is the Trainer's business.
+        trust_remote_code: off unless you trust the model repository.
+        val_max_new_tokens: token budget of the greedy validation completions.
+        seed: initialisation seed for presets.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny",
+        tokenizer_name_or_path: str | None = None,
+        reward_fns: Sequence[Any] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
+        torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        val_max_new_tokens: int = 32,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not (isinstance(lr, (int, float)) and 0 < lr < 1):
+            raise ValueError(f"lr must be in (0, 1), got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"lr_schedule must be constant|cosine|linear, got {lr_schedule!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if val_max_new_tokens < 1:
+            raise ValueError(f"val_max_new_tokens must be >= 1, got {val_max_new_tokens}")
+        from ..rewards import resolve_reward_fn
+
+        self.reward_funcs: list[Callable] = [resolve_reward_fn(f) for f in (reward_fns or [])]
+        if reward_weights is not None and len(reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(reward_weights)} entries but there are "
+                             f"{len(self.reward_funcs)} reward_fns")
+        self.reward_weights = list(reward_weights) if reward_weights is not None else None
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
+                                        trust_remote_code=trust_remote_code)
+        self.policy = load_causal_lm(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
+                                     trust_remote_code=trust_remote_code, seed=seed)
+        self.policy.train()  # from_pretrained returns eval mode; sampling / no-grad passes switch to eval themselves
+        self.optimizer_steps = 0
+        self.rollouts = 0
+
+    # ------------------------------------------------------------------------------------------ rewards
+    def setup(self, stage: str) -> None:
+        if not self.reward_funcs:
+            task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
+            if task is not None:
+                self.reward_funcs = list(self.default_reward_fns(task))
+                if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+                    self.reward_weights = None
+
+    def default_reward_fns(self, task) -> Sequence[Callable]:
+        """Reward functions used when none are configured and the data is a built-in task."""
+        return task.reward_fns
+
+    @staticmethod
+    def reward_columns(batch: dict[str, Any], repeat: int = 1) -> dict[str, list]:
+        """The batch's extra dataset columns, each repeated `repeat` times per row (aligned with completions)."""
+        skip = {"prompt_ids", "prompt_mask", "prompts", "input_ids", "attention_mask", "labels"}
+        return {k: [v for v in vals for _ in range(repeat)] for k, vals in batch.items()
+                if k not in skip and isinstance(vals, list)}
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]):
+        """(total [B], per-function [F, B]) rewards; NaN marks 'no reward'."""
+        from ..rewards import call_reward_fns
+
+        return call_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions, columns)
+
+    # --------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def greedy_completions(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
+        from ..rollout import decode_completions, sample
+
+        out = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
+                     max_new_tokens=max_new_tokens or self.hparams.val_max_new_tokens,
+                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                     do_sample=False, return_logprobs=False)
+        return decode_completions(self.tokenizer, out.completion_ids, out.completion_mask)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Greedy completions on held-out prompts: `val/reward`, and `val/accuracy` for 0/1 verifiers."""
+        if not self.reward_funcs:
+            return
+        completions = self.greedy_completions(batch)
+        total, per_fn = self.score(batch["prompts"], completions, self.reward_columns(batch))
+        B = len(completions)
+        self.log("val/reward", torch.nan_to_num(total).mean(), batch_size=B, sync_dist=True, prog_bar=True)
+        first = per_fn[0]
+        if bool(((first == 0) | (first == 1)).all()):
+            # the first reward function is a 0/1 verifier: its mean is the accuracy
+            self.log("val/accuracy", first.mean(), batch_size=B, sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        completions = self.greedy_completions(batch)
+        return [{"prompt": p, "completion": c} for p, c in zip(batch["prompts"], completions)]
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def build_optimizer(self, params, lr: float) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        hp = self.hparams
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = self.schedule_horizon()
+        warmup, kind, floor = hp.warmup_steps, hp.lr_schedule, hp.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if kind == "constant" or total <= warmup:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if kind == "linear":
+                return floor + (1 - floor) * (1 - progress)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def schedule_horizon(self) -> int:
+        """Optimizer steps the lr schedule spans (the trainer's estimate; subclasses with inner loops scale it)."""
+        try:
+            return int(self.trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - no trainer / infinite: constant after warmup
+            return 0
+
+    def configure_optimizers(self):
+        opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --------------------------------------------------------------------------------------------- export
+    def export_dir(self) -> Path:
+        trainer = self.trainer
+        base = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
+        return Path(base) / "hf_model"
+
+    def export_model(self) -> torch.nn.Module:
+        """The model written to `hf_model/` (the policy; subclasses with adapters merge them here)."""
+        return self.policy
+
+    def on_fit_end(self) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        out = self.export_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        self.export_model().save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        rank_zero_info(f"[rlhf_lightning] exported model and tokenizer to {out}")
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("rlhf_counters", {})
+        self.optimizer_steps = counters.get("optimizer_steps", 0)
+        self.rollouts = counters.get("rollouts", 0)
+

@@ -1,0 +1,479 @@
+"""GRPO: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath §4.1), with the later fixes.
+
+One `training_step` = one rollout + its updates:
+
+    1. rollout            each prompt is repeated G times *inside* the step (a group never spans ranks) and
+                          sampled with the KV-cache engine (`rollout.sample`), under no_grad, eval mode
+    2. compute_rewards    reward functions (TRL signature) -> one reward per completion (outcome) or one reward
+                          per reasoning step (process); None/NaN = "no reward" (advantage 0, counted)
+    3. compute_advantages group-relative: (r - mean_group) / (std_group + eps)  (§4.1.2), or the process form
+                          (§4.1.3); `scale_rewards=none` is Dr. GRPO, `batch` uses the batch std
+    4. old / ref log-probs old log-probs are needed only when the policy moves before a sample is used
+                          (num_iterations > 1 or minibatches > 1); otherwise the ratio is exactly 1 and the
+                          current log-probs stand in (detached). The reference pass runs only when beta > 0.
+    5. updates            num_iterations (μ) x minibatches optimizer steps of the clipped surrogate
+                          + beta * KL(π_θ‖π_ref) (k3 by default) added to the loss (eq. 3)
+
+Manual optimization: one optimizer step per (iteration, minibatch). Lightning's `trainer.global_step` counts
+optimizer steps, so `trainer.max_steps` = rollouts x num_iterations x minibatches; the TensorBoard x-axis is the
+rollout index (Lightning's batch counter), the same as for PPO.
+
+Hooks a subclass overrides (each is small and documented below):
+    rollout(batch) -> Rollout              sampling (swap in another engine, e.g. vLLM, here)
+    compute_rewards(prompts, completions, batch) -> Tensor [N] (outcome) or list[list[float]] (process)
+    compute_advantages(rewards, rollout) -> Tensor [N] or [N, T]
+    policy_loss(logp, old_logp, advantages, mask, normalizer) -> (loss, stats)
+Overriding `compute_rewards` alone is enough for a new task.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import losses
+from ..rollout import RolloutBatch, completion_logprobs, decode_completions, sample
+from .base import PolicyModuleBase
+
+
+@dataclass
+class Rollout:
+    """Everything one rollout produced. Row i belongs to group i // group_size."""
+
+    samples: RolloutBatch  # prompt/completion ids and masks, behaviour log-probs
+    prompts: list[str]  # [N] prompt text per row (N = prompts x group_size)
+    completions: list[str]  # [N] decoded completions (no EOS/pad)
+    columns: dict[str, list]  # dataset columns, aligned with rows
+    extras: dict[str, Any] = field(default_factory=dict)  # room for subclasses (e.g. step boundaries)
+
+
+class GRPOModule(PolicyModuleBase):
+    """Critic-free RL for LMs (DeepSeekMath §4.1) with DAPO / Dr. GRPO / GSPO options.
+
+    Args (beyond `PolicyModuleBase`'s model / reward / optimizer arguments):
+        group_size: G completions sampled per prompt (≥ 2: advantages are relative within a group).
+        beta: weight of the KL(π_θ‖π_ref) penalty in the loss; 0 loads no reference model.
+        kl_estimator: `k3` (unbiased, always ≥ 0; the paper's eq. 4), `k1`, or `k2`.
+        clip_low / clip_high: ε of the clipped surrogate below / above 1 (clip-higher, DAPO: clip_high > clip_low).
+        scale_rewards: `group` (paper: divide by the group std), `batch` (batch std), `none` (Dr. GRPO).
+        loss_agg: `seq-mean-token-mean` (paper), `token-mean` (DAPO), `seq-mean-token-sum-norm` (Dr. GRPO; the
+            token sum is divided by max_new_tokens). Normalised over the whole optimizer step.
+        importance_sampling: `token` (PPO-style per-token ratio) or `sequence` (GSPO length-normalised ratio).
+        num_iterations: μ, optimizer passes over one rollout (old log-probs are cached once per rollout).
+        minibatches: optimizer steps per pass; the rollout's groups are split evenly among them.
+        micro_batch_size: rows per forward/backward (gradient accumulation inside an optimizer step; the loss is
+            normalised by the whole step's count, so it does not change the result). None = the minibatch.
+        max_new_tokens / min_new_tokens / temperature / top_p / top_k: sampling. The temperature also divides
+            the logits of every log-prob pass, so ratios compare the distribution that was sampled.
+        supervision: `outcome` (one reward per completion) or `process` (one reward per reasoning step).
+        step_separator: splits a completion into steps for process supervision (default: the task's, or "\\n").
+        mask_truncated: completions that hit max_new_tokens without EOS get no loss (DAPO overlong filtering).
+        drop_uninformative_groups: groups whose rewards are all equal (zero advantage) are dropped from the
+            loss and its normaliser (DAPO dynamic sampling, without re-sampling).
+        max_grad_norm: gradient clipping (None = off).
+        sample_seed: seed of the sampling generator (offset by the global rank).
+        log_samples_every_n_steps: text table of sample completions every N rollouts (0 = off).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny",
+        tokenizer_name_or_path: str | None = None,
+        reward_fns: Sequence[str] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        group_size: int = 8,
+        beta: float = 0.04,
+        kl_estimator: str = "k3",
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        scale_rewards: str = "group",
+        loss_agg: str = "seq-mean-token-mean",
+        importance_sampling: str = "token",
+        num_iterations: int = 1,
+        minibatches: int = 1,
+        micro_batch_size: int | None = None,
+        max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        supervision: str = "outcome",
+        step_separator: str | None = None,
+        mask_truncated: bool = False,
+        drop_uninformative_groups: bool = False,
+        max_grad_norm: float | None = 1.0,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
+        torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        val_max_new_tokens: int | None = None,
+        sample_seed: int = 1234,
+        log_samples_every_n_steps: int = 50,
+        seed: int = 0,
+    ):
+        self.save_hyperparameters()
+        _validate_grpo_args(self.hparams)
+        super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
+                         betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
+                         val_max_new_tokens or max_new_tokens, seed)
+        self.automatic_optimization = False
+        self.ref_policy = self._make_reference() if beta > 0 else None
+        self.step_separator = step_separator
+        self.sample_generator: torch.Generator | None = None
+        self._sample_generator_state: Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _make_reference(self) -> torch.nn.Module:
+        """A frozen copy of the initial policy: π_ref of the KL penalty."""
+        ref = copy.deepcopy(self.policy)
+        ref.requires_grad_(False)  # always run in eval mode by _logprobs_no_grad
+        return ref
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.step_separator is None:
+            task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
+            self.step_separator = getattr(task, "step_separator", None) or "\n"
+        if self.hparams.supervision == "process" and not self.reward_funcs:
+            raise ValueError("supervision=process needs reward_fns that return step rewards "
+                             "(e.g. rlhf_lightning.rewards.chain_step_rewards)")
+        if stage == "fit" and not self.reward_funcs and type(self).compute_rewards is GRPOModule.compute_rewards:
+            raise ValueError("GRPOModule has no reward: set model.reward_fns, use a built-in data.task, or override "
+                             "compute_rewards")
+
+    def default_reward_fns(self, task):
+        return task.process_reward_fns if self.hparams.supervision == "process" else task.reward_fns
+
+    def _generator(self) -> torch.Generator:
+        """The sampling RNG stream: its own generator, seeded per rank, saved in checkpoints."""
+        if self.sample_generator is None or self.sample_generator.device != self.device:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank)
+            if self._sample_generator_state is not None:
+                gen.set_state(self._sample_generator_state)
+                self._sample_generator_state = None
+            self.sample_generator = gen
+        return self.sample_generator
+
+    def configure_optimizers(self):
+        opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
+        return [opt], [sched]
+
+    def schedule_horizon(self) -> int:
+        rollouts = super().schedule_horizon()
+        return rollouts * self.hparams.num_iterations * self.hparams.minibatches if rollouts else 0
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        """Sample `group_size` completions per prompt. Rows i*G .. i*G+G-1 share prompt i."""
+        hp, G = self.hparams, self.hparams.group_size
+        prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)  # [N, P], N = B*G
+        prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)  # [N, P]
+        samples = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
+                         min_new_tokens=hp.min_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
+                         top_k=hp.top_k, eos_token_id=self.tokenizer.eos_token_id,
+                         pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
+                         return_logprobs=False)
+        prompts = [p for p in batch["prompts"] for _ in range(G)]
+        completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
+        return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))
+
+    def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
+        """Outcome: Tensor [N] (NaN = no reward). Process: list of N lists of step rewards.
+
+        `batch["columns"]` holds the dataset columns aligned with completions. Override for a new task.
+        """
+        if self.hparams.supervision == "process":
+            from ..rewards import call_step_reward_fns
+
+            return call_step_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions,
+                                        batch["columns"])
+        total, per_fn = self.score(prompts, completions, batch["columns"])
+        self._per_fn_rewards = per_fn
+        return total
+
+    def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
+        """Outcome: [N] group-relative advantages. Process: [N, T] per-token sums of normalised step rewards."""
+        hp = self.hparams
+        if hp.supervision == "process":
+            T = rollout.samples.completion_ids.shape[1]
+            step_rewards, step_ends = self.step_boundaries(rewards, rollout)
+            return losses.process_advantages(step_rewards, step_ends, hp.group_size, num_tokens=T)
+        return losses.group_advantages(rewards, hp.group_size, scale=hp.scale_rewards)
+
+    def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                    normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The clipped surrogate (eq. 3 without the KL term), aggregated over the optimizer step."""
+        hp = self.hparams
+        return losses.policy_loss(logp, old_logp, advantages, mask, clip_low=hp.clip_low, clip_high=hp.clip_high,
+                                  level=hp.importance_sampling, agg=hp.loss_agg, normalizer=normalizer,
+                                  max_len=hp.max_new_tokens)
+
+    # ------------------------------------------------------------------------------------------ process
+    def step_boundaries(self, step_rewards: list[list[float]], rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """Pad step rewards to [N, S] and find the completion-token index where each step ends ([N, S], -1 = none).
+
+        A step is a piece of the completion split by `step_separator`; it ends at its last character (the
+        separator belongs to the next step's start). Character offsets map to tokens through the cumulative
+        length of the decoded tokens.
+        """
+        ids, mask = rollout.samples.completion_ids, rollout.samples.completion_mask
+        N = len(step_rewards)
+        S = max(1, max(len(r) for r in step_rewards))
+        rewards = torch.full((N, S), float("nan"))
+        ends = torch.full((N, S), -1, dtype=torch.long)
+        sep = self.step_separator
+        for i, (text, r) in enumerate(zip(rollout.completions, step_rewards)):
+            n_tok = int(mask[i].sum())
+            if n_tok == 0 or not r:
+                continue
+            token_texts = self.tokenizer.batch_decode(ids[i, :n_tok].unsqueeze(-1).tolist(),
+                                                      skip_special_tokens=True)
+            char_end = torch.tensor([len(t) for t in token_texts]).cumsum(0)  # [n_tok] chars decoded so far
+            pieces = text.split(sep)
+            pos = 0
+            for s, piece in enumerate(pieces[:len(r)]):
+                pos += len(piece)
+                last_char = max(pos - 1, 0)
+                # first token whose decoded text reaches past the step's last character
+                tok = int(torch.searchsorted(char_end, torch.tensor(last_char), right=True))
+                ends[i, s] = min(tok, n_tok - 1)
+                rewards[i, s] = float("nan") if r[s] is None else float(r[s])
+                pos += len(sep)
+        return rewards.to(self.device), ends.to(self.device)
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        t0 = time.perf_counter()
+        rollout = self.rollout(batch)
+        t_gen = time.perf_counter() - t0
+        s = rollout.samples
+        N, T = s.completion_ids.shape
+        reward_batch = {"columns": rollout.columns, **batch}
+        raw_rewards = self.compute_rewards(rollout.prompts, rollout.completions, reward_batch)
+        advantages = self.compute_advantages(raw_rewards, rollout).to(self.device).float()  # [N] or [N, T]
+        rewards = self._outcome_view(raw_rewards)  # [N] for logging / group statistics
+
+        loss_mask = s.completion_mask.float()  # [N, T]
+        if hp.mask_truncated:
+            loss_mask = loss_mask * (~s.is_truncated).float().unsqueeze(-1)
+        group_std_zero = self._zero_std_groups(rewards)  # [N/G] bool
+        if hp.drop_uninformative_groups:
+            keep_rows = (~group_std_zero).repeat_interleave(hp.group_size)  # [N]
+            loss_mask = loss_mask * keep_rows.float().unsqueeze(-1)
+
+        # Old log-probs: only needed when the policy changes before a row is used.
+        needs_old = hp.num_iterations > 1 or hp.minibatches > 1
+        ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
+                   completion_mask=s.completion_mask)
+        t1 = time.perf_counter()
+        old_logp = self._logprobs_no_grad(self.policy, ctx) if needs_old else None
+        ref_logp = self._logprobs_no_grad(self.ref_policy, ctx) if self.ref_policy is not None else None
+        update_stats = self._update(ctx, advantages, loss_mask, old_logp, ref_logp)
+        t_train = time.perf_counter() - t1
+        self.rollouts += 1
+        self._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, update_stats, t_gen, t_train)
+
+    def _outcome_view(self, rewards) -> Tensor:
+        if isinstance(rewards, Tensor):
+            return rewards.float().to(self.device)
+        # process supervision: the mean step reward of a completion summarises it
+        vals = [float("nan") if not r or all(v is None for v in r) else
+                sum(v for v in r if v is not None) / sum(v is not None for v in r) for r in rewards]
+        return torch.tensor(vals, device=self.device)
+
+    def _zero_std_groups(self, rewards: Tensor) -> Tensor:
+        grouped = rewards.view(-1, self.hparams.group_size)  # [N/G, G]
+        valid = ~torch.isnan(grouped)
+        filled = torch.where(valid, grouped, grouped.nan_to_num().sum(-1, keepdim=True) /
+                             valid.sum(-1, keepdim=True).clamp(min=1))
+        return (filled.max(-1).values - filled.min(-1).values) == 0
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: torch.nn.Module, ctx: dict[str, Tensor]) -> Tensor:
+        """Old-policy / reference log-probs, in eval mode (dropout off) like the sampling pass."""
+        was_training = model.training
+        model.eval()
+        out = []
+        for idx in self._micro_batches(ctx["completion_ids"].shape[0]):
+            out.append(completion_logprobs(model, **{k: v[idx] for k, v in ctx.items()},
+                                           temperature=self.hparams.temperature))
+        model.train(was_training)
+        return torch.cat(out)
+
+    def _micro_batches(self, n: int, rows: Tensor | None = None) -> list[Tensor]:
+        rows = torch.arange(n, device=self.device) if rows is None else rows
+        size = self.hparams.micro_batch_size or len(rows)
+        return list(rows.split(size))
+
+    def _global_count(self, value: Tensor) -> float:
+        """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
+        value = value.detach().float().clone()
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            dist.all_reduce(value)
+        return float(value)
+
+    def _normalizer(self, mask: Tensor) -> Tensor:
+        if self.hparams.loss_agg == "token-mean":
+            return mask.sum()
+        return (mask.sum(-1) > 0).sum()
+
+    def _update(self, ctx: dict[str, Tensor], advantages: Tensor, loss_mask: Tensor, old_logp: Tensor | None,
+                ref_logp: Tensor | None) -> dict[str, float]:
+        """μ passes x `minibatches` optimizer steps over the rollout (groups stay whole inside a minibatch)."""
+        hp = self.hparams
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        N = loss_mask.shape[0]
+        n_groups = N // hp.group_size
+        world = self.trainer.world_size
+        sums: dict[str, float] = {}
+        count = 0
+        grad_norms: list[float] = []
+        step_losses: list[float] = []
+        self.policy.train()
+        for _ in range(hp.num_iterations):
+            group_order = torch.arange(n_groups, device=self.device)
+            for mb_groups in group_order.chunk(hp.minibatches):
+                rows = (mb_groups.unsqueeze(-1) * hp.group_size +
+                        torch.arange(hp.group_size, device=self.device)).flatten()  # [rows in minibatch]
+                normalizer = self._global_count(self._normalizer(loss_mask[rows]))
+                opt.zero_grad(set_to_none=True)
+                step_loss = 0.0  # micro-batch losses add up to the step's loss (global normaliser)
+                for idx in self._micro_batches(N, rows):
+                    mb = {k: v[idx] for k, v in ctx.items()}
+                    logp, entropy = completion_logprobs(self.policy, **mb, temperature=hp.temperature,
+                                                        return_entropy=True)
+                    mask = loss_mask[idx]
+                    old = old_logp[idx] if old_logp is not None else logp.detach()
+                    pg_loss, stats = self.policy_loss(logp, old, advantages[idx], mask, normalizer)
+                    loss = pg_loss
+                    if ref_logp is not None:
+                        kl = losses.kl_estimate(logp, ref_logp[idx], hp.kl_estimator)  # [n, T]
+                        kl_loss = losses.aggregate(kl, mask, hp.loss_agg, normalizer=normalizer,
+                                                   max_len=hp.max_new_tokens)
+                        loss = loss + hp.beta * kl_loss
+                        stats["kl"] = losses.masked_mean(kl.detach(), mask)
+                    # DDP averages gradients over ranks; the normaliser is already global, so undo the mean
+                    self.manual_backward(loss * world)
+                    stats["entropy"] = losses.masked_mean(entropy.detach(), mask)
+                    step_loss += float(loss.detach())
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+                # grad norm before clipping: the number that tells whether clipping is active
+                grad_norms.append(float(self._grad_norm()))
+                step_losses.append(step_loss)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                self.optimizer_steps += 1
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["loss"] = sum(step_losses) / len(step_losses)
+        return out
+
+    def _grad_norm(self) -> Tensor:
+        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        return torch.stack(norms).norm() if norms else torch.zeros(())
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _log_step(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, group_std_zero: Tensor,
+                  loss_mask: Tensor, stats: dict[str, float], t_gen: float, t_train: float) -> None:
+        s = rollout.samples
+        lengths = s.completion_mask.sum(-1).float()
+        valid = ~torch.isnan(rewards)
+        n_tokens = float(s.completion_mask.sum())
+        metrics = {
+            "reward/mean": rewards[valid].mean() if valid.any() else torch.zeros(()),
+            "reward/std": rewards[valid].std() if valid.sum() > 1 else torch.zeros(()),
+            "reward/missing_frac": (~valid).float().mean(),
+            "rollout/zero_std_group_frac": group_std_zero.float().mean(),
+            "rollout/completion_len_mean": lengths.mean(),
+            "rollout/completion_len_max": lengths.max(),
+            "rollout/truncated_frac": s.is_truncated.float().mean(),
+            "policy/advantage_abs_mean": advantages.abs().mean(),
+            "perf/tokens_per_s": torch.tensor(n_tokens / max(t_gen + t_train, 1e-9)),
+            "perf/generation_s": torch.tensor(t_gen),
+            "perf/training_s": torch.tensor(t_train),
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/rollouts": torch.tensor(float(self.rollouts)),
+        }
+        per_fn = getattr(self, "_per_fn_rewards", None)
+        if per_fn is not None and isinstance(per_fn, Tensor):
+            for f, row in zip(self.reward_funcs, per_fn):
+                ok = ~torch.isnan(row)
+                name = getattr(f, "__name__", type(f).__name__)
+                metrics[f"reward/{name}"] = row[ok].mean() if ok.any() else torch.zeros(())
+        for k, v in stats.items():
+            key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "train/loss"}.get(k, f"policy/{k}")
+            metrics[key] = torch.tensor(v)
+        metrics = {k: v.float().to(self.device) for k, v in metrics.items()}
+        self.log_dict(metrics, batch_size=len(rewards), sync_dist=True)
+        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
+        if "policy/kl" in metrics:
+            self.log("kl", metrics["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))
+        self._last_rollout_for_logging = (rollout, rewards, advantages)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.sample_generator is not None:
+            checkpoint["sample_generator_state"] = self.sample_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._sample_generator_state = checkpoint.get("sample_generator_state")
+        self.sample_generator = None
+
+
+def _validate_grpo_args(hp) -> None:
+    """One-line errors for out-of-range hyperparameters, before any model is loaded."""
+    checks = [
+        (isinstance(hp.group_size, int) and hp.group_size >= 2, f"group_size must be an integer >= 2 (advantages "
+         f"are relative within a group), got {hp.group_size!r}"),
+        (hp.beta >= 0, f"beta must be >= 0, got {hp.beta}"),
+        (hp.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator must be k1|k2|k3, got {hp.kl_estimator!r}"),
+        (0 <= hp.clip_low < 1, f"clip_low must be in [0, 1), got {hp.clip_low}"),
+        (hp.clip_high >= 0, f"clip_high must be >= 0, got {hp.clip_high}"),
+        (hp.scale_rewards in ("group", "batch", "none"), f"scale_rewards must be group|batch|none, got "
+         f"{hp.scale_rewards!r}"),
+        (hp.loss_agg in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"),
+         f"loss_agg must be seq-mean-token-mean|token-mean|seq-mean-token-sum-norm, got {hp.loss_agg!r}"),
+        (hp.importance_sampling in ("token", "sequence"), f"importance_sampling must be token|sequence, got "
+         f"{hp.importance_sampling!r}"),
+        (isinstance(hp.num_iterations, int) and hp.num_iterations >= 1, f"num_iterations must be >= 1, got "
+         f"{hp.num_iterations!r}"),
+        (isinstance(hp.minibatches, int) and hp.minibatches >= 1, f"minibatches must be >= 1, got "
+         f"{hp.minibatches!r}"),
+        (hp.micro_batch_size is None or hp.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got "
+         f"{hp.micro_batch_size!r}"),
+        (isinstance(hp.max_new_tokens, int) and hp.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got "
+         f"{hp.max_new_tokens!r}"),
+        (0 <= hp.min_new_tokens <= hp.max_new_tokens, f"min_new_tokens must be in [0, max_new_tokens="
+         f"{hp.max_new_tokens}], got {hp.min_new_tokens}"),
+        (hp.temperature > 0 and math.isfinite(hp.temperature), f"temperature must be > 0 for GRPO (temperature 0 "
+         f"samples G identical completions: every group has zero advantage), got {hp.temperature}"),
+        (0 < hp.top_p <= 1, f"top_p must be in (0, 1], got {hp.top_p}"),
+        (hp.top_k != 1, "top_k=1 is greedy: every group would be G identical completions with zero advantage"),
+        (hp.supervision in ("outcome", "process"), f"supervision must be outcome|process, got {hp.supervision!r}"),
+        (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
+         f"{hp.max_grad_norm}"),
+        (hp.log_samples_every_n_steps >= 0, "log_samples_every_n_steps must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,65 @@
+"""Supervised warm start: next-token cross-entropy on the completion tokens only (prompt tokens are -100)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .base import PolicyModuleBase
+
+
+class SFTModule(PolicyModuleBase):
+    """Supervised fine-tuning on (prompt, completion) pairs, the first stage of the classic pipeline.
+
+    Use with `PromptDataModule(completion_column=...)` (built-in tasks have a `completion` column). The loss is the
+    mean cross-entropy over completion tokens (EOS included), so the model learns where to stop. Validation
+    reports `val/loss` and, with reward functions (or a built-in task), greedy `val/reward` / `val/accuracy`.
+    See `PolicyModuleBase` for the shared arguments.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny",
+        tokenizer_name_or_path: str | None = None,
+        reward_fns: Sequence[str] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        val_max_new_tokens: int = 32,
+        seed: int = 0,
+    ):
+        self.save_hyperparameters()
+        super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
+                         betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
+                         val_max_new_tokens, seed)
+
+    def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "labels" not in batch:
+            raise ValueError("SFTModule needs prompt/completion pairs: set data.completion_column "
+                             "(built-in tasks: completion)")
+        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, L, V]
+        labels = batch["labels"][:, 1:]  # [B, L-1] token t+1 is predicted at position t
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=-100)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.sft_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.optimizer_steps = self.trainer.global_step
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "labels" in batch:
+            self.log("val/loss", self.sft_loss(batch), batch_size=batch["input_ids"].shape[0], sync_dist=True,
+                     prog_bar=True)
+        super().validation_step(batch, batch_idx)
