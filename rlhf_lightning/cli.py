@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 # Some libraries print a warning per import when the tokenizers fork pool is touched; we tokenize once in setup.
@@ -36,5 +35,9 @@ class RLHFLightningCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCLI:
-    """Entry point of `rlhf-lightning` / `python -m rlhf_lightning`; `args` lets tests drive it in-process."""
-    return RLHFLightningCLI(args=args if args is not None else sys.argv[1:], run=run)
+    """Entry point of `rlhf-lightning` / `python -m rlhf_lightning`; `args` lets tests drive it in-process.
+
+    `args=None` lets LightningCLI read sys.argv itself (passing sys.argv[1:] explicitly makes it warn about
+    "both args and command line arguments" on every command-line run).
+    """
+    return RLHFLightningCLI(args=args, run=run)

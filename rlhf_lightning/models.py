@@ -1,8 +1,12 @@
 """Loading policies, critics and reward models: a preset name, a local directory or a hub id, one code path.
 
-Presets build a small Qwen2-style decoder from a config (random init, seeded), sized for the offline default's
-character tokenizer. A local directory is anything written by `save_pretrained`. Anything else is treated as a
-hub id and handed to `from_pretrained` (which needs the network the first time).
+Presets build a small Llama-style decoder from a config (random init, seeded), sized for the offline default's
+character tokenizer. Llama, not Qwen2: transformers 5 maps every `model_type: qwen2` directory to `Qwen2Tokenizer`
+whatever its tokenizer_config says, and that byte-level tokenizer drops the char vocabulary's spaces and newlines,
+so an export (model + char tokenizer in one folder) would not reload through `AutoTokenizer`. A `llama` directory
+keeps the saved `TokenizersBackend`. (Qwen2 differs only by q/k/v biases.)
+A local directory is anything written by `save_pretrained`. Anything else is treated as a hub id and handed to
+`from_pretrained` (which needs the network the first time).
 
 Safety: `trust_remote_code` is off unless the caller turns it on, and transformers loads safetensors first
 (and `torch.load(weights_only=True)` for legacy `.bin` files).
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# Qwen2-style decoders built from scratch. `small` is the benchmark's model (hidden 256, 4 layers);
+# Llama-style decoders built from scratch. `small` is the benchmark's model (hidden 256, 4 layers);
 # `medium` is the ~100M-parameter one (hidden 768, 12 layers, GPT-2-small shaped).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -62,10 +66,10 @@ def model_source(name_or_path: str) -> str:
 
 
 def preset_config(name: str, tokenizer, max_position_embeddings: int = 1024):
-    """A Qwen2Config for preset `name` whose vocabulary and special ids match `tokenizer`."""
-    from transformers import Qwen2Config
+    """A LlamaConfig for preset `name` whose vocabulary and special ids match `tokenizer`."""
+    from transformers import LlamaConfig
 
-    return Qwen2Config(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,  # small vocab: tying halves the embedding parameters at no cost
@@ -85,7 +89,7 @@ def _hub_error(kind: str, name_or_path: str, err: Exception) -> ValueError:
 def load_causal_lm(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,
                    trust_remote_code: bool = False, seed: int = 0) -> nn.Module:
     """An `AutoModelForCausalLM`-compatible policy from a preset, a local directory or a hub id."""
-    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     dtype = resolve_dtype(torch_dtype)
     source = model_source(name_or_path)
@@ -95,7 +99,7 @@ def load_causal_lm(name_or_path: str, tokenizer=None, torch_dtype: str | torch.d
             tokenizer = load_tokenizer(name_or_path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(preset_config(name_or_path, tokenizer))
+            model = LlamaForCausalLM(preset_config(name_or_path, tokenizer))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model.to(dtype) if dtype is not None else model
@@ -118,7 +122,7 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
     A causal-LM checkpoint (e.g. an SFT export) loads too: transformers keeps the backbone and initialises the
     `score` head fresh.
     """
-    from transformers import AutoModelForSequenceClassification, Qwen2ForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
     dtype = resolve_dtype(torch_dtype)
     source = model_source(name_or_path)
@@ -130,7 +134,7 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
         config.num_labels = 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Qwen2ForSequenceClassification(config)
+            model = LlamaForSequenceClassification(config)
         return model.to(dtype) if dtype is not None else model
     kwargs = dict(trust_remote_code=trust_remote_code, num_labels=1)
     if dtype is not None:

@@ -238,7 +238,8 @@ def test_sampling_frequencies_match_filtered_distribution(model: Qwen2ForCausalL
     n = 4000
     ids, mask = left_pad([[5, 6, 7]] * n)
     gen = torch.Generator().manual_seed(0)
-    r = sample(model, ids, mask, max_new_tokens=1, eos_token_id=1, pad_token_id=PAD, temperature=0.5, top_k=3, generator=gen)
+    kw = dict(max_new_tokens=1, eos_token_id=1, pad_token_id=PAD, temperature=0.5, top_k=3, generator=gen)
+    r = sample(model, ids, mask, **kw)
     with torch.no_grad():
         logits = model(input_ids=ids[:1]).logits[0, -1] / 0.5  # [V]
     top = torch.topk(logits, 3)

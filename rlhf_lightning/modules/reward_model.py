@@ -1,0 +1,297 @@
+"""Reward model: a scalar head on a causal-LM backbone, trained with the Bradley-Terry loss on preference pairs.
+
+    loss = -log σ(r_chosen - r_rejected - margin)  +  c · (r_chosen + r_rejected)²        (InstructGPT eq. 1; TRL)
+
+The second term (`center_rewards_coefficient` c, 0 = off; TRL suggests 0.01) pins the reward's mean near 0,
+which the BT loss alone leaves free. Once trained, the model is a reward function: `RewardModelScorer` wraps
+a `RewardModel` or its exported `hf_model/` directory in the TRL signature `(prompts, completions, **kw)`.
+
+Input format (one definition, `preference.reward_input_ids`): tokens of `prompt + response`, then EOS (none
+when the tokenizer pads with EOS). The exported model scores the same way:
+
+    model = AutoModelForSequenceClassification.from_pretrained(d); tok = AutoTokenizer.from_pretrained(d)
+    ids = tok(prompt + response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    score = model(torch.tensor([ids])).logits[0, 0]
+
+`config.pad_token_id` is set, so batched scoring reads the last non-pad token (left or right padding).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from ..models import load_sequence_classifier
+from ..preference import appends_eos, response_text, reward_input_ids, right_pad
+from ..tokenizer import load_tokenizer
+from .base import PolicyModuleBase
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None, center_rewards_coefficient: float = 0.0) -> torch.Tensor:
+    """Mean of −log σ(r_c − r_r − m) over pairs, plus c · mean((r_c + r_r)²). Inputs [B]; returns a scalar."""
+    diff = chosen_rewards - rejected_rewards  # [B]
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return loss
+
+
+class RewardModel(L.LightningModule):
+    """Bradley-Terry reward model on an `AutoModelForSequenceClassification` backbone (num_labels=1).
+
+    Use with `PreferenceDataModule`. Logs `train|val/loss`, `train|val/accuracy` (share of pairs with
+    r_chosen > r_rejected; ties count as wrong), `train|val/margin` (mean r_chosen − r_rejected) and
+    `val/reward_mean|std` (over both sides of the held-out pairs). `on_fit_end` writes `<log_dir>/hf_model/`
+    (model + tokenizer); its config also carries `reward_mean`, `reward_std` (from the last validation) and
+    `reward_append_eos`, which `RewardModelScorer(normalize=True)` uses.
+
+    Args:
+        model_name_or_path: a preset (`tiny`, `small`, `medium`), a `save_pretrained` directory (an SFT export
+            works: the backbone is kept and the scalar head starts fresh), or a hub id.
+        tokenizer_name_or_path: defaults to `model_name_or_path`.
+        center_rewards_coefficient: c of the centering term above (0 = off).
+        lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio: AdamW and its schedule, as in
+            `PolicyModuleBase`.
+        torch_dtype / trust_remote_code / seed: as in `PolicyModuleBase`.
+    """
+
+    # The policy modules' AdamW + warmup/cosine builder and export location, shared rather than copied
+    # (they read only `self.hparams` and `self.trainer`).
+    build_optimizer = PolicyModuleBase.build_optimizer
+    schedule_horizon = PolicyModuleBase.schedule_horizon
+    export_dir = PolicyModuleBase.export_dir
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny",
+        tokenizer_name_or_path: str | None = None,
+        center_rewards_coefficient: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not (isinstance(lr, (int, float)) and 0 < lr < 1):
+            raise ValueError(f"lr must be in (0, 1), got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"lr_schedule must be constant|cosine|linear, got {lr_schedule!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
+                                        trust_remote_code=trust_remote_code)
+        self.model = load_sequence_classifier(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
+                                              trust_remote_code=trust_remote_code, seed=seed)
+        # the classifier scores the last token that is not pad_token_id: it must be the tokenizer's pad
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.train()  # from_pretrained returns eval mode
+        self.train_accuracy, self.val_accuracy = BinaryAccuracy(), BinaryAccuracy()
+        self.train_margin, self.val_margin = MeanMetric(), MeanMetric()
+        self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
+        self.reward_mean: float | None = None  # from the last validation, exported with the model
+        self.reward_std: float | None = None
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scalar rewards [N] (float32) for sequences built by `reward_input_ids` ([N, L], any padding side)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+    def pair_rewards(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_chosen [B], r_rejected [B]) from one forward pass over the [2B, L] batch (chosen rows first)."""
+        rewards = self(batch["input_ids"], batch["attention_mask"])  # [2B]
+        B = rewards.shape[0] // 2
+        return rewards[:B], rewards[B:]
+
+    def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r_c, r_r = self.pair_rewards(batch)
+        loss = bradley_terry_loss(r_c, r_r, batch.get("margin"), self.hparams.center_rewards_coefficient)
+        return loss, r_c, r_r
+
+    # ----------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, r_c, r_r = self._step(batch)
+        B = r_c.shape[0]
+        self.train_accuracy((r_c > r_r).long(), torch.ones_like(r_c, dtype=torch.long))
+        self.train_margin(r_c - r_r)
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/accuracy", self.train_accuracy, prog_bar=True, batch_size=B)
+        self.log("train/margin", self.train_margin, batch_size=B)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, r_c, r_r = self._step(batch)
+        B = r_c.shape[0]
+        self.val_accuracy((r_c > r_r).long(), torch.ones_like(r_c, dtype=torch.long))
+        self.val_margin(r_c - r_r)
+        rewards = torch.cat([r_c, r_r])  # [2B]
+        self.val_reward(rewards)
+        self.val_reward_sq(rewards**2)
+        self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=B)
+        self.log("val/margin", self.val_margin, batch_size=B)
+
+    def on_validation_epoch_end(self) -> None:
+        """Record the score statistics that `RewardModelScorer(normalize=True)` uses (not from the sanity check)."""
+        if self.val_reward.update_count == 0:
+            return
+        mean, sq = self.val_reward.compute().item(), self.val_reward_sq.compute().item()
+        self.val_reward.reset()
+        self.val_reward_sq.reset()
+        std = math.sqrt(max(sq - mean * mean, 0.0))
+        self.log("val/reward_mean", mean, batch_size=1)
+        self.log("val/reward_std", std, batch_size=1)
+        if not self.trainer.sanity_checking:
+            self.reward_mean, self.reward_std = mean, std
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        r_c, r_r = self.pair_rewards(batch)
+        return [{"prompt": p, "chosen_reward": c, "rejected_reward": r}
+                for p, c, r in zip(batch["prompts"], r_c.tolist(), r_r.tolist())]
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt, sched = self.build_optimizer(params, self.hparams.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --------------------------------------------------------------------------------------------- export
+    def export(self, out: str | os.PathLike) -> Path:
+        """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        config = self.model.config
+        config.pad_token_id = self.tokenizer.pad_token_id
+        config.reward_append_eos = appends_eos(self.tokenizer)
+        config.reward_mean, config.reward_std = self.reward_mean, self.reward_std
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+    def on_fit_end(self) -> None:
+        if self.trainer.global_rank == 0:
+            out = self.export(self.export_dir())
+            rank_zero_info(f"[rlhf_lightning] exported reward model and tokenizer to {out}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reward_stats"] = {"mean": self.reward_mean, "std": self.reward_std}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stats = checkpoint.get("reward_stats", {})
+        self.reward_mean, self.reward_std = stats.get("mean"), stats.get("std")
+
+
+class RewardModelScorer:
+    """A trained reward model as a reward function: `scorer(prompts, completions, **columns) -> list[float]`.
+
+    `model_dir_or_module`: an exported `hf_model/` directory (or hub id), a `RewardModel`, or a bare sequence-
+    classification model (then `tokenizer` is required). Prompts/completions may be strings or chat messages
+    (TRL's conversational format). Each pair is scored as `reward_input_ids(prompt, completion)` builds it, the
+    same as in training. Extra columns are accepted and ignored.
+
+    normalize: return (score − mean) / std. `mean`/`std` default to the statistics recorded with the model
+        (`reward_mean`/`reward_std` from its last validation); with none recorded, give them explicitly.
+        Normalising keeps RL hyper-parameters (KL coefficient, clipping) meaningful across reward models.
+    batch_size: completions per forward pass. device: where to run (default: where the model already is).
+    A module's weights are shared, not copied: scores follow its training.
+    """
+
+    __name__ = "reward_model"  # how reward-function logs name it
+
+    def __init__(self, model_dir_or_module: str | os.PathLike | nn.Module, tokenizer: Any = None,
+                 normalize: bool = False, mean: float | None = None, std: float | None = None,
+                 batch_size: int = 64, device: str | torch.device | None = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        source = model_dir_or_module
+        if isinstance(source, RewardModel):
+            self.model, tok = source.model, source.tokenizer
+            recorded = (source.reward_mean, source.reward_std)
+        elif isinstance(source, nn.Module):
+            if tokenizer is None:
+                raise ValueError("RewardModelScorer needs `tokenizer` when given a bare model")
+            self.model, tok = source, None
+            recorded = (getattr(source.config, "reward_mean", None), getattr(source.config, "reward_std", None))
+        elif isinstance(source, (str, os.PathLike)):
+            tok = load_tokenizer(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else os.fspath(source))
+            self.model = load_sequence_classifier(os.fspath(source), tok)
+            recorded = (getattr(self.model.config, "reward_mean", None), getattr(self.model.config, "reward_std",
+                                                                                  None))
+        else:
+            raise ValueError(f"model_dir_or_module must be a directory, a RewardModel or a model, "
+                             f"got {type(source).__name__}")
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            tok = tokenizer
+        self.tokenizer = tok
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tok.pad_token_id
+        if device is not None:
+            self.model.to(device)
+        self.normalize, self.batch_size = normalize, batch_size
+        self.mean = mean if mean is not None else recorded[0]
+        self.std = std if std is not None else recorded[1]
+        if normalize:
+            if self.mean is None or self.std is None:
+                raise ValueError("normalize=True but the reward model has no recorded reward_mean/reward_std "
+                                 "(train it with validation data); pass mean and std")
+            if not self.std > 0:
+                raise ValueError(f"std must be > 0 to normalise, got {self.std}")
+
+    def _prompt_text(self, prompt: Any) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if not prompts:
+            return []
+        seqs = [reward_input_ids(self.tokenizer, self._prompt_text(p), response_text(c, "completion"))
+                for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        scores: list[float] = []
+        try:
+            for i in range(0, len(seqs), self.batch_size):
+                ids, mask = right_pad(seqs[i:i + self.batch_size], self.tokenizer.pad_token_id)  # [b, L]
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [b, 1]
+                scores.extend(logits[:, 0].float().tolist())
+        finally:
+            self.model.train(was_training)
+        if self.normalize:
+            scores = [(s - self.mean) / self.std for s in scores]
+        return scores

@@ -1,0 +1,34 @@
+"""Shared fixtures: the char tokenizer (built once) and quiet, tmp-rooted Trainer settings.
+
+Every test that trains or exports roots its run in `tmp_path`, so the suite leaves nothing in the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def char_tok():
+    """The built-in char tokenizer (pad=0, eos=1, unk=2, ' '=3 ... '~'=97, newline=98)."""
+    from rlhf_lightning.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+def char_ids(text: str) -> list[int]:
+    """Hand-computed char-tokenizer ids: printable ASCII c -> ord(c) - 29, newline -> 98."""
+    return [98 if c == "\n" else ord(c) - 29 for c in text]
+
+
+@pytest.fixture
+def trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
+    """A silent CPU Trainer rooted in tmp_path (no logger, no checkpoints); override per test."""
+    return {"default_root_dir": str(tmp_path), "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", "devices": 1}

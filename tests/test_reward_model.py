@@ -1,0 +1,310 @@
+"""Tests for the reward model: Bradley-Terry loss, preference data, training, export, scorer, config."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_lightning.modules.reward_model import RewardModel, RewardModelScorer, bradley_terry_loss
+from rlhf_lightning.preference import (
+    PreferenceDataModule,
+    make_preference_pairs,
+    reward_input_ids,
+    wrong_number,
+)
+from rlhf_lightning.rewards import chain_steps
+from rlhf_lightning.tasks import AdditionTask, ChainArithmeticTask
+from rlhf_lightning.tokenizer import build_char_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nll_sigmoid(x: float) -> float:
+    """-log σ(x), by hand."""
+    return math.log(1.0 + math.exp(-x))
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def test_bradley_terry_loss_hand_values():
+    r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # diffs 1, -1: (0.313262 + 1.313262) / 2
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx((nll_sigmoid(1) + nll_sigmoid(-1)) / 2, abs=1e-6)
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(0.813262, abs=1e-6)
+    # margin asks for r_c - r_r > m: diffs 1 - 0.5, -1 - 0
+    margin = torch.tensor([0.5, 0.0])
+    expected = (nll_sigmoid(0.5) + nll_sigmoid(-1)) / 2  # (0.474077 + 1.313262) / 2
+    assert bradley_terry_loss(r_c, r_r, margin).item() == pytest.approx(expected, abs=1e-6)
+    # centering adds c * mean((r_c + r_r)^2) = 0.1 * (9 + 1) / 2 = 0.5
+    assert bradley_terry_loss(r_c, r_r, margin, 0.1).item() == pytest.approx(expected + 0.5, abs=1e-6)
+
+
+def test_bradley_terry_loss_gradient_pushes_chosen_up():
+    r_c = torch.tensor([0.0], requires_grad=True)
+    r_r = torch.tensor([0.0], requires_grad=True)
+    bradley_terry_loss(r_c, r_r).backward()
+    # d/dx -log σ(x) at x = 0 is -σ(-0) = -0.5
+    assert r_c.grad.item() == pytest.approx(-0.5) and r_r.grad.item() == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------------- input format
+def test_reward_input_ids_appends_eos_unless_pad_is_eos():
+    tok = build_char_tokenizer()
+    ids = reward_input_ids(tok, "1+2=", "3")
+    assert ids == tok("1+2=3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(ids) == 6 and ids[-1] == 1
+    tok.pad_token = tok.eos_token  # a hub tokenizer that pads with EOS: the EOS would be read as padding
+    assert reward_input_ids(tok, "1+2=", "3") == ids[:-1]
+
+
+# ------------------------------------------------------------------------------------------ built-in pairs
+def test_wrong_number_kinds():
+    rng = random.Random(0)
+    for value in (0, 7, 58, 132, 198):
+        for _ in range(50):
+            r = wrong_number(value, "random", rng, 0, 198)
+            assert r != value and 0 <= r <= 198
+            n = wrong_number(value, "near", rng, 0, 198)
+            assert n - value in (-10, -2, -1, 1, 2, 10) and n >= 0
+            d = wrong_number(value, "digit", rng, 0, 198)
+            a, b = str(value), str(d)
+            assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+    assert wrong_number(-45, "digit", random.Random(1), -100, 100) < 0
+    with pytest.raises(ValueError, match="unknown negative kind 'typo'"):
+        wrong_number(5, "typo", rng, 0, 10)
+
+
+def test_addition_pairs_are_seeded_mixed_and_wrong():
+    task = AdditionTask(digits=2)
+    rows = task.make_examples(400, seed=3)
+    pairs = make_preference_pairs(task, rows, {"random": 1, "digit": 3}, seed=0)
+    assert pairs == make_preference_pairs(task, rows, {"random": 1, "digit": 3}, seed=0)
+    assert pairs != make_preference_pairs(task, rows, {"random": 1, "digit": 3}, seed=1)
+    for p, row in zip(pairs, rows):
+        a, b = map(int, p["prompt"][:-1].split("+"))
+        assert p["chosen"] == str(a + b) == row["completion"]
+        assert int(p["rejected"]) != a + b
+    share_digit = sum(p["kind"] == "digit" for p in pairs) / len(pairs)
+    assert 0.68 < share_digit < 0.82  # weights 1:3 -> 0.75
+
+
+def test_chain_pairs_corrupt_one_step_and_propagate():
+    task = ChainArithmeticTask(num_terms=4, max_operand=9)
+    rows = task.make_examples(100, seed=0)
+    for p in make_preference_pairs(task, rows, {"digit": 1, "random": 1}, seed=0):
+        good, bad = p["chosen"].split("\n"), p["rejected"].split("\n")
+        assert good == chain_steps(p["prompt"]) and len(bad) == len(good)
+        k = next(i for i, (g, b) in enumerate(zip(good, bad)) if g != b)
+        assert bad[:k] == good[:k]
+        assert bad[k].split("=")[0] == good[k].split("=")[0]  # same operands, wrong result
+        for line in bad[k + 1:]:  # later lines compute correctly from the wrong value
+            lhs, rhs = line.split("=")
+            assert eval(lhs.replace("--", "+")) == int(rhs)
+        assert bad[-1].split("=")[-1] != p["answer"]
+
+
+# --------------------------------------------------------------------------------------------- data module
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+PAIRS = [
+    {"prompt": "2+2=", "chosen": "4", "rejected": "5", "margin": 1.0, "source": "a"},
+    {"prompt": "10+1=", "chosen": "11", "rejected": "1234", "margin": 0.5, "source": "b"},
+    {"prompt": "3+3=", "chosen": "6", "rejected": "7", "margin": 0.0, "source": "c"},
+]
+
+
+def test_datamodule_jsonl_batches_chosen_then_rejected_right_padded(tmp_path):
+    tok = build_char_tokenizer()
+    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "p.jsonl", PAIRS)), val_fraction=0.0,
+                              margin_column="margin", batch_size=3, shuffle=False)
+    dm.prepare_rows(tok)
+    batch = dm.collate(dm.train_rows)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == (6, 10)  # 2B rows; longest "10+1=1234<eos>" is 10 tokens
+    assert ids[0, :6].tolist() == reward_input_ids(tok, "2+2=", "4")  # chosen rows first
+    assert ids[3, :6].tolist() == reward_input_ids(tok, "2+2=", "5")  # then the rejected ones
+    assert ids[4].tolist() == reward_input_ids(tok, "10+1=", "1234")
+    assert mask.sum(1).tolist() == [6, 8, 6, 6, 10, 6]
+    assert (ids[0, 6:] == tok.pad_token_id).all() and (mask[0, 6:] == 0).all()  # padding on the right
+    assert batch["margin"].tolist() == [1.0, 0.5, 0.0]
+    assert batch["source"] == ["a", "b", "c"] and batch["prompts"] == ["2+2=", "10+1=", "3+3="]
+    assert batch["chosen"] == ["4", "11", "6"] and batch["rejected"] == ["5", "1234", "7"]
+
+
+def test_datamodule_csv_and_chat_messages(tmp_path):
+    tok = build_char_tokenizer()
+    path = tmp_path / "p.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["question", "good", "bad"])
+        writer.writeheader()
+        writer.writerows([{"question": "1+1=", "good": "2", "bad": "3"}] * 4)
+    dm = PreferenceDataModule(path=str(path), prompt_column="question", chosen_column="good",
+                              rejected_column="bad", val_fraction=0.25, batch_size=2)
+    dm.prepare_rows(tok)
+    assert len(dm.train_rows) == 3 and len(dm.val_rows) == 1
+    assert dm.train_rows[0]["_chosen_ids"] == reward_input_ids(tok, "1+1=", "2")
+
+    chat = [{"prompt": [{"role": "user", "content": "1+1="}], "chosen": [{"role": "assistant", "content": "2"}],
+             "rejected": [{"role": "assistant", "content": "3"}]}] * 2
+    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "chat.jsonl", chat)), val_fraction=0.0)
+    dm.prepare_rows(tok)
+    assert dm.train_rows[0]["prompts"] == "user: 1+1=\nassistant: "  # the char tokenizer's chat template
+    assert dm.train_rows[0]["_chosen_ids"] == reward_input_ids(tok, "user: 1+1=\nassistant: ", "2")
+
+
+def test_datamodule_missing_column_and_bad_arguments(tmp_path):
+    tok = build_char_tokenizer()
+    rows = [{"prompt": "1+1=", "chosen": "2", "loser": "3"}] * 2
+    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), val_fraction=0.0)
+    with pytest.raises(ValueError, match="has no column 'rejected'"):
+        dm.prepare_rows(tok)
+    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "q.jsonl", PAIRS)), margin_column="bonus",
+                              val_fraction=0.0)
+    with pytest.raises(ValueError, match="has no column 'bonus'"):
+        dm.prepare_rows(tok)
+    with pytest.raises(ValueError, match="exactly one of `path`"):
+        PreferenceDataModule()
+    with pytest.raises(ValueError, match="negatives must map kinds"):
+        PreferenceDataModule(task="addition", negatives={"typo": 1.0})
+    with pytest.raises(ValueError, match="negatives only applies"):
+        PreferenceDataModule(path=str(tmp_path / "q.jsonl"), negatives={"random": 1.0})
+
+
+def test_datamodule_drops_long_pairs_with_a_count(tmp_path):
+    tok = build_char_tokenizer()
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"},  # 6 tokens each side
+            {"prompt": "1+1=", "chosen": "2", "rejected": "33"},  # rejected side: 7 tokens
+            {"prompt": "12+1=", "chosen": "13", "rejected": "3"}]  # chosen side: 8 tokens
+    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), val_fraction=0.0, max_length=6)
+    with pytest.warns(UserWarning, match="dropped 2 of 3 train pair"):
+        dm.prepare_rows(tok)
+    assert dm.dropped["train"] == 2 and [r["rejected"] for r in dm.train_rows] == ["3"]
+
+
+def test_task_pairs_hold_out_validation_prompts():
+    dm = PreferenceDataModule(task="addition", num_train=3000, num_val=300, seed=0)
+    dm.prepare_rows(build_char_tokenizer())
+    val_prompts = {r["prompts"] for r in dm.val_rows}
+    assert len(dm.val_rows) == 300 and 0 < len(dm.train_rows) < 3000
+    assert not val_prompts & {r["prompts"] for r in dm.train_rows}
+    assert {r["kind"] for r in dm.train_rows} == {"random"}  # the default
+
+
+# -------------------------------------------------------------------------------- training, export, scorer
+TRAIN_STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny RM trained briefly on built-in addition pairs with random wrong sums (the fastest kind to learn)."""
+    root = tmp_path_factory.mktemp("rm_run")
+    L.seed_everything(0)
+    rm = RewardModel("tiny", lr=3e-3, warmup_steps=10)
+    dm = PreferenceDataModule(task="addition", negatives={"random": 1.0}, num_train=TRAIN_STEPS * 64, num_val=256,
+                              batch_size=64, val_batch_size=256, seed=0)
+    trainer = L.Trainer(max_steps=TRAIN_STEPS, val_check_interval=TRAIN_STEPS, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root,
+                        logger=L.pytorch.loggers.TensorBoardLogger(root, name="rm"))
+    untrained_acc = trainer.validate(rm, dm, verbose=False)[0]["val/accuracy"]
+    trainer.fit(rm, dm)
+    return rm, dm, trainer, untrained_acc
+
+
+def test_training_raises_accuracy_above_chance(trained):
+    rm, dm, trainer, untrained_acc = trained
+    acc = trainer.callback_metrics["val/accuracy"].item()
+    assert acc > 0.7 and acc > untrained_acc + 0.15, (untrained_acc, acc)
+    assert trainer.callback_metrics["val/margin"].item() > 0
+    assert rm.reward_std is not None and rm.reward_std > 0  # recorded for normalisation
+
+
+def test_hf_export_scores_like_the_module(trained):
+    rm, dm, trainer, _ = trained
+    out = Path(trainer.log_dir) / "hf_model"
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.pad_token_id == tok.pad_token_id == 0 and model.config.reward_append_eos is True
+    rm.eval()
+    batch = dm.collate(dm.val_rows[:8])
+    with torch.no_grad():
+        expected = rm(batch["input_ids"], batch["attention_mask"])  # [16] the module's own batched scores
+        # the documented recipe, one sequence at a time: prompt + response, then EOS
+        texts = batch["prompts"] * 2
+        responses = batch["chosen"] + batch["rejected"]
+        alone = torch.stack([model(torch.tensor([tok(p + r, add_special_tokens=False).input_ids + [tok.eos_token_id]]))
+                             .logits[0, 0] for p, r in zip(texts, responses)])
+        # and batched with the tokenizer's own (left) padding: pad_token_id finds the last real token
+        enc = tok([p + r + tok.eos_token for p, r in zip(texts, responses)], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        left = model(**enc).logits[:, 0]
+    torch.testing.assert_close(alone, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, expected, atol=1e-4, rtol=1e-4)  # RoPE is shift-invariant up to rounding
+    scorer = RewardModelScorer(out, batch_size=5)  # from the directory, in uneven batches
+    torch.testing.assert_close(torch.tensor(scorer(texts, responses)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scorer_ranks_correct_above_wrong_and_normalises(trained):
+    rm, dm, trainer, _ = trained
+    scorer = RewardModelScorer(rm)
+    prompts = [r["prompts"] for r in dm.val_rows]
+    correct = scorer(prompts, [r["chosen"] for r in dm.val_rows])
+    wrong = scorer(prompts, [r["rejected"] for r in dm.val_rows])
+    assert sum(c > w for c, w in zip(correct, wrong)) / len(prompts) > 0.7
+    assert scorer(["7+5="], ["12"])[0] > scorer(["7+5="], ["170"])[0]
+    # normalisation: (s - mean) / std with the recorded statistics, or explicit ones
+    raw = scorer(["7+5="], ["12"])[0]
+    norm = RewardModelScorer(rm, normalize=True)
+    assert norm.mean == rm.reward_mean and norm.std == rm.reward_std
+    assert norm(["7+5="], ["12"])[0] == pytest.approx((raw - rm.reward_mean) / rm.reward_std, rel=1e-5)
+    explicit = RewardModelScorer(rm, normalize=True, mean=1.0, std=2.0)
+    assert explicit(["7+5="], ["12"])[0] == pytest.approx((raw - 1.0) / 2.0, rel=1e-5)
+    rm.model.train()
+    scorer(["7+5="], ["12"])
+    assert rm.model.training  # scoring runs in eval mode and restores the mode it found
+    bare = RewardModelScorer(rm.model, tokenizer=rm.tokenizer)
+    with pytest.raises(ValueError, match="normalize=True but the reward model has no recorded"):
+        RewardModelScorer(RewardModel("tiny"), normalize=True)
+    with pytest.raises(ValueError, match="needs `tokenizer`"):
+        RewardModelScorer(rm.model)
+    assert bare(["7+5="], ["12"]) == scorer(["7+5="], ["12"]) and bare([], []) == []
+
+
+def test_rm_from_sft_export_directory(tmp_path):
+    """An SFT (causal-LM) export loads as the backbone; the scalar head starts fresh."""
+    from rlhf_lightning.models import load_causal_lm
+
+    tok = build_char_tokenizer()
+    policy = load_causal_lm("tiny", tok, seed=3)
+    policy.save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    rm = RewardModel(str(tmp_path / "sft"))
+    torch.testing.assert_close(rm.model.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+    assert rm.model.config.pad_token_id == 0 and rm.model.score.out_features == 1
+
+
+# ---------------------------------------------------------------------------------------------- the config
+def test_rm_config_runs_two_steps_via_cli(tmp_path):
+    from rlhf_lightning.cli import cli_main
+
+    cli_main(["fit", "--config", str(ROOT / "configs" / "rm_arithmetic.yaml"),
+              "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--model.init_args.model_name_or_path", "tiny", "--data.init_args.num_train", "256",
+              "--data.init_args.num_val", "64"])
+    exported = list(tmp_path.glob("**/hf_model/config.json"))
+    assert len(exported) == 1
+    config = json.loads(exported[0].read_text())
+    assert len(config["id2label"]) == 1 and config["pad_token_id"] == 0  # one scalar head
+    assert config["reward_std"] is not None
