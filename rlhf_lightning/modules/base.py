@@ -77,6 +77,7 @@ class PolicyModuleBase(L.LightningModule):
         self.policy = load_causal_lm(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
                                      trust_remote_code=trust_remote_code, seed=seed)
         self.policy.train()  # from_pretrained returns eval mode; sampling / no-grad passes switch to eval themselves
+        self.val_max_new_tokens = val_max_new_tokens
         self.optimizer_steps = 0
         self.rollouts = 0
 
@@ -112,7 +113,7 @@ class PolicyModuleBase(L.LightningModule):
         from ..rollout import decode_completions, sample
 
         out = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
-                     max_new_tokens=max_new_tokens or self.hparams.val_max_new_tokens,
+                     max_new_tokens=max_new_tokens or self.val_max_new_tokens,
                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                      do_sample=False, return_logprobs=False)
         return decode_completions(self.tokenizer, out.completion_ids, out.completion_mask)

@@ -1,0 +1,189 @@
+"""GRPOModule: argument checks, the update's invariances, process supervision, learning, CLI subclassing."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from rlhf_lightning import GRPOModule, PromptDataModule
+from rlhf_lightning.cli import cli_main
+
+
+def first_char_is_digit(prompts, completions, **kwargs):
+    """A reward a random tiny model can learn in a few steps: does the completion start with a digit?"""
+    return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+
+
+class FirstDigitGRPO(GRPOModule):
+    """A new task by overriding compute_rewards alone (used through the CLI below)."""
+
+    def compute_rewards(self, prompts, completions, batch):
+        return torch.tensor(first_char_is_digit(prompts, completions))
+
+
+def _trainer(tmp_path, steps, **kw):
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, **kw)
+
+
+def _data(batch_size=4, **kw):
+    return PromptDataModule(task="addition", task_kwargs={"digits": 2}, num_train=400, num_val=0,
+                            batch_size=batch_size, **kw)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(group_size=1), "group_size"),
+    (dict(beta=-0.1), "beta"),
+    (dict(kl_estimator="k4"), "kl_estimator"),
+    (dict(clip_low=1.5), "clip_low"),
+    (dict(scale_rewards="rank"), "scale_rewards"),
+    (dict(loss_agg="sum"), "loss_agg"),
+    (dict(importance_sampling="seq"), "importance_sampling"),
+    (dict(num_iterations=0), "num_iterations"),
+    (dict(min_new_tokens=9, max_new_tokens=4), "min_new_tokens"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_k=1), "top_k"),
+    (dict(supervision="step"), "supervision"),
+    (dict(lr=2.0), "lr"),
+])
+def test_bad_hyperparameters_fail_before_loading(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOModule(model_name_or_path="tiny", **bad)
+
+
+def test_beta_zero_loads_no_reference():
+    assert GRPOModule(model_name_or_path="tiny", beta=0.0).ref_policy is None
+    module = GRPOModule(model_name_or_path="tiny", beta=0.1)
+    assert module.ref_policy is not None
+    assert not any(p.requires_grad for p in module.ref_policy.parameters())
+
+
+class _GradCapture(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.policy.named_parameters()
+                      if p.grad is not None}
+
+
+def _one_step_grads(tmp_path, **kw) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    module = GRPOModule(model_name_or_path="tiny", reward_fns=[first_char_is_digit], group_size=4, beta=0.05,
+                        max_new_tokens=6, max_grad_norm=None, **kw)
+    capture = _GradCapture()
+    _trainer(tmp_path, 1, callbacks=[capture]).fit(module, _data(batch_size=4))
+    return capture.grads
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batching_does_not_change_the_gradient(tmp_path, agg):
+    """The loss is normalised by the whole optimizer step's count, so gradient accumulation is exact."""
+    full = _one_step_grads(tmp_path, loss_agg=agg)
+    micro = _one_step_grads(tmp_path, loss_agg=agg, micro_batch_size=3)
+    assert full and any(g.abs().sum() > 0 for g in full.values())
+    for name in full:
+        torch.testing.assert_close(micro[name], full[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_step_boundaries_map_steps_to_tokens():
+    """Process supervision: step k of a completion ends at the token holding its last character."""
+    from rlhf_lightning.modules.grpo import Rollout
+    from rlhf_lightning.rollout import RolloutBatch
+
+    module = GRPOModule(model_name_or_path="tiny", group_size=2, beta=0.0, supervision="process")
+    module.step_separator = "\n"
+    tok = module.tokenizer
+    texts = ["1+2=3\n3+4=7", "12"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    T = max(map(len, ids))
+    completion_ids = torch.full((2, T), tok.pad_token_id)
+    completion_mask = torch.zeros((2, T), dtype=torch.long)
+    for i, row in enumerate(ids):
+        completion_ids[i, :len(row)] = torch.tensor(row)
+        completion_mask[i, :len(row)] = 1
+    samples = RolloutBatch(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), completion_ids,
+                           completion_mask, None, torch.zeros(2, dtype=torch.bool))
+    rollout = Rollout(samples, ["p", "p"], texts, {})
+    rewards, ends = module.step_boundaries([[1.0, 0.0], [1.0]], rollout)
+    # "1+2=3" ends at char 4 (token 4); "\n" is token 5; "3+4=7" ends at token 10; "12" ends at token 1
+    assert ends.tolist() == [[4, 10], [1, -1]]
+    assert rewards[0].tolist() == [1.0, 0.0] and rewards[1, 0] == 1.0 and torch.isnan(rewards[1, 1])
+
+
+def test_process_supervision_trains_on_chain_task(tmp_path):
+    L.seed_everything(0)
+    module = GRPOModule(model_name_or_path="tiny", group_size=4, beta=0.0, supervision="process",
+                        max_new_tokens=12, lr=1e-3)
+    data = PromptDataModule(task="chain", task_kwargs={"num_terms": 3}, num_train=64, num_val=0, batch_size=2)
+    seen = {}
+    original = module.compute_advantages
+
+    def spy(rewards, rollout):
+        adv = original(rewards, rollout)
+        seen["adv"], seen["rewards"] = adv, rewards
+        return adv
+
+    module.compute_advantages = spy
+    _trainer(tmp_path, 2).fit(module, data)
+    assert isinstance(seen["rewards"], list) and len(seen["rewards"]) == 8  # step rewards per completion
+    assert seen["adv"].dim() == 2 and seen["adv"].shape[0] == 8  # [N, T] token advantages
+    assert torch.isfinite(seen["adv"]).all()
+    assert module.optimizer_steps == 2
+
+
+def test_nan_rewards_and_zero_std_groups_never_give_nan(tmp_path):
+    def half_missing(prompts, completions, **kw):
+        return [None if i % 2 else 1.0 for i in range(len(completions))]  # constant or missing: zero std
+
+    L.seed_everything(0)
+    module = GRPOModule(model_name_or_path="tiny", reward_fns=[half_missing], group_size=4, beta=0.1,
+                        max_new_tokens=4, drop_uninformative_groups=True, mask_truncated=True)
+    _trainer(tmp_path, 2).fit(module, _data())
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+@pytest.mark.slow
+def test_reward_rises(tmp_path):
+    """A random tiny policy learns to start its completion with a digit (~10% at random init)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(0)
+    module = GRPOModule(model_name_or_path="tiny", reward_fns=[first_char_is_digit], group_size=8, beta=0.0,
+                        max_new_tokens=4, lr=3e-3, log_samples_every_n_steps=0)
+    logger = CSVLogger(tmp_path)
+    trainer = L.Trainer(max_steps=40, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, _data(batch_size=8))
+    import csv
+
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    rewards = [float(r["reward/mean"]) for r in rows if r.get("reward/mean")]
+    assert len(rewards) == 40
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+
+
+def test_subclass_overriding_compute_rewards_trains_from_cli(tmp_path):
+    cli = cli_main(["fit", "--model", "test_grpo.FirstDigitGRPO", "--data", "rlhf_lightning.PromptDataModule",
+                    "--model.model_name_or_path", "tiny", "--model.group_size", "4", "--model.beta", "0",
+                    "--model.max_new_tokens", "4", "--data.task", "addition", "--data.num_train", "64",
+                    "--data.num_val", "8", "--data.batch_size", "4", "--trainer.max_steps", "3",
+                    "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir",
+                    str(tmp_path)])
+    assert isinstance(cli.model, FirstDigitGRPO)
+    assert cli.model.optimizer_steps == 3 and cli.trainer.global_step == 3
+    assert (cli.model.export_dir() / "config.json").exists()
+
+
+def test_sampling_generator_state_survives_checkpoint(tmp_path):
+    L.seed_everything(0)
+    module = GRPOModule(model_name_or_path="tiny", reward_fns=[first_char_is_digit], group_size=2, beta=0.0,
+                        max_new_tokens=3)
+    _trainer(tmp_path, 1).fit(module, _data(batch_size=2))
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = torch.rand(4, generator=module.sample_generator)
+    fresh = GRPOModule(model_name_or_path="tiny", group_size=2, beta=0.0)
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.optimizer_steps == 1 and fresh.rollouts == 1
+    torch.testing.assert_close(torch.rand(4, generator=fresh._generator()), expected)
