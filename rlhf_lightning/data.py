@@ -104,7 +104,8 @@ class ResumableSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
         if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
+            # a new epoch starts from its first index (a pending mid-epoch skip belonged to the old one)
+            self.epoch, self.consumed, self._skip = epoch, 0, 0
 
     def _order(self) -> list[int]:
         if not self.shuffle:

@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--sft-steps", type=int, default=None, help="override the SFT config's max_steps")
     parser.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO config's max_steps")
     parser.add_argument("--eval-examples", type=int, default=1000, help="held-out prompts for the accuracy")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1 is fastest for the tiny demo model on a 2-core machine)")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from .evaluation import greedy_accuracy
     from .tasks import get_task

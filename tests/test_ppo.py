@@ -195,8 +195,8 @@ def test_old_logprobs_equal_sampler_logprobs_at_temperature():
     s = sample(m.policy, ctx["prompt_ids"], ctx["prompt_mask"], max_new_tokens=6, eos_token_id=1, pad_token_id=0,
                temperature=0.6, generator=gen)
     old_logp, old_values, ref_logp = m._no_grad_passes(
-        dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
-             completion_mask=s.completion_mask))
+        {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
+         "completion_mask": s.completion_mask})
     torch.testing.assert_close(old_logp, s.logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(ref_logp, s.logprobs, atol=1e-5, rtol=0)
     assert old_values.shape == s.completion_ids.shape
@@ -247,7 +247,7 @@ class SnapshotAtStart(L.Callback):
 
 
 def snapshot(m: PPOModule) -> dict:
-    clone = lambda x: x.clone() if torch.is_tensor(x) else x  # noqa: E731
+    clone = lambda x: x.clone() if torch.is_tensor(x) else x
     return {
         "optimizers": [torch.utils._pytree.tree_map(clone, o.optimizer.state_dict()) for o in m.optimizers()],
         "schedulers": [s.state_dict() for s in m.lr_schedulers()],
@@ -317,7 +317,7 @@ def test_reward_rises_on_addition_prompts(tmp_path, critic):
     rec = Scores()
     m = PPOModule("tiny", reward_fns=[digit_fraction], critic=critic, lr=3e-3, critic_lr=3e-3, kl_coef=0.01,
                   ppo_epochs=2, minibatches=2, max_new_tokens=6, vf_coef=0.5 if critic == "shared" else 0.1)
-    rollouts = 30
+    rollouts = 20  # measured: ~0.1 -> ~0.9 (separate) / ~0.85 (shared) over the last 5
     make_trainer(tmp_path, max_steps=2 * rollouts * 2 * 2, callbacks=[rec]).fit(m, make_data(batch_size=16))
     assert len(rec.values) == rollouts
     start, end = sum(rec.values[:3]) / 3, sum(rec.values[-5:]) / 5
@@ -351,8 +351,8 @@ def test_ddp_two_cpu_processes_train_in_lockstep(tmp_path):
     script = tmp_path / "ddp_ppo.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
-                         timeout=300, cwd=tmp_path)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, capture_output=True, text=True,
+                         env=env, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RANK"))
     assert [r[0] for r in ranks] == ["0", "1"]

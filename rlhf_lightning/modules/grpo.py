@@ -171,6 +171,9 @@ class GRPOModule(PolicyModuleBase):
         return [opt], [sched]
 
     def schedule_horizon(self) -> int:
+        """Optimizer steps of the run: max_steps when set (it counts optimizer steps), else batches x updates."""
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps
         rollouts = super().schedule_horizon()
         return rollouts * self.hparams.num_iterations * self.hparams.minibatches if rollouts else 0
 
@@ -412,21 +415,17 @@ class GRPOModule(PolicyModuleBase):
             "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
             "train/rollouts": torch.tensor(float(self.rollouts)),
         }
-        per_fn = getattr(self, "_per_fn_rewards", None)
-        if per_fn is not None and isinstance(per_fn, Tensor):
-            for f, row in zip(self.reward_funcs, per_fn):
-                ok = ~torch.isnan(row)
-                name = getattr(f, "__name__", type(f).__name__)
-                metrics[f"reward/{name}"] = row[ok].mean() if ok.any() else torch.zeros(())
+        metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
         for k, v in stats.items():
             key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "train/loss"}.get(k, f"policy/{k}")
             metrics[key] = torch.tensor(v)
-        metrics = {k: v.float().to(self.device) for k, v in metrics.items()}
-        self.log_dict(metrics, batch_size=len(rewards), sync_dist=True)
-        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
-        if "policy/kl" in metrics:
-            self.log("kl", metrics["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))
-        self._last_rollout_for_logging = (rollout, rewards, advantages)
+        logged = self.log_step_metrics(metrics)
+        every = self.hparams.log_samples_every_n_steps
+        if every and (self.rollouts - 1) % every == 0:
+            self.log_sample_table(rollout.prompts, rollout.completions, rewards, advantages)
+        self.log("reward", logged["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
+        if "policy/kl" in logged:
+            self.log("kl", logged["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -43,8 +43,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -218,6 +219,7 @@ class PPOModule(PolicyModuleBase):
                        else losses.FixedKLController(kl_coef))
         self.sample_generator: torch.Generator | None = None
         self._sample_generator_state: Tensor | None = None
+        self._per_fn_rewards: Tensor | None = None  # [F, N] of the last rollout, for logging
 
     # ------------------------------------------------------------------------------------------ set-up
     def _load_reward_model(self, name_or_path: str) -> nn.Module:
@@ -245,8 +247,8 @@ class PPOModule(PolicyModuleBase):
         if rm.get_input_embeddings().num_embeddings < len(self.tokenizer):
             raise ValueError(f"reward_model {name_or_path!r} embeds {rm.get_input_embeddings().num_embeddings} "
                              f"tokens but the policy's tokenizer has {len(self.tokenizer)}")
-        rm.requires_grad_(False)
-        return rm.eval()
+        rm.requires_grad_(False)  # frozen; `reward_model_scores` switches it to eval mode for every use
+        return rm
 
     def _make_critic(self) -> ValueModel:
         with torch.random.fork_rng(devices=[]):  # a fresh value head is seeded like the presets: reproducible runs
@@ -450,7 +452,7 @@ class PPOModule(PolicyModuleBase):
         rollout = self.rollout(batch)
         t_gen = time.perf_counter() - t0
         s = rollout.samples
-        N, T = s.completion_ids.shape
+        N = s.completion_ids.shape[0]
         if N < hp.minibatches:
             raise ValueError(f"minibatches={hp.minibatches} is more than the {N} completions of a rollout; raise "
                              "data.batch_size or lower minibatches")
@@ -603,20 +605,14 @@ class PPOModule(PolicyModuleBase):
             "train/rollouts": torch.tensor(float(self.rollouts)),
             "train/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
-        per_fn = getattr(self, "_per_fn_rewards", None)
-        if isinstance(per_fn, Tensor):
-            for f, row in zip(self.reward_funcs, per_fn):
-                ok = ~torch.isnan(row)
-                name = getattr(f, "__name__", type(f).__name__)
-                metrics[f"reward/{name}"] = row[ok].mean() if ok.any() else zero
+        metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
         names = {"pg_loss": "policy/loss", "vf_loss": "value/loss", "value_clip_frac": "value/clip_frac",
                  "critic_grad_norm": "value/grad_norm", "actor_grad_norm": "policy/grad_norm", "loss": "train/loss"}
         for k, v in stats.items():
             metrics[names.get(k, f"policy/{k}")] = torch.tensor(v)
-        metrics = {k: v.float().to(self.device) for k, v in metrics.items()}
-        self.log_dict(metrics, batch_size=N, sync_dist=True)
-        self.log("score", metrics["reward/score"], prog_bar=True, logger=False, batch_size=N)
-        self.log("kl", metrics["policy/kl_seq"], prog_bar=True, logger=False, batch_size=N)
+        logged = self.log_step_metrics(metrics)
+        self.log("score", logged["reward/score"], prog_bar=True, logger=False, batch_size=N)
+        self.log("kl", logged["policy/kl_seq"], prog_bar=True, logger=False, batch_size=N)
 
     # ------------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -648,8 +644,8 @@ class PPOModule(PolicyModuleBase):
 
 
 def _ctx(samples: RolloutBatch) -> dict[str, Tensor]:
-    return dict(prompt_ids=samples.prompt_ids, prompt_mask=samples.prompt_mask,
-                completion_ids=samples.completion_ids, completion_mask=samples.completion_mask)
+    return {"prompt_ids": samples.prompt_ids, "prompt_mask": samples.prompt_mask,
+            "completion_ids": samples.completion_ids, "completion_mask": samples.completion_mask}
 
 
 def _grad_norm(params: list[nn.Parameter]) -> Tensor:
@@ -666,30 +662,30 @@ def _validate_ppo_args(hp) -> None:
         (hp.kl_estimator in ("k1", "k2", "k3"), f"kl_estimator must be k1|k2|k3, got {hp.kl_estimator!r}"),
         (not hp.adaptive_kl or hp.kl_coef > 0, "adaptive_kl needs kl_coef > 0 (the controller multiplies it)"),
         (hp.kl_target > 0, f"kl_target must be > 0, got {hp.kl_target}"),
-        (isinstance(hp.kl_horizon, int) and hp.kl_horizon >= 1, f"kl_horizon must be an integer >= 1, got "
-         f"{hp.kl_horizon!r}"),
+        (isinstance(hp.kl_horizon, int) and hp.kl_horizon >= 1,
+         f"kl_horizon must be an integer >= 1, got {hp.kl_horizon!r}"),
         (0 <= hp.gamma <= 1, f"gamma must be in [0, 1], got {hp.gamma}"),
         (0 <= hp.lam <= 1, f"lam must be in [0, 1], got {hp.lam}"),
         (0 <= hp.clip_low < 1, f"clip_low must be in [0, 1), got {hp.clip_low}"),
         (hp.clip_high >= 0, f"clip_high must be >= 0, got {hp.clip_high}"),
         (hp.value_clip is None or hp.value_clip > 0, f"value_clip must be > 0 or null, got {hp.value_clip}"),
         (hp.vf_coef > 0, f"vf_coef must be > 0 (the critic learns only through the value loss), got {hp.vf_coef}"),
-        (isinstance(hp.ppo_epochs, int) and hp.ppo_epochs >= 1, f"ppo_epochs must be an integer >= 1, got "
-         f"{hp.ppo_epochs!r}"),
-        (isinstance(hp.minibatches, int) and hp.minibatches >= 1, f"minibatches must be an integer >= 1, got "
-         f"{hp.minibatches!r}"),
-        (hp.micro_batch_size is None or hp.micro_batch_size >= 1, f"micro_batch_size must be >= 1 or null, got "
-         f"{hp.micro_batch_size!r}"),
-        (hp.missing_eos_penalty is None or hp.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0 (it is "
-         f"subtracted from the score), got {hp.missing_eos_penalty}"),
-        (isinstance(hp.max_new_tokens, int) and hp.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got "
-         f"{hp.max_new_tokens!r}"),
-        (0 <= hp.min_new_tokens <= hp.max_new_tokens, f"min_new_tokens must be in [0, max_new_tokens="
-         f"{hp.max_new_tokens}], got {hp.min_new_tokens}"),
-        (hp.temperature > 0 and math.isfinite(hp.temperature), f"temperature must be > 0 (PPO samples and scores "
-         f"the temperature-scaled policy), got {hp.temperature}"),
-        (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
-         f"{hp.max_grad_norm}"),
+        (isinstance(hp.ppo_epochs, int) and hp.ppo_epochs >= 1,
+         f"ppo_epochs must be an integer >= 1, got {hp.ppo_epochs!r}"),
+        (isinstance(hp.minibatches, int) and hp.minibatches >= 1,
+         f"minibatches must be an integer >= 1, got {hp.minibatches!r}"),
+        (hp.micro_batch_size is None or hp.micro_batch_size >= 1,
+         f"micro_batch_size must be >= 1 or null, got {hp.micro_batch_size!r}"),
+        (hp.missing_eos_penalty is None or hp.missing_eos_penalty >= 0,
+         f"missing_eos_penalty must be >= 0 (it is subtracted from the score), got {hp.missing_eos_penalty}"),
+        (isinstance(hp.max_new_tokens, int) and hp.max_new_tokens >= 1,
+         f"max_new_tokens must be >= 1, got {hp.max_new_tokens!r}"),
+        (0 <= hp.min_new_tokens <= hp.max_new_tokens,
+         f"min_new_tokens must be in [0, max_new_tokens={hp.max_new_tokens}], got {hp.min_new_tokens}"),
+        (hp.temperature > 0 and math.isfinite(hp.temperature),
+         f"temperature must be > 0 (PPO samples and scores the temperature-scaled policy), got {hp.temperature}"),
+        (hp.max_grad_norm is None or hp.max_grad_norm > 0,
+         f"max_grad_norm must be > 0 or null, got {hp.max_grad_norm}"),
         (hp.reward_model is None or (isinstance(hp.reward_model, (str, Path)) and str(hp.reward_model)),
          f"reward_model must be a directory, hub id or preset name, got {hp.reward_model!r}"),
     ]

@@ -1,6 +1,7 @@
 """Reward model: a scalar head on a causal-LM backbone, trained with the Bradley-Terry loss on preference pairs.
 
-    loss = -log σ(r_chosen - r_rejected - margin)  +  c · (r_chosen + r_rejected)²        (InstructGPT eq. 1; TRL)
+    loss = -log σ(r_chosen - r_rejected - margin)  +  c · (r_chosen + r_rejected)²
+           (InstructGPT eq. 1 for one pair; the margin as in Llama 2 §3.2.2; the centering term as in TRL)
 
 The second term (`center_rewards_coefficient` c, 0 = off; TRL suggests 0.01) pins the reward's mean near 0,
 which the BT loss alone leaves free. Once trained, the model is a reward function: `RewardModelScorer` wraps
@@ -10,7 +11,8 @@ Input format (one definition, `preference.reward_input_ids`): tokens of `prompt 
 when the tokenizer pads with EOS). The exported model scores the same way:
 
     model = AutoModelForSequenceClassification.from_pretrained(d); tok = AutoTokenizer.from_pretrained(d)
-    ids = tok(prompt + response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = tok(prompt + response, add_special_tokens=False).input_ids
+    ids += [tok.eos_token_id] if model.config.reward_append_eos else []
     score = model(torch.tensor([ids])).logits[0, 0]
 
 `config.pad_token_id` is set, so batched scoring reads the last non-pad token (left or right padding).
@@ -55,8 +57,8 @@ class RewardModel(L.LightningModule):
     Use with `PreferenceDataModule`. Logs `train|val/loss`, `train|val/accuracy` (share of pairs with
     r_chosen > r_rejected; ties count as wrong), `train|val/margin` (mean r_chosen − r_rejected) and
     `val/reward_mean|std` (over both sides of the held-out pairs). `on_fit_end` writes `<log_dir>/hf_model/`
-    (model + tokenizer); its config also carries `reward_mean`, `reward_std` (from the last validation) and
-    `reward_append_eos`, which `RewardModelScorer(normalize=True)` uses.
+    (model + tokenizer); its config also carries `reward_mean`, `reward_std` (from the last validation, for
+    `RewardModelScorer(normalize=True)`) and `reward_append_eos` (the input format, for readers of the export).
 
     Args:
         model_name_or_path: a preset (`tiny`, `small`, `medium`), a `save_pretrained` directory (an SFT export
@@ -64,7 +66,7 @@ class RewardModel(L.LightningModule):
         tokenizer_name_or_path: defaults to `model_name_or_path`.
         center_rewards_coefficient: c of the centering term above (0 = off).
         lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio: AdamW and its schedule, as in
-            `PolicyModuleBase`.
+            `PolicyModuleBase` (lr 1e-3 + cosine: the measured recipe of configs/rm_arithmetic.yaml).
         torch_dtype / trust_remote_code / seed: as in `PolicyModuleBase`.
     """
 
@@ -222,7 +224,7 @@ class RewardModelScorer:
         (`reward_mean`/`reward_std` from its last validation); with none recorded, give them explicitly.
         Normalising keeps RL hyper-parameters (KL coefficient, clipping) meaningful across reward models.
     batch_size: completions per forward pass. device: where to run (default: where the model already is).
-    A module's weights are shared, not copied: scores follow its training.
+    A module's weights and statistics are shared, not copied: scores follow its training (iterative RL).
     """
 
     __name__ = "reward_model"  # how reward-function logs name it
@@ -233,21 +235,18 @@ class RewardModelScorer:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         source = model_dir_or_module
+        self._module: RewardModel | None = None
         if isinstance(source, RewardModel):
-            self.model, tok = source.model, source.tokenizer
-            recorded = (source.reward_mean, source.reward_std)
+            self.model, tok, self._module = source.model, source.tokenizer, source
         elif isinstance(source, nn.Module):
             if tokenizer is None:
                 raise ValueError("RewardModelScorer needs `tokenizer` when given a bare model")
             self.model, tok = source, None
-            recorded = (getattr(source.config, "reward_mean", None), getattr(source.config, "reward_std", None))
         elif isinstance(source, (str, os.PathLike)):
             tok = load_tokenizer(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else os.fspath(source))
             self.model = load_sequence_classifier(os.fspath(source), tok)
-            recorded = (getattr(self.model.config, "reward_mean", None), getattr(self.model.config, "reward_std",
-                                                                                  None))
         else:
-            raise ValueError(f"model_dir_or_module must be a directory, a RewardModel or a model, "
+            raise ValueError(f"model_dir_or_module must be a directory, a RewardModel or a model, "  # noqa: TRY004
                              f"got {type(source).__name__}")
         if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
             tok = tokenizer
@@ -257,14 +256,28 @@ class RewardModelScorer:
         if device is not None:
             self.model.to(device)
         self.normalize, self.batch_size = normalize, batch_size
-        self.mean = mean if mean is not None else recorded[0]
-        self.std = std if std is not None else recorded[1]
+        self._mean, self._std = mean, std
         if normalize:
             if self.mean is None or self.std is None:
                 raise ValueError("normalize=True but the reward model has no recorded reward_mean/reward_std "
                                  "(train it with validation data); pass mean and std")
             if not self.std > 0:
                 raise ValueError(f"std must be > 0 to normalise, got {self.std}")
+
+    @property
+    def mean(self) -> float | None:
+        """The explicit `mean`, else the one recorded with the model (a live module's latest validation)."""
+        if self._mean is not None:
+            return self._mean
+        return self._module.reward_mean if self._module is not None else getattr(self.model.config, "reward_mean",
+                                                                                  None)
+
+    @property
+    def std(self) -> float | None:
+        if self._std is not None:
+            return self._std
+        return self._module.reward_std if self._module is not None else getattr(self.model.config, "reward_std",
+                                                                                 None)
 
     def _prompt_text(self, prompt: Any) -> str:
         if isinstance(prompt, str):
