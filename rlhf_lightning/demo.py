@@ -20,16 +20,18 @@ from .cli import cli_main
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _export_dir(cli) -> Path:
-    return cli.model.export_dir()
-
-
 def run_stage(config: Path, out: Path, name: str, extra: list[str]) -> Path:
     args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(out),
             "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
             "--trainer.enable_progress_bar", "false", *extra]
-    cli = cli_main(args)
-    return _export_dir(cli)
+    import sys
+
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the demo's own flags are not LightningCLI's
+    try:
+        cli = cli_main(args)
+    finally:
+        sys.argv = argv
+    return cli.model.export_dir()
 
 
 def reward_curve_png(event_dir: Path, png: Path, tag: str = "reward/mean") -> list[tuple[int, float]]:
