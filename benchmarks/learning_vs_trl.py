@@ -11,8 +11,9 @@ Fairness choices (why each knob is set the way it is):
   through rlhf_lightning's `SFTModule` writes one into a temporary directory first.
 - Same prompts in the same order: both train on `AdditionTask.make_examples(num_train, seed)`; TRL's
   `RepeatSampler` and our `ResumableSampler` both draw `torch.randperm(n)` from a generator seeded with `seed`,
-  so step k sees the same prompts in both. The script records every rollout's prompts and reports whether the
-  orders matched, instead of assuming it.
+  so in the first epoch step k sees the same prompts in both (later epochs reshuffle differently: we reseed with
+  seed + epoch, TRL's generator runs on). The script records every rollout's prompts and reports for how many
+  steps the orders matched, instead of assuming it.
 - Same prompt tokens: plain-text prompts (no chat template). TRL tokenizes with `add_special_tokens=True`; the
   script checks that this adds nothing to the char tokenizer's prompts, and stops if it would.
 - Same reward: `rlhf_lightning.rewards.exact_match` (TRL's signature) for both, through one recording wrapper
@@ -277,11 +278,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "train_reward_last": sum(reward.means[-k:]) / k, "train_reward": reward.means})
             print(f"[bench] {system}: {wall:.1f} s, accuracy {acc_before:.3f} -> {acc:.3f}, train reward "
                   f"{results[-1]['train_reward_first']:.3f} -> {results[-1]['train_reward_last']:.3f}", flush=True)
-    same_prompts = [r.prompts for r in rewards.values()]
-    same_prompts = same_prompts[0] == same_prompts[1] if len(same_prompts) == 2 else None
     table = markdown(results, args)
-    if same_prompts is not None:
-        table += f"\nsame prompts in the same order at every step: {'yes' if same_prompts else 'NO'}"
+    same_prompts = None  # leading rollout steps whose prompts were identical in both systems
+    if len(rewards) == 2:
+        a, b = (r.prompts for r in rewards.values())
+        same_prompts = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        table += f"\nsame prompts in the same order: {same_prompts} of {args.steps} steps"
     print("\n" + table, flush=True)
     versions = {name: version(name) for name in ("torch", "lightning", "transformers", "trl", "datasets")}
     versions["torch_threads"] = torch.get_num_threads()
