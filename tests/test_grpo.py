@@ -213,3 +213,32 @@ def test_tensorboard_gets_scalars_and_sample_table(tmp_path):
     assert [t.step for t in texts] == [0, 2]  # rollouts 1 and 3 with every=2
     table = texts[0].tensor_proto.string_val[0].decode()
     assert "| prompt | completion | reward | advantage |" in table and "+" in table
+
+
+def test_grpo_trains_from_a_reward_model_export(tmp_path):
+    """A RewardModel export is a reward source: GRPO scores completions with it (offline, end to end)."""
+    from rlhf_lightning import PreferenceDataModule, RewardModel
+
+    L.seed_everything(0)
+    rm = RewardModel(model_name_or_path="tiny")
+    prefs = PreferenceDataModule(task="addition", task_kwargs={"digits": 1}, num_train=64, num_val=16,
+                                 batch_size=16)
+    _trainer(tmp_path / "rm", 4).fit(rm, prefs)
+    rm_dir = tmp_path / "rm" / "hf_model"
+    assert (rm_dir / "config.json").exists()
+    module = GRPOModule(model_name_or_path="tiny", reward_model=str(rm_dir), group_size=4, beta=0.0,
+                        max_new_tokens=4)
+    assert [f.__name__ for f in module.reward_funcs] == ["reward_model"]
+    seen = {}
+    original = module.compute_rewards
+
+    def spy(prompts, completions, batch):
+        seen["rewards"] = original(prompts, completions, batch)
+        return seen["rewards"]
+
+    module.compute_rewards = spy
+    _trainer(tmp_path / "grpo", 2).fit(module, _data())
+    assert seen["rewards"].shape == (16,) and torch.isfinite(seen["rewards"]).all()
+    assert seen["rewards"].std() > 0  # real scores, not a constant
+    with pytest.raises(ValueError, match="reward_weights"):
+        GRPOModule(model_name_or_path="tiny", reward_model=str(rm_dir), reward_weights=[1.0, 1.0])

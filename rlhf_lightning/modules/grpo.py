@@ -58,6 +58,10 @@ class GRPOModule(PolicyModuleBase):
     """Critic-free RL for LMs (DeepSeekMath §4.1) with DAPO / Dr. GRPO / GSPO options.
 
     Args (beyond `PolicyModuleBase`'s model / reward / optimizer arguments):
+        reward_model: a trained reward model (`RewardModel`'s `hf_model/` export, any local
+            AutoModelForSequenceClassification directory, or a hub id), used as one more reward function
+            (`RewardModelScorer`; weight 1 unless reward_weights lists it last).
+        normalize_reward_model: standardise its scores with the mean/std recorded at its last validation.
         group_size: G completions sampled per prompt (≥ 2: advantages are relative within a group).
         beta: weight of the KL(π_θ‖π_ref) penalty in the loss; 0 loads no reference model.
         kl_estimator: `k3` (unbiased, always ≥ 0; the paper's eq. 4), `k1`, or `k2`.
@@ -88,6 +92,8 @@ class GRPOModule(PolicyModuleBase):
         tokenizer_name_or_path: str | None = None,
         reward_fns: Sequence[str] | None = None,
         reward_weights: Sequence[float] | None = None,
+        reward_model: str | None = None,
+        normalize_reward_model: bool = False,
         group_size: int = 8,
         beta: float = 0.04,
         kl_estimator: str = "k3",
@@ -124,10 +130,21 @@ class GRPOModule(PolicyModuleBase):
     ):
         self.save_hyperparameters()
         _validate_grpo_args(self.hparams)
-        super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
+        super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns,
+                         reward_weights if reward_model is None else None, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens or max_new_tokens, seed)
         self.automatic_optimization = False
+        if reward_model is not None:
+            from .reward_model import RewardModelScorer
+
+            # the scorer is a plain attribute (not a submodule): the RM is frozen and not part of checkpoints
+            self.reward_funcs.append(RewardModelScorer(reward_model, normalize=normalize_reward_model))
+            if reward_weights is not None:
+                if len(reward_weights) != len(self.reward_funcs):
+                    raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
+                                     f"entry and one (last) for reward_model")
+                self.reward_weights = list(reward_weights)
         self.ref_policy = self._make_reference() if beta > 0 else None
         self.step_separator = step_separator
         self.sample_generator: torch.Generator | None = None
