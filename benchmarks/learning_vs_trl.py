@@ -38,6 +38,7 @@ Fairness choices (why each knob is set the way it is):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import tempfile
@@ -59,6 +60,7 @@ from rlhf_lightning.tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+NOT_COMPARED = {"model_name_or_path", "reward_fns", "val_max_new_tokens", "log_samples_every_n_steps"}
 HELD_OUT_SEED = 424242  # the demo's held-out seed: neither SFT nor GRPO trains on it
 # flag -> (config, section, key). The demo's YAML values are the flags' defaults, so tuning the demo's configs
 # retunes this benchmark (a flag on the command line still wins).
@@ -79,9 +81,7 @@ FROM_CONFIG = {
 def config_defaults(paths: dict[str, str]) -> dict[str, Any]:
     """Flag defaults read from the demo's YAML configs; a path of 'none' reads nothing from that config."""
     sections = {}
-    for which, path in paths.items():
-        if path == "none":
-            continue
+    for which, path in ((w, p) for w, p in paths.items() if p != "none"):
         if not Path(path).is_file():
             raise ValueError(f"--{which}-config {path!r} does not exist (pass 'none' to use built-in defaults)")
         cfg = yaml.safe_load(Path(path).read_text()) or {}
@@ -89,6 +89,12 @@ def config_defaults(paths: dict[str, str]) -> dict[str, Any]:
                            or {}, "data": (cfg.get("data") or {}).get("init_args") or {}}
     out = {flag: sections[w][sec][key] for flag, (w, sec, key) in FROM_CONFIG.items()
            if w in sections and key in sections[w][sec]}
+    # a GRPO setting this script does not carry over would make the comparison differ from the demo: say so
+    params, mapped = inspect.signature(GRPOModule.__init__).parameters, {k for _, _, k in FROM_CONFIG.values()}
+    skipped = {k: v for k, v in sections.get("grpo", {}).get("model", {}).items() if k not in mapped | NOT_COMPARED
+               and (k not in params or v != params[k].default)}
+    if skipped:
+        print(f"[bench] note: {paths['grpo']} sets {skipped}; this benchmark does not carry that over to either system")
     if "max_grad_norm" in out and out["max_grad_norm"] is None:
         out["max_grad_norm"] = 0.0  # YAML null = off, spelled 0 here
     return out
@@ -222,13 +228,6 @@ def run_trl(args: argparse.Namespace, warm: Path, reward: RecordingReward, root:
     return time.perf_counter() - t0, trainer.accelerator.unwrap_model(trainer.model)
 
 
-def check_prompt_tokens(tokenizer, rows: list[dict]) -> None:
-    """TRL tokenizes plain prompts with special tokens on; they must come out exactly as ours do."""
-    for text in (r["prompt"] for r in rows[:20]):
-        if tokenizer(text)["input_ids"] != tokenizer(text, add_special_tokens=False)["input_ids"]:
-            raise ValueError(f"the warm-start tokenizer adds special tokens to {text!r}; TRL's prompts would differ")
-
-
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     lines = ["| system | steps | wall s | s/step | accuracy before | accuracy after |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -260,7 +259,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(tmp)
         warm = Path(args.warm_start) if args.warm_start else train_warm_start(args, root)
         tokenizer = load_tokenizer(str(warm))
-        check_prompt_tokens(tokenizer, rows)
+        for text in (r["prompt"] for r in rows[:20]):  # TRL tokenizes plain prompts with special tokens on
+            if tokenizer(text)["input_ids"] != tokenizer(text, add_special_tokens=False)["input_ids"]:
+                raise ValueError(f"the warm-start tokenizer adds special tokens to {text!r}; TRL's prompts would differ")
         acc_before = greedy_accuracy(str(warm), task, held_out, max_new_tokens=args.max_new_tokens)
         print(f"[bench] warm start {warm}: held-out greedy accuracy {acc_before:.3f}", flush=True)
         for system in args.systems:
@@ -285,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         same_prompts = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         table += f"\nsame prompts in the same order: {same_prompts} of {args.steps} steps"
     print("\n" + table, flush=True)
-    versions = {name: version(name) for name in ("torch", "lightning", "transformers", "trl", "datasets")}
-    versions["torch_threads"] = torch.get_num_threads()
+    versions = {**{n: version(n) for n in ("torch", "lightning", "transformers", "trl", "datasets")},
+                "torch_threads": torch.get_num_threads()}
     payload = {"args": vars(args), "versions": versions, "results": results, "same_prompts": same_prompts,
                "table": table}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
