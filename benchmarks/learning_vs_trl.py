@@ -30,7 +30,7 @@ Fairness choices (why each knob is set the way it is):
 - Wall time = the `fit()` / `train()` call alone: model loading and evaluation are outside it; each framework's
   own set-up inside it (dataloaders, optimizer; Lightning's end-of-fit export of the policy) counts.
   Both run in this one process, one after the other, on the same threads; the machine is shared and noisy,
-  so repeat runs (swap `--systems` order) before reading much into small differences.
+  so use `--threads 1`, repeat, and swap the `--systems` order before reading much into differences.
 - Accuracy = greedy exact match on `--eval-examples` held-out prompts (a seed neither run trains on) via
   `rlhf_lightning.evaluation.greedy_accuracy`, budget `--max-new-tokens`, same for before and after.
 """
@@ -89,12 +89,11 @@ def config_defaults(paths: dict[str, str]) -> dict[str, Any]:
                            or {}, "data": (cfg.get("data") or {}).get("init_args") or {}}
     out = {flag: sections[w][sec][key] for flag, (w, sec, key) in FROM_CONFIG.items()
            if w in sections and key in sections[w][sec]}
-    # a GRPO setting this script does not carry over would make the comparison differ from the demo: say so
     params, mapped = inspect.signature(GRPOModule.__init__).parameters, {k for _, _, k in FROM_CONFIG.values()}
     skipped = {k: v for k, v in sections.get("grpo", {}).get("model", {}).items() if k not in mapped | NOT_COMPARED
                and (k not in params or v != params[k].default)}
     if skipped:
-        print(f"[bench] note: {paths['grpo']} sets {skipped}; this benchmark does not carry that over to either system")
+        print(f"[bench] note: {paths['grpo']} sets {skipped}: not carried over to either system (differs from the demo)")
     if "max_grad_norm" in out and out["max_grad_norm"] is None:
         out["max_grad_norm"] = 0.0  # YAML null = off, spelled 0 here
     return out

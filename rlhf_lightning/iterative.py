@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -75,7 +76,7 @@ def group_preference_pairs(prompts: list[str], completions: list[str], labels: l
 
 def replay_count(num_new: int, replay_fraction: float) -> int:
     """round_half_up(replay_fraction x num_new): 10% of 50 new pairs = 5 replayed, of 15 = 2."""
-    return int(math.floor(replay_fraction * num_new + 0.5 + 1e-9))
+    return math.floor(replay_fraction * num_new + 0.5 + 1e-9)
 
 
 def mix_with_replay(new: list[Pair], history: list[Pair], replay_fraction: float,
@@ -110,17 +111,17 @@ class IterativeRewardModelCallback(L.Callback):
                  rm_lr: float = 1e-4, rm_batch_size: int = 32, rm_max_grad_norm: float | None = 1.0,
                  reset_reference: bool = True, seed: int = 0):
         checks = [
-            (isinstance(every_n_steps, int) and every_n_steps >= 1, f"every_n_steps must be an integer >= 1, got "
-             f"{every_n_steps!r}"),
-            (isinstance(samples_per_iteration, int) and samples_per_iteration >= 1, f"samples_per_iteration must be "
-             f"an integer >= 1, got {samples_per_iteration!r}"),
+            (isinstance(every_n_steps, int) and every_n_steps >= 1,
+             f"every_n_steps must be an integer >= 1, got {every_n_steps!r}"),
+            (isinstance(samples_per_iteration, int) and samples_per_iteration >= 1,
+             f"samples_per_iteration must be an integer >= 1, got {samples_per_iteration!r}"),
             (0 <= replay_fraction <= 1, f"replay_fraction must be in [0, 1], got {replay_fraction}"),
             (isinstance(rm_epochs, int) and rm_epochs >= 1, f"rm_epochs must be an integer >= 1, got {rm_epochs!r}"),
             (0 < rm_lr < 1, f"rm_lr must be in (0, 1), got {rm_lr}"),
-            (isinstance(rm_batch_size, int) and rm_batch_size >= 1, f"rm_batch_size must be an integer >= 1, got "
-             f"{rm_batch_size!r}"),
-            (rm_max_grad_norm is None or rm_max_grad_norm > 0, f"rm_max_grad_norm must be > 0 or null, got "
-             f"{rm_max_grad_norm}"),
+            (isinstance(rm_batch_size, int) and rm_batch_size >= 1,
+             f"rm_batch_size must be an integer >= 1, got {rm_batch_size!r}"),
+            (rm_max_grad_norm is None or rm_max_grad_norm > 0,
+             f"rm_max_grad_norm must be > 0 or null, got {rm_max_grad_norm}"),
         ]
         for ok, message in checks:
             if not ok:

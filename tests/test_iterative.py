@@ -10,8 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rlhf_lightning import GRPOModule, PreferenceDataModule, PromptDataModule, RewardModel
-from rlhf_lightning.iterative import (IterativeRewardModelCallback, group_preference_pairs, mix_with_replay,
-                                      replay_count)
+from rlhf_lightning.iterative import IterativeRewardModelCallback, group_preference_pairs, mix_with_replay, replay_count
 from rlhf_lightning.rewards import exact_match
 
 
@@ -52,11 +51,11 @@ def test_replay_mix_is_ten_percent_of_the_new_pairs():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(every_n_steps=0), "every_n_steps"),
-    (dict(replay_fraction=1.5), "replay_fraction"),
-    (dict(rm_epochs=0), "rm_epochs"),
-    (dict(rm_lr=0.0), "rm_lr"),
-    (dict(labeler="no_such_labeler"), "no_such_labeler"),
+    ({"every_n_steps": 0}, "every_n_steps"),
+    ({"replay_fraction": 1.5}, "replay_fraction"),
+    ({"rm_epochs": 0}, "rm_epochs"),
+    ({"rm_lr": 0.0}, "rm_lr"),
+    ({"labeler": "no_such_labeler"}, "no_such_labeler"),
 ])
 def test_bad_arguments_raise(bad, message):
     kwargs = {"labeler": "exact_match", **bad}

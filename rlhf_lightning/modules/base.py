@@ -70,8 +70,7 @@ class PolicyModuleBase(L.LightningModule):
         self.reward_funcs: list[Callable] = [resolve_reward_fn(f) for f in (reward_fns or [])]
         if reward_fns and "reward_fns" in self.hparams:
             # checkpoints store import paths, not function objects (weights_only loading refuses pickled code)
-            self.hparams["reward_fns"] = [f if isinstance(f, str) else f"{f.__module__}.{f.__qualname__}"
-                                          for f in reward_fns]
+            self.hparams["reward_fns"] = [f if isinstance(f, str) else _import_path(f) for f in reward_fns]
         if reward_weights is not None and len(reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries but there are "
                              f"{len(self.reward_funcs)} reward_fns")
@@ -258,3 +257,8 @@ class PolicyModuleBase(L.LightningModule):
         self.optimizer_steps = counters.get("optimizer_steps", 0)
         self.rollouts = counters.get("rollouts", 0)
 
+
+def _import_path(fn: Callable) -> str:
+    """`module.qualname` of a function (or of a callable object's class) for checkpoint hyperparameters."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{target.__module__}.{target.__qualname__}"
