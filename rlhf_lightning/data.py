@@ -89,6 +89,15 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def prompt_text(tokenizer, prompt: Any) -> str:
+    """A prompt as text: strings pass through, chat messages go through the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+
 class ResumableSampler(Sampler[int]):
     """A seeded shuffle (a new permutation per epoch) that can restart mid-epoch.
 
@@ -284,11 +293,7 @@ class PromptDataModule(L.LightningDataModule):
             self.prepare_rows(self._resolve_tokenizer())
 
     def _prompt_text(self, prompt: Any) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
-            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        return prompt_text(self.tokenizer, prompt)
 
     def _tokenize(self, rows: list[dict], where: str) -> list[dict]:
         hp, tok = self.hparams, self.tokenizer

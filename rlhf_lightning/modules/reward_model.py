@@ -280,11 +280,9 @@ class RewardModelScorer:
                                                                                  None)
 
     def _prompt_text(self, prompt: Any) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
-            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        from ..data import prompt_text
+
+        return prompt_text(self.tokenizer, prompt)
 
     @torch.no_grad()
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
