@@ -8,6 +8,6 @@ from rlhf_lightning.modules.reward_model import RewardModel, RewardModelScorer
 from rlhf_lightning.modules.sft import SFTModule
 from rlhf_lightning.preference import PreferenceDataModule
 
-__all__ = ["GRPOModule", "IterativeRewardModelCallback", "PPOModule", "PreferenceDataModule", "PromptDataModule", "RewardModel", "RewardModelScorer",
-           "SFTModule"]
+__all__ = ["GRPOModule", "IterativeRewardModelCallback", "PPOModule", "PreferenceDataModule", "PromptDataModule",
+           "RewardModel", "RewardModelScorer", "SFTModule"]
 __version__ = "0.1.0"

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch

@@ -59,7 +59,8 @@ def model_source(name_or_path: str) -> str:
         if not (path / "config.json").exists():
             raise ValueError(f"model directory {name_or_path!r} has no config.json (not a save_pretrained directory)")
         return "local"
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
+    looks_like_path = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+                       or os.sep + os.sep in name_or_path)
     if looks_like_path:
         raise ValueError(f"model path {name_or_path!r} does not exist")
     return "hub"
@@ -83,7 +84,8 @@ def preset_config(name: str, tokenizer, max_position_embeddings: int = 1024):
 
 def _hub_error(kind: str, name_or_path: str, err: Exception) -> ValueError:
     return ValueError(f"could not load {kind} {name_or_path!r}: it is neither a preset {sorted(PRESETS)} nor a local "
-                      f"directory, and loading it as a hub id failed ({type(err).__name__}: {str(err).splitlines()[0]})")
+                      f"directory, and loading it as a hub id failed "
+                      f"({type(err).__name__}: {str(err).splitlines()[0]})")
 
 
 def load_causal_lm(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,

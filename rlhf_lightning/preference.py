@@ -40,8 +40,8 @@ def reward_input_ids(tokenizer, prompt: str, response: str) -> list[int]:
 
 
 def response_text(response: Any, where: str = "response") -> str:
-    """A response as text: a string as is (a number as its str), or the content of chat messages that are all the assistant's
-    (TRL's conversational format puts the conversation in `prompt` and only the reply in `chosen`)."""
+    """A response as text: a string as is (a number as its str), or the content of chat messages that are all the
+    assistant's (TRL's conversational format puts the conversation in `prompt` and only the reply in `chosen`)."""
     if isinstance(response, str):
         return response
     if isinstance(response, (int, float)) and not isinstance(response, bool):

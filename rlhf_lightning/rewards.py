@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-
 # A number, optionally negative, with optional thousands commas and decimals. The sign counts only when
 # the '-' does not follow a digit, so the last number of "12-3" is 3, not -3.
 _NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")

@@ -127,7 +127,8 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an eos token; set one before use")
-        warnings.warn(f"tokenizer {name_or_path!r} has no pad token; using eos {tokenizer.eos_token!r} as pad")
+        warnings.warn(f"tokenizer {name_or_path!r} has no pad token; using eos {tokenizer.eos_token!r} as pad",
+                      stacklevel=2)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

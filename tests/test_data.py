@@ -169,7 +169,8 @@ def test_max_prompt_length_keeps_the_end_and_warns(tmp_path, char_tok):
 
 
 def test_chat_messages_go_through_the_chat_template(tmp_path, char_tok):
-    rows = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "7+5="}], "answer": "12"}]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "7+5="}]
+    rows = [{"prompt": messages, "answer": "12"}]
     dm = ready(char_tok, path=str(write(tmp_path / "chat.jsonl", rows)), batch_size=1)
     batch = first_batch(dm)
     text = "system: be brief\nuser: 7+5=\nassistant: "

@@ -50,7 +50,8 @@ def padded_ctx(tok, prompts: list[str], completions: list[list[int]]) -> dict[st
     p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     P, T = max(map(len, p_ids)), max(map(len, completions))
     ctx = {"prompt_ids": torch.full((len(p_ids), P), tok.pad_token_id), "prompt_mask": torch.zeros(len(p_ids), P),
-           "completion_ids": torch.full((len(p_ids), T), tok.pad_token_id), "completion_mask": torch.zeros(len(p_ids), T)}
+           "completion_ids": torch.full((len(p_ids), T), tok.pad_token_id),
+           "completion_mask": torch.zeros(len(p_ids), T)}
     for i, (p, c) in enumerate(zip(p_ids, completions)):
         ctx["prompt_ids"][i, P - len(p):] = torch.tensor(p)
         ctx["prompt_mask"][i, P - len(p):] = 1
@@ -247,7 +248,8 @@ class SnapshotAtStart(L.Callback):
 
 
 def snapshot(m: PPOModule) -> dict:
-    clone = lambda x: x.clone() if torch.is_tensor(x) else x
+    def clone(x):
+        return x.clone() if torch.is_tensor(x) else x
     return {
         "optimizers": [torch.utils._pytree.tree_map(clone, o.optimizer.state_dict()) for o in m.optimizers()],
         "schedulers": [s.state_dict() for s in m.lr_schedulers()],

@@ -9,8 +9,9 @@ Subclasses (SFT, GRPO, PPO) add their own `training_step`. Counters:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
