@@ -1,0 +1,97 @@
+"""The seed paper's claim, measured: GRPO (no critic) vs PPO (actor + critic) at equal policy size and equal
+completions per step. Prints peak memory (max RSS of a fresh process per run) and steady-state seconds per rollout.
+
+    .venv/bin/python benchmarks/ppo_vs_grpo.py --preset small --completions 64 --tokens 64 --steps 6
+
+Fairness: same preset, same prompts (built-in addition), the same number of completions per rollout
+(GRPO: completions / group_size prompts x group_size; PPO: `completions` prompts x 1), the same forced completion
+length (min_new_tokens = max_new_tokens), one optimizer pass per rollout (num_iterations / ppo_epochs = 1,
+minibatches = 1), fp32, beta > 0 for both (so both run a reference model). PPO's critic is `separate` (its own
+backbone, the InstructGPT set-up the seed paper compares against). The first `--warmup` rollouts are excluded.
+Each run is its own process, so the peak RSS is that run's alone. Timings on a shared machine are noisy: quote ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_one(algo: str, args: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+
+    from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
+
+    torch.set_num_threads(args.threads)
+    L.seed_everything(0)
+    common = dict(model_name_or_path=args.preset, reward_fns=["rlhf_lightning.rewards.exact_match"],
+                  max_new_tokens=args.tokens, min_new_tokens=args.tokens, lr=1e-5)
+    if algo == "grpo":
+        module = GRPOModule(group_size=args.group_size, beta=0.04, num_iterations=1, minibatches=1,
+                            log_samples_every_n_steps=0, **common)
+        prompts = args.completions // args.group_size
+        steps_per_rollout = 1
+    else:
+        module = PPOModule(critic="separate", kl_coef=0.05, ppo_epochs=1, minibatches=1, **common)
+        prompts = args.completions
+        steps_per_rollout = 2  # both optimizers count in trainer.global_step
+    data = PromptDataModule(task="addition", num_train=max(1000, prompts * (args.steps + 1)), num_val=0,
+                            batch_size=prompts)
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *a):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *a):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = L.Trainer(max_steps=args.steps * steps_per_rollout, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Timer()], default_root_dir="/tmp/ppo_vs_grpo")
+    trainer.fit(module, data)
+    steady = times[args.warmup:]
+    params = sum(p.numel() for p in module.parameters())
+    return {"algo": algo, "s_per_rollout": sum(steady) / len(steady), "rollouts_timed": len(steady),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "parameters": params}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--completions", type=int, default=64, help="completions per rollout for both")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64, help="forced completion length")
+    parser.add_argument("--steps", type=int, default=6, help="rollouts per run")
+    parser.add_argument("--warmup", type=int, default=2, help="rollouts excluded from the timing")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", choices=["grpo", "ppo"], help=argparse.SUPPRESS)  # internal: child process
+    args = parser.parse_args()
+    if args.warmup >= args.steps:
+        parser.error("--warmup must be smaller than --steps")
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
+    rows = []
+    for algo in ("grpo", "ppo"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", algo], capture_output=True,
+                             text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    grpo, ppo = rows
+    print(f"preset {args.preset}, {args.completions} completions x {args.tokens} tokens per rollout, fp32, "
+          f"{args.threads} threads\n")
+    print("| algorithm | parameters held | s / rollout | peak RSS (MiB) |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['algo']} | {r['parameters'] / 1e6:.2f} M | {r['s_per_rollout']:.2f} | {r['peak_rss_mib']:.0f} |")
+    print(f"\nPPO / GRPO: time {ppo['s_per_rollout'] / grpo['s_per_rollout']:.2f}x, "
+          f"peak memory {ppo['peak_rss_mib'] / grpo['peak_rss_mib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
