@@ -8,6 +8,7 @@ Subclasses (SFT, GRPO, PPO) add their own `training_step`. Counters:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,6 +85,8 @@ class PolicyModuleBase(L.LightningModule):
         self.val_max_new_tokens = val_max_new_tokens
         self.optimizer_steps = 0
         self.rollouts = 0
+        self.sample_generator: torch.Generator | None = None  # RL modules' sampling RNG, see _generator
+        self._sample_generator_state: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
@@ -165,6 +168,37 @@ class PolicyModuleBase(L.LightningModule):
                 ok = ~torch.isnan(row)
                 out[f"reward/{reward_fn_name(f)}"] = row[ok].mean() if ok.any() else torch.zeros(())
         return out
+
+    # ------------------------------------------------------------------------------------ RL machinery
+    def _make_reference(self) -> torch.nn.Module:
+        """A frozen copy of the initial policy: π_ref of the KL penalty (run in eval mode by the no-grad passes)."""
+        ref = copy.deepcopy(self.policy)
+        ref.requires_grad_(False)
+        return ref
+
+    def _generator(self) -> torch.Generator:
+        """The sampling RNG stream: its own generator, seeded per rank (`sample_seed`), saved in checkpoints."""
+        if self.sample_generator is None or self.sample_generator.device != self.device:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank)
+            if self._sample_generator_state is not None:
+                gen.set_state(self._sample_generator_state)
+                self._sample_generator_state = None
+            self.sample_generator = gen
+        return self.sample_generator
+
+    def _micro_batches(self, n: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Row indices split into chunks of `micro_batch_size` (None = one chunk)."""
+        rows = torch.arange(n, device=self.device) if rows is None else rows
+        size = self.hparams.micro_batch_size or len(rows)
+        return list(rows.split(size))
+
+    def _global_count(self, value: torch.Tensor) -> float:
+        """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
+        value = value.detach().float().clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            torch.distributed.all_reduce(value)
+        return float(value)
 
     # --------------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -252,11 +286,15 @@ class PolicyModuleBase(L.LightningModule):
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts}
+        if self.sample_generator is not None:
+            checkpoint["sample_generator_state"] = self.sample_generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("rlhf_counters", {})
         self.optimizer_steps = counters.get("optimizer_steps", 0)
         self.rollouts = counters.get("rollouts", 0)
+        self._sample_generator_state = checkpoint.get("sample_generator_state")
+        self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
 
 
 def _import_path(fn: Callable) -> str:

@@ -28,7 +28,6 @@ Overriding `compute_rewards` alone is enough for a new task.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Sequence
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .. import losses
@@ -148,16 +146,8 @@ class GRPOModule(PolicyModuleBase):
                 self.reward_weights = list(reward_weights)
         self.ref_policy = self._make_reference() if beta > 0 else None
         self.step_separator = step_separator
-        self.sample_generator: torch.Generator | None = None
-        self._sample_generator_state: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _make_reference(self) -> torch.nn.Module:
-        """A frozen copy of the initial policy: π_ref of the KL penalty."""
-        ref = copy.deepcopy(self.policy)
-        ref.requires_grad_(False)  # always run in eval mode by _logprobs_no_grad
-        return ref
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.step_separator is None:
@@ -172,17 +162,6 @@ class GRPOModule(PolicyModuleBase):
 
     def default_reward_fns(self, task):
         return task.process_reward_fns if self.hparams.supervision == "process" else task.reward_fns
-
-    def _generator(self) -> torch.Generator:
-        """The sampling RNG stream: its own generator, seeded per rank, saved in checkpoints."""
-        if self.sample_generator is None or self.sample_generator.device != self.device:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank)
-            if self._sample_generator_state is not None:
-                gen.set_state(self._sample_generator_state)
-                self._sample_generator_state = None
-            self.sample_generator = gen
-        return self.sample_generator
 
     def configure_optimizers(self):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
@@ -334,18 +313,6 @@ class GRPOModule(PolicyModuleBase):
         model.train(was_training)
         return torch.cat(out)
 
-    def _micro_batches(self, n: int, rows: Tensor | None = None) -> list[Tensor]:
-        rows = torch.arange(n, device=self.device) if rows is None else rows
-        size = self.hparams.micro_batch_size or len(rows)
-        return list(rows.split(size))
-
-    def _global_count(self, value: Tensor) -> float:
-        """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
-        value = value.detach().float().clone()
-        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
-            dist.all_reduce(value)
-        return float(value)
-
     def _normalizer(self, mask: Tensor) -> Tensor:
         if self.hparams.loss_agg == "token-mean":
             return mask.sum()
@@ -444,17 +411,6 @@ class GRPOModule(PolicyModuleBase):
         self.log("reward", logged["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         if "policy/kl" in logged:
             self.log("kl", logged["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.sample_generator is not None:
-            checkpoint["sample_generator_state"] = self.sample_generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._sample_generator_state = checkpoint.get("sample_generator_state")
-        self.sample_generator = None
 
 
 def _validate_grpo_args(hp) -> None:

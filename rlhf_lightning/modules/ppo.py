@@ -217,8 +217,6 @@ class PPOModule(PolicyModuleBase):
         self.ref_policy = self._make_reference() if (kl_coef > 0 or adaptive_kl) else None
         self.kl_ctl = (losses.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
                        else losses.FixedKLController(kl_coef))
-        self.sample_generator: torch.Generator | None = None
-        self._sample_generator_state: Tensor | None = None
         self._per_fn_rewards: Tensor | None = None  # [F, N] of the last rollout, for logging
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -273,29 +271,12 @@ class PPOModule(PolicyModuleBase):
             disable_dropout_in_model(critic)
         return critic
 
-    def _make_reference(self) -> nn.Module:
-        """A frozen copy of the initial policy: π_ref of the KL penalty."""
-        ref = copy.deepcopy(self.policy)
-        ref.requires_grad_(False)  # run in eval mode by _no_grad_passes
-        return ref
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if (stage == "fit" and not self.reward_funcs and self.reward_model is None
                 and type(self).compute_rewards is PPOModule.compute_rewards):
             raise ValueError("PPOModule has no reward: set model.reward_model or model.reward_fns, use a built-in "
                              "data.task, or override compute_rewards")
-
-    def _generator(self) -> torch.Generator:
-        """The sampling RNG stream (also shuffles minibatches): its own generator, seeded per rank, checkpointed."""
-        if self.sample_generator is None or self.sample_generator.device != self.device:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank)
-            if self._sample_generator_state is not None:
-                gen.set_state(self._sample_generator_state)
-                self._sample_generator_state = None
-            self.sample_generator = gen
-        return self.sample_generator
 
     # ------------------------------------------------------------------------------------------ optimizers
     def actor_parameters(self) -> list[nn.Parameter]:
@@ -440,11 +421,6 @@ class PPOModule(PolicyModuleBase):
             m.train(mode)
         return torch.cat(old_logp), torch.cat(old_values), (torch.cat(ref_logp) if ref_logp else None)
 
-    def _micro_batches(self, n: int, rows: Tensor | None = None) -> list[Tensor]:
-        rows = torch.arange(n, device=self.device) if rows is None else rows
-        size = self.hparams.micro_batch_size or len(rows)
-        return list(rows.split(size))
-
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
@@ -501,13 +477,6 @@ class PPOModule(PolicyModuleBase):
             dist.all_reduce(stats)
         total, count = float(stats[0]), int(stats[1])
         return total / max(count, 1), count
-
-    def _global_count(self, value: Tensor) -> float:
-        """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
-        value = value.detach().float().clone()
-        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
-            dist.all_reduce(value)
-        return float(value)
 
     def _update(self, ctx: dict[str, Tensor], mask: Tensor, old_logp: Tensor, old_values: Tensor,
                 advantages: Tensor, returns: Tensor) -> dict[str, float]:
@@ -632,15 +601,11 @@ class PPOModule(PolicyModuleBase):
         both schedulers itself."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
-        if self.sample_generator is not None:
-            checkpoint["sample_generator_state"] = self.sample_generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
-        self._sample_generator_state = checkpoint.get("sample_generator_state")
-        self.sample_generator = None
 
 
 def _ctx(samples: RolloutBatch) -> dict[str, Tensor]:
