@@ -297,6 +297,12 @@ class PolicyModuleBase(L.LightningModule):
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
 
 
+def grad_norm(params) -> torch.Tensor:
+    """Global L2 norm of the parameters' gradients (0 when none has a gradient)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
 def _import_path(fn: Callable) -> str:
     """`module.qualname` of a function (or of a callable object's class) for checkpoint hyperparameters."""
     target = fn if hasattr(fn, "__qualname__") else type(fn)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import losses
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, sample
-from .base import PolicyModuleBase
+from .base import PolicyModuleBase, grad_norm
 
 
 @dataclass
@@ -362,7 +362,7 @@ class GRPOModule(PolicyModuleBase):
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
                 # grad norm before clipping: the number that tells whether clipping is active
-                grad_norms.append(float(self._grad_norm()))
+                grad_norms.append(float(grad_norm(self.trainable_parameters())))
                 step_losses.append(step_loss)
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
@@ -373,10 +373,6 @@ class GRPOModule(PolicyModuleBase):
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["loss"] = sum(step_losses) / len(step_losses)
         return out
-
-    def _grad_norm(self) -> Tensor:
-        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        return torch.stack(norms).norm() if norms else torch.zeros(())
 
     # ------------------------------------------------------------------------------------------ logging
     def _log_step(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, group_std_zero: Tensor,

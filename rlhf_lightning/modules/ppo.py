@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, position_ids_from_mask, sample
-from .base import PolicyModuleBase
+from .base import PolicyModuleBase, grad_norm
 from .grpo import Rollout
 
 
@@ -525,7 +525,7 @@ class PPOModule(PolicyModuleBase):
                 step_losses.append(step_loss)
                 for name, opt, sched, params in (("actor", actor_opt, actor_sched, self.actor_parameters()),
                                                  ("critic", critic_opt, critic_sched, self.critic_parameters())):
-                    norms[name].append(float(_grad_norm(params)))  # before clipping: shows whether it bites
+                    norms[name].append(float(grad_norm(params)))  # before clipping: shows whether it bites
                     if hp.max_grad_norm is not None:
                         self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                     opt.step()
@@ -611,11 +611,6 @@ class PPOModule(PolicyModuleBase):
 def _ctx(samples: RolloutBatch) -> dict[str, Tensor]:
     return {"prompt_ids": samples.prompt_ids, "prompt_mask": samples.prompt_mask,
             "completion_ids": samples.completion_ids, "completion_mask": samples.completion_mask}
-
-
-def _grad_norm(params: list[nn.Parameter]) -> Tensor:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
 def _validate_ppo_args(hp) -> None:
