@@ -189,32 +189,6 @@ def test_sampling_generator_state_survives_checkpoint(tmp_path):
     torch.testing.assert_close(torch.rand(4, generator=fresh._generator()), expected)
 
 
-def test_tensorboard_gets_scalars_and_sample_table(tmp_path):
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    L.seed_everything(0)
-    module = GRPOModule(model_name_or_path="tiny", reward_fns=[first_char_is_digit], group_size=4, beta=0.1,
-                        max_new_tokens=4, log_samples_every_n_steps=2)
-    logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer = L.Trainer(max_steps=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, _data())
-    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    for tag in ["reward/mean", "reward/std", "reward/first_char_is_digit", "policy/kl", "policy/entropy",
-                "policy/clip_frac_low", "policy/clip_frac_high", "policy/grad_norm", "train/loss", "train/lr",
-                "rollout/completion_len_mean", "rollout/truncated_frac", "rollout/zero_std_group_frac",
-                "perf/tokens_per_s", "perf/generation_s"]:
-        assert tag in scalars, tag
-        assert [e.step for e in events.Scalars(tag)] == [0, 1, 2]  # one point per rollout, x-axis = rollout
-    texts = events.Tensors("samples/text_summary")
-    assert [t.step for t in texts] == [0, 2]  # rollouts 1 and 3 with every=2
-    table = texts[0].tensor_proto.string_val[0].decode()
-    assert "| prompt | completion | reward | advantage |" in table and "+" in table
-
-
 def test_grpo_trains_from_a_reward_model_export(tmp_path):
     """A RewardModel export is a reward source: GRPO scores completions with it (offline, end to end)."""
     from rlhf_lightning import PreferenceDataModule, RewardModel

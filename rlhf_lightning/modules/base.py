@@ -56,7 +56,11 @@ class PolicyModuleBase(L.LightningModule):
         val_max_new_tokens: int = 32,
         seed: int = 0,
     ):
+        # subclasses call save_hyperparameters() before this (to validate first); LightningModule.__init__ resets
+        # the flag it set, and without it Lightning never writes the hyperparameters to the logger (HParams tab)
+        log_hyperparams = self.__dict__.get("_log_hyperparams", False)
         super().__init__()
+        self._log_hyperparams = log_hyperparams
         if not (isinstance(lr, (int, float)) and 0 < lr < 1):
             raise ValueError(f"lr must be in (0, 1), got {lr!r}")
         if weight_decay < 0:
@@ -159,15 +163,59 @@ class PolicyModuleBase(L.LightningModule):
         experiment.add_text("samples", "\n".join(rows), global_step=step)
 
     def per_function_reward_metrics(self, per_fn: Any) -> dict[str, Any]:
-        """`reward/<function name>`: the mean of each reward function over rows that got a reward."""
+        """`reward/<function name>` and `reward/<function name>_std`: each reward function's mean and std over
+        the rows that got a reward (unweighted, so a hacked component shows even when its weight is small)."""
         from ..rewards import reward_fn_name
 
         out: dict[str, Any] = {}
         if isinstance(per_fn, torch.Tensor):
             for f, row in zip(self.reward_funcs, per_fn):
                 ok = ~torch.isnan(row)
-                out[f"reward/{reward_fn_name(f)}"] = row[ok].mean() if ok.any() else torch.zeros(())
+                name = reward_fn_name(f)
+                out[f"reward/{name}"] = row[ok].mean() if ok.any() else torch.zeros(())
+                out[f"reward/{name}_std"] = row[ok].std() if ok.sum() > 1 else torch.zeros(())
         return out
+
+    def log_histograms(self, values: dict[str, torch.Tensor]) -> None:
+        """Histograms (TensorBoard's Histograms/Distributions tabs) of this rank's values, rank 0 only.
+
+        Not reduced across ranks: gathering whole reward/advantage vectors every N steps would cost a collective
+        of variable size for a picture that one rank's sample already shows. NaN entries are dropped.
+        """
+        experiment = getattr(self.logger, "experiment", None) if self.trainer.global_rank == 0 else None
+        if experiment is None or not hasattr(experiment, "add_histogram"):
+            return
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        for tag, x in values.items():
+            x = x.detach().float().flatten().cpu()
+            x = x[~torch.isnan(x)]
+            if x.numel():
+                experiment.add_histogram(tag, x, global_step=step)
+
+    def should_log_samples(self) -> bool:
+        """True on the rollouts that log the sample table and histograms: the 1st, then every
+        `log_samples_every_n_steps` (0 = never)."""
+        every = self.hparams.get("log_samples_every_n_steps", 0)
+        return bool(every) and (self.rollouts - 1) % every == 0
+
+    def on_train_end(self) -> None:
+        """The run's final metric in TensorBoard's HParams tab: `hp_metric` = the last rollout's `reward/mean`.
+
+        Lightning's TensorBoardLogger writes the hyperparameters with `hp_metric` (-1) when fit starts; the
+        HParams tab shows a metric's last value, so logging the final reward under that key completes the row.
+        With `default_hp_metric=False` nothing was written, so the hyperparameters are written here with it.
+        """
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        final = self.trainer.callback_metrics.get("reward/mean")
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in self.loggers:
+            if not isinstance(logger, TensorBoardLogger) or final is None:
+                continue
+            if logger._default_hp_metric:
+                logger.log_metrics({"hp_metric": float(final)}, step=step)
+            else:
+                logger.log_hyperparams(self.hparams, metrics={"hp_metric": float(final)}, step=step)
 
     # ------------------------------------------------------------------------------------ RL machinery
     def _make_reference(self) -> torch.nn.Module:

@@ -82,7 +82,8 @@ class GRPOModule(PolicyModuleBase):
             loss and its normaliser (DAPO dynamic sampling, without re-sampling).
         max_grad_norm: gradient clipping (None = off).
         sample_seed: seed of the sampling generator (offset by the global rank).
-        log_samples_every_n_steps: text table of sample completions every N rollouts (0 = off).
+        log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
+            N rollouts (0 = off).
     """
 
     def __init__(
@@ -393,17 +394,20 @@ class GRPOModule(PolicyModuleBase):
             "perf/tokens_per_s": torch.tensor(n_tokens / max(t_gen + t_train, 1e-9)),
             "perf/generation_s": torch.tensor(t_gen),
             "perf/training_s": torch.tensor(t_train),
-            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
-            "train/rollouts": torch.tensor(float(self.rollouts)),
+            "policy/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "perf/rollouts": torch.tensor(float(self.rollouts)),
+            "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
         metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
         for k, v in stats.items():
-            key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "train/loss"}.get(k, f"policy/{k}")
+            key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "policy/loss"}.get(k, f"policy/{k}")
             metrics[key] = torch.tensor(v)
         logged = self.log_step_metrics(metrics)
-        every = self.hparams.log_samples_every_n_steps
-        if every and (self.rollouts - 1) % every == 0:
+        if self.should_log_samples():
             self.log_sample_table(rollout.prompts, rollout.completions, rewards, advantages)
+            # process supervision: every real token's advantage, not only the first
+            adv = advantages if advantages.dim() == 1 else advantages[s.completion_mask.bool()]
+            self.log_histograms({"reward/histogram": rewards, "policy/advantage_histogram": adv})
         self.log("reward", logged["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         if "policy/kl" in logged:
             self.log("kl", logged["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))

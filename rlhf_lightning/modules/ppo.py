@@ -158,6 +158,8 @@ class PPOModule(PolicyModuleBase):
         max_grad_norm: gradient clipping of each optimizer's parameters (None = off).
         disable_dropout: set dropout to 0 in policy and critic (see `disable_dropout_in_model`).
         sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints).
+        log_samples_every_n_steps: text table of sample completions and histograms of scores / advantages every
+            N rollouts (0 = off).
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class PPOModule(PolicyModuleBase):
         val_max_new_tokens: int | None = None,
         sample_seed: int = 1234,
         seed: int = 0,
+        log_samples_every_n_steps: int = 50,
     ):
         self.save_hyperparameters()
         _validate_ppo_args(self.hparams)
@@ -552,6 +555,7 @@ class PPOModule(PolicyModuleBase):
             "reward/score": scores[has].mean() if has.any() else zero,
             "reward/score_std": scores[has].std() if has.sum() > 1 else zero,
             "reward/mean": raw_scores[has].mean() if has.any() else zero,  # before the missing-EOS penalty
+            "reward/std": raw_scores[has].std() if has.sum() > 1 else zero,
             "reward/non_score": non_score[has].mean() if has.any() else zero,
             "reward/total": (scores + non_score)[has].mean() if has.any() else zero,
             "reward/missing_frac": (~has).float().mean(),
@@ -569,18 +573,22 @@ class PPOModule(PolicyModuleBase):
             "perf/tokens_per_s": torch.tensor(n_tokens / max(t_gen + t_train, 1e-9)),
             "perf/generation_s": torch.tensor(t_gen),
             "perf/training_s": torch.tensor(t_train),
-            "train/lr": torch.tensor(self.optimizers()[0].param_groups[0]["lr"]),
-            "train/critic_lr": torch.tensor(self.optimizers()[1].param_groups[0]["lr"]),
-            "train/rollouts": torch.tensor(float(self.rollouts)),
-            "train/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
+            "policy/lr": torch.tensor(self.optimizers()[0].param_groups[0]["lr"]),
+            "value/lr": torch.tensor(self.optimizers()[1].param_groups[0]["lr"]),
+            "perf/rollouts": torch.tensor(float(self.rollouts)),
+            "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
         metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
         names = {"pg_loss": "policy/loss", "vf_loss": "value/loss", "value_clip_frac": "value/clip_frac",
-                 "critic_grad_norm": "value/grad_norm", "actor_grad_norm": "policy/grad_norm", "loss": "train/loss"}
+                 "critic_grad_norm": "value/grad_norm", "actor_grad_norm": "policy/grad_norm",
+                 "loss": "policy/total_loss"}
         for k, v in stats.items():
             metrics[names.get(k, f"policy/{k}")] = torch.tensor(v)
         logged = self.log_step_metrics(metrics)
-        self.log("score", logged["reward/score"], prog_bar=True, logger=False, batch_size=N)
+        if self.should_log_samples():
+            self.log_sample_table(rollout.prompts, rollout.completions, scores, advantages)
+            self.log_histograms({"reward/histogram": scores, "policy/advantage_histogram": advantages[mask]})
+        self.log("reward", logged["reward/score"], prog_bar=True, logger=False, batch_size=N)
         self.log("kl", logged["policy/kl_seq"], prog_bar=True, logger=False, batch_size=N)
 
     # ------------------------------------------------------------------------------------------ validation
@@ -648,6 +656,8 @@ def _validate_ppo_args(hp) -> None:
          f"max_grad_norm must be > 0 or null, got {hp.max_grad_norm}"),
         (hp.reward_model is None or (isinstance(hp.reward_model, (str, Path)) and str(hp.reward_model)),
          f"reward_model must be a directory, hub id or preset name, got {hp.reward_model!r}"),
+        (isinstance(hp.log_samples_every_n_steps, int) and hp.log_samples_every_n_steps >= 0,
+         f"log_samples_every_n_steps must be an integer >= 0, got {hp.log_samples_every_n_steps!r}"),
     ]
     for ok, message in checks:
         if not ok:

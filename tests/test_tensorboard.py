@@ -1,0 +1,94 @@
+"""What a user sees in TensorBoard: short GRPO and PPO runs of the README's configs, read back from the event files.
+
+Each run is the README command (`rlhf-lightning fit --config configs/<algo>_arithmetic.yaml`) shortened to three
+rollouts of four prompts, with one validation at the end, so the test covers the shipped configs too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from rlhf_lightning.cli import cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROLLOUTS = 3
+NAMESPACES = ("rollout/", "reward/", "policy/", "value/", "perf/", "val/")
+
+COMMON = ["rollout/completion_len_mean", "rollout/completion_len_max", "rollout/truncated_frac",
+          "reward/mean", "reward/std", "reward/exact_match", "reward/exact_match_std", "reward/missing_frac",
+          "policy/kl", "policy/entropy", "policy/clip_frac_low", "policy/clip_frac_high", "policy/approx_kl",
+          "policy/loss", "policy/grad_norm", "policy/lr", "policy/advantage_abs_mean",
+          "perf/tokens_per_s", "perf/generation_s", "perf/training_s", "perf/rollouts", "perf/optimizer_steps"]
+GRPO_ONLY = ["rollout/zero_std_group_frac"]
+PPO_ONLY = ["value/loss", "value/explained_variance", "value/clip_frac", "value/grad_norm", "value/lr",
+            "policy/kl_coef", "policy/kl_seq", "reward/score", "reward/non_score", "policy/total_loss"]
+
+
+def _run(config: str, tmp_path: Path, monkeypatch, *extra: str) -> tuple[EventAccumulator, object]:
+    """The README command for `config`, three rollouts long, logging under tmp_path; its events, reloaded."""
+    monkeypatch.chdir(tmp_path)  # the configs log to ./runs
+    monkeypatch.setattr("sys.argv", ["rlhf-lightning"])  # only `args` reach the CLI
+    cli = cli_main(["fit", "--config", str(CONFIGS / config), "--data.init_args.batch_size", "4",
+                    "--data.init_args.num_val", "8", "--data.init_args.val_batch_size", "8",
+                    "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", str(ROLLOUTS),
+                    "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
+                    "--trainer.enable_progress_bar", "false", "--model.init_args.log_samples_every_n_steps", "2",
+                    *extra])
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    events.Reload()
+    return events, cli
+
+
+def _check_common(events: EventAccumulator, required: list[str]) -> None:
+    scalars = set(events.Tags()["scalars"])
+    assert len(scalars) >= 10, sorted(scalars)
+    for tag in required:
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+        # once per rollout; the x-axis is the rollout index
+        assert [e.step for e in events.Scalars(tag)] == list(range(ROLLOUTS)), tag
+    # every key sits in one of the documented namespaces (hp_metric / epoch are Lightning's own)
+    stray = [t for t in scalars if not t.startswith(NAMESPACES) and t not in ("hp_metric", "epoch")]
+    assert not stray, stray
+    assert "val/reward" in scalars and "val/accuracy" in scalars
+
+    # the sample table: the 1st and 3rd rollout with log_samples_every_n_steps=2
+    texts = events.Tensors("samples/text_summary")
+    assert [t.step for t in texts] == [0, 2]
+    table = texts[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| prompt | completion | reward | advantage |") and "+" in table  # "a+b=" prompts
+    assert table.count("\n") >= 5  # header, separator and the rows of 4 prompts
+
+    # histograms of rewards (exact_match: 0/1) and advantages on the same rollouts
+    for tag in ("reward/histogram", "policy/advantage_histogram"):
+        hist = events.Histograms(tag)
+        assert [h.step for h in hist] == [0, 2], tag
+        assert hist[0].histogram_value.num > 0
+    rewards = events.Histograms("reward/histogram")[0].histogram_value
+    assert -1.0 <= rewards.min <= rewards.max <= 1.0  # exact_match, minus PPO's missing-EOS penalty of 1
+
+    # HParams tab: the hyperparameters and a final metric = the last rollout's reward/mean
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams  # the module's and the datamodule's, merged
+    assert hparams["lr"].number_value > 0 and hparams["task"].string_value == "addition"
+    final = events.Scalars("hp_metric")[-1]
+    assert final.value == pytest.approx(events.Scalars("reward/mean")[-1].value)
+
+
+def test_grpo_run_writes_scalars_samples_histograms_hparams(tmp_path, monkeypatch):
+    events, cli = _run("grpo_arithmetic.yaml", tmp_path, monkeypatch, "--trainer.max_steps", str(ROLLOUTS))
+    _check_common(events, COMMON + GRPO_ONLY)
+    assert cli.model.rollouts == ROLLOUTS
+    assert "reward" in cli.trainer.progress_bar_metrics and "kl" in cli.trainer.progress_bar_metrics
+
+
+def test_ppo_run_writes_scalars_samples_histograms_hparams(tmp_path, monkeypatch):
+    # max_steps counts actor + critic steps: 2 optimizers x 2 minibatches per rollout in ppo_arithmetic.yaml
+    events, cli = _run("ppo_arithmetic.yaml", tmp_path, monkeypatch, "--trainer.max_steps", str(4 * ROLLOUTS))
+    _check_common(events, COMMON + PPO_ONLY)
+    assert cli.model.rollouts == ROLLOUTS
+    assert "reward" in cli.trainer.progress_bar_metrics and "kl" in cli.trainer.progress_bar_metrics
