@@ -1,0 +1,63 @@
+"""The notebooks execute top to bottom, offline, on the venv's own kernel (slow: about a minute each)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+
+
+def execute(name: str, tmp_path: Path, monkeypatch) -> list[str]:
+    """Run notebooks/<name> in a fresh kernel with its outputs under tmp_path; return each code cell's text output.
+
+    kernel_name "python3" is the venv's ipykernel: jupyter_client swaps the spec's bare `python` for
+    sys.executable, and a last cell added here checks that (and that the repository's package is the one imported).
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys, rlhf_lightning; print(sys.executable); "
+                                              "print(rlhf_lightning.__file__)"))
+    monkeypatch.setenv("RLHF_NOTEBOOK_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        text += "".join(o.get("data", {}).get("text/markdown", "") for o in cell.outputs if "data" in o)
+        text += "<image>" * sum("image/png" in o.get("data", {}) for o in cell.outputs)
+        outputs.append(text)
+    executable, package = outputs[-1].split()
+    assert Path(executable).resolve() == Path(sys.executable).resolve()
+    assert Path(package).resolve().is_relative_to(REPO.resolve())
+    assert list((tmp_path / "out").rglob("events.out.tfevents.*")), "the notebook wrote no TensorBoard run"
+    return outputs
+
+
+@pytest.mark.slow
+def test_quickstart_notebook(tmp_path, monkeypatch):
+    text = "\n".join(execute("quickstart.ipynb", tmp_path, monkeypatch))
+    before, after = map(float, re.search(r"before GRPO ([\d.]+) -> after GRPO ([\d.]+)", text).groups())
+    assert after > before  # measured: 0.16 -> 0.50 on 300 held-out prompts
+    assert "<image>" in text  # the reward curve
+    assert "| prompt | completion | reward | advantage |" in text  # the sample table
+
+
+@pytest.mark.slow
+def test_custom_task_notebook(tmp_path, monkeypatch):
+    text = "\n".join(execute("custom_task.ipynb", tmp_path, monkeypatch))
+    assert "<image>" in text
+    first, last = map(float, re.search(r"reward function: reward ([\d.]+) -> ([\d.]+)", text).groups())
+    assert last > first
+    first, last = map(float, re.search(r"subclass: reward ([\d.]+) -> ([\d.]+)", text).groups())
+    assert last > first
