@@ -15,6 +15,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from rlhf_lightning.cli import cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+METRICS_DOC = CONFIGS.parent / "docs" / "metrics.md"
 ROLLOUTS = 3
 NAMESPACES = ("rollout/", "reward/", "policy/", "value/", "perf/", "val/")
 
@@ -54,6 +55,11 @@ def _check_common(events: EventAccumulator, required: list[str]) -> None:
     stray = [t for t in scalars if not t.startswith(NAMESPACES) and t not in ("hp_metric", "epoch")]
     assert not stray, stray
     assert "val/reward" in scalars and "val/accuracy" in scalars
+    # ... and docs/metrics.md explains every one (per-function keys as `reward/<function>`)
+    metrics_doc = METRICS_DOC.read_text()
+    generic = {t.replace("exact_match", "<function>") for t in scalars}
+    undocumented = sorted(t for t in generic if f"`{t}`" not in metrics_doc and t != "epoch")
+    assert not undocumented, f"docs/metrics.md does not explain {undocumented}"
 
     # the sample table: the 1st and 3rd rollout with log_samples_every_n_steps=2
     texts = events.Tensors("samples/text_summary")
