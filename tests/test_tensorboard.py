@@ -98,3 +98,45 @@ def test_ppo_run_writes_scalars_samples_histograms_hparams(tmp_path, monkeypatch
     _check_common(events, COMMON + PPO_ONLY)
     assert cli.model.rollouts == ROLLOUTS
     assert "reward" in cli.trainer.progress_bar_metrics and "kl" in cli.trainer.progress_bar_metrics
+
+
+
+SAME_KEYS = [["reward/mean", "rollout/completion_len_max"]] * 2
+OTHER_KEYS = [["reward/mean", "reward/a"], ["reward/mean", "reward/b"]]
+
+
+def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: reduce values rank+1 for SAME_KEYS, then for OTHER_KEYS; results (or errors) to <rank>.json."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from rlhf_lightning.modules.base import reduce_step_metrics
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results: list[object] = []
+    try:
+        for keys_by_rank in (SAME_KEYS, OTHER_KEYS):
+            keys = keys_by_rank[rank]
+            try:
+                results.append(reduce_step_metrics(keys, torch.full((len(keys),), float(rank + 1))).tolist())
+            except ValueError as error:
+                results.append(str(error))
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two fresh interpreters import torch + lightning: ~15 s idle, ~40 s on a busy 2-core machine
+def test_step_metrics_reduce_over_two_processes(tmp_path):
+    """Two gloo processes: means, `_max` keys max-reduced, and a one-line error when ranks log different keys."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):  # every rank gets the same answer, and the same error
+        same, other = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert same == pytest.approx([1.5, 2.0])
+        assert "ranks logged different metric keys" in other and "reward/" in other

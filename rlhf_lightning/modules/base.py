@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ class PolicyModuleBase(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ logging
     def log_step_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
-        """Log a dict of scalars once per rollout, reduced across ranks in ONE collective.
+        """Log a dict of scalars once per rollout, reduced across ranks in ONE collective (`reduce_step_metrics`).
 
         `self.log_dict` costs a few ms per key (result collections, per-key syncs); an RL step logs ~30 keys.
         Keys ending in `_max` are max-reduced, the rest averaged. The step is Lightning's batch counter, the
@@ -130,11 +131,7 @@ class PolicyModuleBase(L.LightningModule):
         values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).detach().reshape(()).cpu()
                               for k in keys]).to(self.device)  # [K]
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            is_max = torch.tensor([k.endswith("_max") for k in keys], device=self.device)
-            summed, maxed = values.clone(), values.clone()
-            torch.distributed.all_reduce(summed)
-            torch.distributed.all_reduce(maxed, op=torch.distributed.ReduceOp.MAX)
-            values = torch.where(is_max, maxed, summed / self.trainer.world_size)
+            values = reduce_step_metrics(keys, values)
         out = dict(zip(keys, values.tolist()))
         # visible to callbacks (ModelCheckpoint(monitor="reward/mean"), EarlyStopping) like self.log'd values
         as_tensors = {k: v.detach().clone() for k, v in zip(keys, values.cpu())}
@@ -343,6 +340,22 @@ class PolicyModuleBase(L.LightningModule):
         self.rollouts = counters.get("rollouts", 0)
         self._sample_generator_state = checkpoint.get("sample_generator_state")
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
+
+
+def reduce_step_metrics(keys: list[str], values: torch.Tensor) -> torch.Tensor:
+    """Values [K] of `keys` reduced over all ranks in one all_gather: keys ending in `_max` max-reduced, the rest
+    averaged. Every rank must log the same keys in the same order; a checksum of the key names travels with the
+    values, so a rank that logs other keys stops the run with an error instead of averaging unrelated numbers."""
+    checksum = float(zlib.crc32("\x1f".join(keys).encode()) & 0xFFFFFF)  # < 2**24: exact in float32
+    local = torch.cat([values.float(), values.new_tensor([checksum], dtype=torch.float32)])  # [K + 1]
+    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    table = torch.stack(gathered)  # [W, K + 1]
+    if not bool((table[:, -1] == checksum).all()):
+        raise ValueError(f"ranks logged different metric keys in log_step_metrics (rank "
+                         f"{torch.distributed.get_rank()}: {keys}); log the same keys on every rank")
+    is_max = torch.tensor([k.endswith("_max") for k in keys], device=values.device)
+    return torch.where(is_max, table[:, :-1].max(0).values, table[:, :-1].mean(0))
 
 
 def grad_norm(params) -> torch.Tensor:
