@@ -381,6 +381,7 @@ def test_ddp_two_cpu_processes_train_in_lockstep(tmp_path):
     ({"critic_lr": 2.0}, "critic_lr must be in"),
     ({"reward_model": "run/rm/epoch=0.ckpt"}, "is a Lightning checkpoint"),
     ({"reward_model": "./no/such/dir"}, "does not exist"),
+    ({"log_samples_every_n_steps": -1}, "log_samples_every_n_steps must be an integer >= 0"),
 ])
 def test_invalid_arguments_raise_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match):
