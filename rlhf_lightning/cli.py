@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 # Some libraries print a warning per import when the tokenizers fork pool is touched; we tokenize once in setup.
@@ -15,6 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from .reliability import (  # noqa: E402
+    CheckpointOnError,
+    ConfigError,
+    GracefulShutdown,
+    RewardFunctionError,
+    use_atomic_checkpoints,
+)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # TensorBoard is the default logger; runs land in runs/<name>/version_<n>/ with hf_model/ beside the events
@@ -25,13 +34,65 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 class RLHFLightningCLI(LightningCLI):
-    """LightningCLI with any LightningModule / LightningDataModule selectable by class path."""
+    """LightningCLI with any LightningModule / LightningDataModule selectable by class path.
+
+    Reliability defaults: checkpoints are written atomically (`AtomicCheckpointIO`, unless a checkpoint plugin
+    is configured), SIGTERM/SIGINT save `last.ckpt` at the next step boundary (`GracefulShutdown`), and a failing
+    reward function leaves `error.ckpt` (`CheckpointOnError`). A ValueError raised while the model, data and
+    trainer are built or set up (before the first step) is a configuration error and becomes a `ConfigError`.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
-        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        # fresh callback instances per CLI: they hold per-run state (the signal received, the saved path)
+        kwargs.setdefault("trainer_defaults", {**TRAINER_DEFAULTS,
+                                               "callbacks": [GracefulShutdown(), CheckpointOnError(), _RunStarted()]})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                          subclass_mode_data=True, args=args, run=run, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise _as_config_error(err) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, FileNotFoundError) as err:
+            started = any(isinstance(cb, _RunStarted) and cb.started for cb in self.trainer.callbacks)
+            if isinstance(err, ConfigError) or not started:
+                raise _as_config_error(err) from err
+            raise  # a ValueError in the middle of training is a bug: keep its traceback
+
+
+class _RunStarted(L.Callback):
+    """Marks the moment setup and checkpoint restoring are over: errors after it are not configuration errors."""
+
+    started = False
+
+    def _mark(self, *args: Any) -> None:
+        self.started = True
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _mark
+
+
+def _as_config_error(err: Exception) -> ConfigError:
+    """The innermost ValueError of the chain: jsonargparse wraps a class's own message ("group_size must be
+    ...") in a long "Does not validate against any of the Union subtypes ..." error that names the culprit less
+    clearly."""
+    root, seen = err, 0
+    cause = err.__cause__ or err.__context__
+    while cause is not None and seen < 20:
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            root = cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return root if isinstance(root, ConfigError) else ConfigError(str(root) or type(root).__name__)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCLI:
@@ -39,5 +100,19 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCL
 
     `args=None` lets LightningCLI read sys.argv itself (passing sys.argv[1:] explicitly makes it warn about
     "both args and command line arguments" on every command-line run).
+    User errors end the process with one line on stderr instead of a traceback: a `ConfigError` (exit status 2,
+    like argparse's own errors) or a failing reward function (status 1, naming the function and the checkpoint
+    written before stopping). SIGTERM/SIGINT exit with 128 + the signal after saving `last.ckpt`.
     """
-    return RLHFLightningCLI(args=args, run=run)
+    try:
+        return RLHFLightningCLI(args=args, run=run)
+    except ConfigError as err:
+        _fail(f"error: {err}", 2)
+    except RewardFunctionError as err:
+        saved = getattr(err, "checkpoint_path", None)
+        _fail(f"error: {err}" + (f" (checkpoint saved to {saved})" if saved else ""), 1)
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"rlhf-lightning: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(status)
