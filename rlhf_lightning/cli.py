@@ -83,16 +83,21 @@ class _RunStarted(L.Callback):
 
 
 def _as_config_error(err: Exception) -> ConfigError:
-    """The innermost ValueError of the chain: jsonargparse wraps a class's own message ("group_size must be
-    ...") in a long "Does not validate against any of the Union subtypes ..." error that names the culprit less
-    clearly."""
-    root, seen = err, 0
-    cause = err.__cause__ or err.__context__
-    while cause is not None and seen < 20:
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            root = cause
-        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    """The class's own message: jsonargparse wraps an error raised in `__init__` ("group_size must be ...") in
+    "Does not validate against any of the Union subtypes ..." errors, so the chain is followed down past every
+    exception raised inside jsonargparse (but not further: our errors chain their own causes, e.g. a JSON
+    decoding error, whose text is less clear than ours)."""
+    root, depth = err, 0
+    while _raised_in_jsonargparse(root) and (root.__cause__ or root.__context__) is not None and depth < 20:
+        root, depth = root.__cause__ or root.__context__, depth + 1
     return root if isinstance(root, ConfigError) else ConfigError(str(root) or type(root).__name__)
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCLI:
@@ -105,12 +110,33 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCL
     written before stopping). SIGTERM/SIGINT exit with 128 + the signal after saving `last.ckpt`.
     """
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         return RLHFLightningCLI(args=args, run=run)
     except ConfigError as err:
         _fail(f"error: {err}", 2)
     except RewardFunctionError as err:
         saved = getattr(err, "checkpoint_path", None)
         _fail(f"error: {err}" + (f" (checkpoint saved to {saved})" if saved else ""), 1)
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every `--config`/`-c` file exists and is valid YAML, else a ConfigError naming the file, line and column
+    (jsonargparse's own message names neither the file nor the line of the file, after a screen of usage)."""
+    import yaml
+
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    paths += [nxt for flag, nxt in zip(args, args[1:]) if flag in ("--config", "-c")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from err
 
 
 def _fail(message: str, status: int) -> None:

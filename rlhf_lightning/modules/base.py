@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..models import load_causal_lm
+from ..models import load_causal_lm, model_source
 from ..reliability import collect_rng_states, restore_rng_states
 from ..tokenizer import load_tokenizer
 
@@ -78,6 +78,7 @@ class PolicyModuleBase(L.LightningModule):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries but there are "
                              f"{len(self.reward_funcs)} reward_fns")
         self.reward_weights = list(reward_weights) if reward_weights is not None else None
+        model_source(model_name_or_path)  # a missing model path is named as such, not as the tokenizer's
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                         trust_remote_code=trust_remote_code)
         self.policy = load_causal_lm(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
