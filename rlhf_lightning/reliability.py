@@ -6,7 +6,8 @@ and the global RNG streams in checkpoints (exact resume).
 - `RewardFunctionError`: a reward function raised or returned the wrong number of values during training.
   `CheckpointOnError` saves `error.ckpt` first; `cli_main` prints one line naming the function (status 1).
 - `AtomicCheckpointIO`: writes a checkpoint to a temp file in the same folder, fsyncs it and renames it over the
-  target, so a crash during a save never leaves a truncated `last.ckpt`.
+  target, so a crash during a save never leaves a truncated `last.ckpt` (a killed save leaves a hidden
+  `.last.ckpt.*.tmp`, removed by the next save of that file).
 - `GracefulShutdown`: SIGTERM/SIGINT set a flag; at the next step boundary the callback writes `last.ckpt` and
   stops with exit status 128 + signal (a second SIGINT stops at once, as usual).
 - `collect_rng_states` / `restore_rng_states`: torch, CUDA, python and numpy generators as weights_only-safe
@@ -98,6 +99,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        # temp files of saves that a killed process never finished (SIGKILL runs no cleanup)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
