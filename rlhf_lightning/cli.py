@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from typing import Any
 
@@ -61,14 +62,32 @@ class RLHFLightningCLI(LightningCLI):
         use_atomic_checkpoints(trainer)
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters before building anything
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as err:
+            subcommand = self.config.get("subcommand")
+            raise _unsafe_checkpoint(err, self.config.get(subcommand, {}).get("ckpt_path")) from err
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except pickle.UnpicklingError as err:
+            raise _unsafe_checkpoint(err, self.config[subcommand].get("ckpt_path")) from err
         except (ValueError, FileNotFoundError) as err:
             started = any(isinstance(cb, _RunStarted) and cb.started for cb in self.trainer.callbacks)
             if isinstance(err, ConfigError) or not started:
                 raise _as_config_error(err) from err
             raise  # a ValueError in the middle of training is a bug: keep its traceback
+
+
+def _unsafe_checkpoint(err: Exception, path: str | None) -> ConfigError:
+    """torch.load(weights_only=True) refused a checkpoint holding pickled objects (possibly code): one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
+    return ConfigError(f"checkpoint {path!r} was not loaded: it holds pickled objects that weights_only loading "
+                       f"refuses ({detail}); pass --weights_only false only for a checkpoint you trust")
 
 
 class _RunStarted(L.Callback):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf_lightning.cli import cli_main
 
@@ -23,6 +24,16 @@ GRPO = ["--model", "rlhf_lightning.GRPOModule", "--data", "rlhf_lightning.Prompt
 TASK = ["--data.task", "addition", "--data.num_train", "16", "--data.num_val", "0"]
 
 
+class RunsCodeWhenUnpickled:
+    """A checkpoint entry that would create a folder if unpickled with weights_only=False."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
 def write_files(root: Path) -> None:
     """Data files with one defect each (named after it) and one good file."""
     (root / "good.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
@@ -31,6 +42,7 @@ def write_files(root: Path) -> None:
     (root / "bad_line.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+2="}\n{"prompt": "3+3=",}\n')
     (root / "no_prompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
     (root / "prompts.txt").write_text("1+1=\n")
+    torch.save({"state_dict": {}, "payload": RunsCodeWhenUnpickled(str(root / "code_ran"))}, root / "unsafe.ckpt")
     (root / "broken.yaml").write_text("model:\n  class_path: rlhf_lightning.GRPOModule\n  init_args: {beta: 0.1\n")
 
 
@@ -65,6 +77,8 @@ CASES = [
      "has no attribute 'no_such_fn'"),
     ("no_reward_source", ["--data.path", "good.jsonl"], "GRPOModule has no reward"),
     ("missing_checkpoint", [*TASK, "--ckpt_path", "missing.ckpt"], "missing.ckpt"),
+    ("unsafe_checkpoint", [*TASK, "--ckpt_path", "unsafe.ckpt"], "checkpoint 'unsafe.ckpt' was not loaded: it "
+     "holds pickled objects that weights_only loading refuses (Trying to load unsupported GLOBAL os.makedirs"),
     ("ppo_gamma", ["--model", "rlhf_lightning.PPOModule", *TASK, "--model.gamma", "1.5"],
      "gamma must be in [0, 1], got 1.5"),
 ]
@@ -98,6 +112,7 @@ def test_bad_input_gives_one_line_and_status_2(in_tmp, capsys, args, expected):
     lines = error_lines(err)
     assert len(lines) == 1 and lines[0].startswith("rlhf-lightning: error: "), err
     assert expected in lines[0], lines[0]
+    assert not (in_tmp / "code_ran").exists()
 
 
 def test_malformed_yaml_names_the_file_and_line(in_tmp, capsys):
