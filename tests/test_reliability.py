@@ -23,8 +23,9 @@ from rlhf_lightning.reliability import AtomicCheckpointIO, GracefulShutdown
 
 def _trainer(tmp_path, steps, **kw):
     kw.setdefault("callbacks", [])
-    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, **kw)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, default_root_dir=tmp_path, **kw)
 
 
 def _data(batch_size=4):
@@ -202,3 +203,26 @@ def test_remote_code_in_a_model_directory_is_not_run_by_default(tmp_path):
     model = load_causal_lm(str(tmp_path / "m"))
     assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
     assert not any(Path(tmp_path / "m").glob("*.bin"))  # the weights went through safetensors
+
+
+# ---------------------------------------------------------------------------------------- in-process resume
+@pytest.mark.parametrize("resume_step", [2, 4], ids=["mid_epoch", "epoch_end"])
+def test_grpo_resume_is_exact_mid_epoch_and_at_an_epoch_end(tmp_path, resume_step, recwarn):
+    """4 batches per epoch: a checkpoint after batch 2 resumes mid-epoch, one after batch 4 at the boundary."""
+    def run(root, ckpt_path=None, callbacks=()):
+        module = GRPOModule("tiny", reward_fns=[nan_or_one], group_size=2, beta=0.04, max_new_tokens=4, lr=3e-3)
+        data = PromptDataModule(task="addition", num_train=16, num_val=0, batch_size=4)
+        _trainer(root, 7, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)).fit(
+            module, data, ckpt_path=ckpt_path)
+        return module
+
+    L.seed_everything(0)
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step,
+                                                save_top_k=-1)
+    straight = run(tmp_path / "a", callbacks=[every])
+    L.seed_everything(1)  # another global seed: only the checkpointed RNG states can make the runs agree
+    resumed = run(tmp_path / "b", ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={resume_step}.ckpt")
+    assert resumed.rollouts == 7
+    for p, q in zip(straight.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
