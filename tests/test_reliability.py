@@ -206,11 +206,17 @@ def test_remote_code_in_a_model_directory_is_not_run_by_default(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- in-process resume
+def noisy_reward(prompts, completions, **kwargs):
+    """Draws from the torch, python and numpy global RNGs (like a sampled judge or a dropout layer would)."""
+    return [float(c[:1].isdigit()) + 0.1 * float(torch.rand(())) + 0.1 * random.random() + 0.1 * np.random.rand()
+            for c in completions]
+
+
 @pytest.mark.parametrize("resume_step", [2, 4], ids=["mid_epoch", "epoch_end"])
 def test_grpo_resume_is_exact_mid_epoch_and_at_an_epoch_end(tmp_path, resume_step, recwarn):
     """4 batches per epoch: a checkpoint after batch 2 resumes mid-epoch, one after batch 4 at the boundary."""
     def run(root, ckpt_path=None, callbacks=()):
-        module = GRPOModule("tiny", reward_fns=[nan_or_one], group_size=2, beta=0.04, max_new_tokens=4, lr=3e-3)
+        module = GRPOModule("tiny", reward_fns=[noisy_reward], group_size=2, beta=0.04, max_new_tokens=4, lr=3e-3)
         data = PromptDataModule(task="addition", num_train=16, num_val=0, batch_size=4)
         _trainer(root, 7, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)).fit(
             module, data, ckpt_path=ckpt_path)

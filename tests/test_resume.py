@@ -9,12 +9,14 @@ restored RNG states can make the runs agree.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,9 +64,11 @@ trainer:
 
 
 def slow_first_digit(prompts, completions, **kwargs):
-    """1.0 when the completion starts with a digit (a random tiny policy: ~10%), after a short sleep."""
+    """1.0 when the completion starts with a digit (a random tiny policy: ~10%), after a short sleep, plus noise
+    from the global torch / python / numpy RNGs (so their states must be resumed too)."""
     time.sleep(0.1)
-    return [float(c[:1].isdigit()) for c in completions]
+    return [float(c[:1].isdigit()) + 0.1 * (float(torch.rand(())) + random.random() + float(np.random.rand()))
+            for c in completions]
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
