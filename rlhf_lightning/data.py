@@ -144,13 +144,16 @@ class ResumableSampler(Sampler[int]):
 
 class _ResumableDataLoader(DataLoader):
     """A DataLoader whose position is its sampler's: Lightning sees `state_dict`/`load_state_dict`, stores the
-    position in the loop state and knows a mid-epoch resume continues exactly (no "not resumable" warning)."""
+    position in the loop state and knows a mid-epoch resume continues exactly (no "not resumable" warning).
+    Used on one process only: under DDP Lightning wraps the sampler in a DistributedSampler (see
+    `train_dataloader`)."""
 
     def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
+        return self.sampler.state_dict() if isinstance(self.sampler, ResumableSampler) else {}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
+        if state and isinstance(self.sampler, ResumableSampler):
+            self.sampler.load_state_dict(state)
 
 
 class _ListDataset(Dataset):
@@ -379,10 +382,13 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # its own generator: creating the iterator (every epoch, and again on resume) draws the workers' base
         # seed from it instead of the global torch RNG, so a resumed run's global RNG matches the straight one
-        return _ResumableDataLoader(_ListDataset(self.train_rows), batch_size=self.hparams.batch_size,
-                                    sampler=self.sampler, collate_fn=self.collate,
-                                    num_workers=self.hparams.num_workers, drop_last=True,
-                                    generator=torch.Generator().manual_seed(self.hparams.seed))
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        # under DDP Lightning replaces the sampler by a distributed one whose position is not saved: a plain
+        # DataLoader keeps Lightning's warning that a mid-epoch resume is then not exact
+        loader_class = DataLoader if distributed else _ResumableDataLoader
+        return loader_class(_ListDataset(self.train_rows), batch_size=self.hparams.batch_size, sampler=self.sampler,
+                            collate_fn=self.collate, num_workers=self.hparams.num_workers, drop_last=True,
+                            generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:
