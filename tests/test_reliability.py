@@ -232,3 +232,27 @@ def test_grpo_resume_is_exact_mid_epoch_and_at_an_epoch_end(tmp_path, resume_ste
     for p, q in zip(straight.policy.parameters(), resumed.policy.parameters()):
         assert torch.equal(p, q)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_ppo_resume_is_exact_with_another_global_seed(tmp_path):
+    """Two optimizers, two schedulers, the adaptive KL controller, and a reward that draws from the global RNGs."""
+    from rlhf_lightning import PPOModule
+
+    def run(root, ckpt_path=None, callbacks=()):
+        module = PPOModule("tiny", reward_fns=[noisy_reward], adaptive_kl=True, kl_coef=0.2, kl_target=0.05,
+                           ppo_epochs=1, minibatches=2, lr=1e-3, critic_lr=2e-3, warmup_steps=4, lr_schedule="cosine",
+                           max_new_tokens=4)
+        data = PromptDataModule(task="addition", num_train=16, num_val=0, batch_size=4)
+        _trainer(root, 5 * 4, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)).fit(
+            module, data, ckpt_path=ckpt_path)
+        return module
+
+    L.seed_everything(0)
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2 * 4, save_top_k=-1)
+    straight = run(tmp_path / "a", callbacks=[every])
+    L.seed_everything(1)
+    resumed = run(tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
+    assert (resumed.rollouts, resumed.optimizer_steps) == (5, 10)
+    assert resumed.kl_ctl.value == straight.kl_ctl.value
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
