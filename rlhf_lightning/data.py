@@ -142,6 +142,20 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self._skip = state["epoch"], state["consumed"]
 
 
+class _ResumableDataLoader(DataLoader):
+    """A DataLoader whose position is its sampler's: Lightning sees `state_dict`/`load_state_dict`, stores the
+    position in the loop state and knows a mid-epoch resume continues exactly (no "not resumable" warning).
+    Used on one process only: under DDP Lightning wraps the sampler in a DistributedSampler (see
+    `train_dataloader`)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict() if isinstance(self.sampler, ResumableSampler) else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state and isinstance(self.sampler, ResumableSampler):
+            self.sampler.load_state_dict(state)
+
+
 class _ListDataset(Dataset):
     def __init__(self, rows: list[dict[str, Any]]):
         self.rows = rows
@@ -223,6 +237,7 @@ class PromptDataModule(L.LightningDataModule):
         else:
             self.task = None
         self.save_hyperparameters()
+        self._file_rows = self._read_local_file()
         self.tokenizer = None
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
@@ -230,13 +245,28 @@ class PromptDataModule(L.LightningDataModule):
         self._pending_sampler_state: dict[str, int] | None = None
 
     # ----------------------------------------------------------------------------------------- loading
+    def _read_local_file(self) -> list[dict] | None:
+        """A local data file is read and checked (parse errors, emptiness, columns) here, in __init__, so a bad
+        file fails before any model is loaded; folders and hub ids are read in `setup`."""
+        hp = self.hparams
+        if hp.path is None or not Path(os.path.expanduser(hp.path)).is_file():
+            return None
+        rows = load_rows(hp.path)
+        if not rows:
+            raise ValueError(f"data {hp.path!r} is empty")
+        self._check_columns(rows, f"data {hp.path!r}")
+        if hp.val_path is not None and Path(os.path.expanduser(hp.val_path)).is_file():
+            self._check_columns(load_rows(hp.val_path), f"val_path {hp.val_path!r}")
+        return rows
+
     def _load_all_rows(self) -> tuple[list[dict], list[dict]]:
         hp = self.hparams
         if self.task is not None:
             train = self.task.make_examples(hp.num_train, seed=hp.seed)
             val = self.task.make_examples(hp.num_val, seed=hp.seed + 1_000_003) if hp.num_val else []
             return train, val
-        rows = load_rows(hp.path, split=hp.split, subset=hp.subset)
+        rows = self._file_rows if self._file_rows is not None else load_rows(hp.path, split=hp.split,
+                                                                             subset=hp.subset)
         if not rows:
             raise ValueError(f"data {hp.path!r} is empty")
         if hp.val_path is not None:
@@ -350,8 +380,15 @@ class PromptDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_ListDataset(self.train_rows), batch_size=self.hparams.batch_size, sampler=self.sampler,
-                          collate_fn=self.collate, num_workers=self.hparams.num_workers, drop_last=True)
+        # its own generator: creating the iterator (every epoch, and again on resume) draws the workers' base
+        # seed from it instead of the global torch RNG, so a resumed run's global RNG matches the straight one
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        # under DDP Lightning replaces the sampler by a distributed one whose position is not saved: a plain
+        # DataLoader keeps Lightning's warning that a mid-epoch resume is then not exact
+        loader_class = DataLoader if distributed else _ResumableDataLoader
+        return loader_class(_ListDataset(self.train_rows), batch_size=self.hparams.batch_size, sampler=self.sampler,
+                            collate_fn=self.collate, num_workers=self.hparams.num_workers, drop_last=True,
+                            generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:

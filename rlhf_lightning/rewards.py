@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .reliability import RewardFunctionError
+
 # A number, optionally negative, with optional thousands commas and decimals. The sign counts only when
 # the '-' does not follow a digit, so the last number of "12-3" is 3, not -3.
 _NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -201,11 +203,11 @@ def _weights_tensor(fns: Sequence[Callable], weights: Sequence[float] | torch.Te
 
 
 def _call(fn: Callable, prompts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
-    """Call fn with TRL keyword arguments; any error becomes a RuntimeError naming the function."""
+    """Call fn with TRL keyword arguments; any error becomes a RewardFunctionError naming the function."""
     try:
         return fn(prompts=prompts, completions=completions, **columns)
     except Exception as err:
-        raise RuntimeError(f"reward function {reward_fn_name(fn)!r} raised {type(err).__name__}: {err}") from err
+        raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} raised {type(err).__name__}: {err}") from err
 
 
 def _to_float(fn: Callable, value: Any, where: str) -> float:
@@ -218,7 +220,7 @@ def _to_float(fn: Callable, value: Any, where: str) -> float:
         value = value.item()
     if isinstance(value, numbers.Real):
         return float(value)
-    raise RuntimeError(f"reward function {reward_fn_name(fn)!r} returned a non-number {value!r} at {where}")
+    raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} returned a non-number {value!r} at {where}")
 
 
 def _check_inputs(prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list] | None) -> dict:
@@ -254,7 +256,8 @@ def call_reward_fns(
             out = out.flatten().tolist()
         if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != B:
             got = len(out) if hasattr(out, "__len__") and not isinstance(out, (str, bytes)) else type(out).__name__
-            raise RuntimeError(f"reward function {reward_fn_name(fn)!r} returned {got} values for {B} completions")
+            raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} returned {got} values for {B} "
+                                      f"completions")
         per_fn[i] = torch.tensor([_to_float(fn, v, f"row {j}") for j, v in enumerate(out)], dtype=torch.float32)
     weighted = per_fn * w[:, None]  # [n_fns, B]; NaN stays NaN (even at weight 0)
     total = torch.nansum(weighted, dim=0)  # [B]
@@ -281,14 +284,14 @@ def call_step_reward_fns(
         out = _call(fn, prompts, completions, columns)
         if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != B:
             got = len(out) if hasattr(out, "__len__") and not isinstance(out, (str, bytes)) else type(out).__name__
-            raise RuntimeError(f"step reward function {reward_fn_name(fn)!r} returned {got} step lists for "
+            raise RewardFunctionError(f"step reward function {reward_fn_name(fn)!r} returned {got} step lists for "
                                f"{B} completions")
         if totals is None:
             totals = [[0.0] * _n_steps(fn, steps, j) for j, steps in enumerate(out)]
             counted = [[0] * len(t) for t in totals]
         for j, steps in enumerate(out):
             if _n_steps(fn, steps, j) != len(totals[j]):
-                raise RuntimeError(f"step reward function {reward_fn_name(fn)!r} gave {len(steps)} steps for "
+                raise RewardFunctionError(f"step reward function {reward_fn_name(fn)!r} gave {len(steps)} steps for "
                                    f"completion {j} but {reward_fn_name(fns[0])!r} gave {len(totals[j])}")
             for k, v in enumerate(steps):
                 r = _to_float(fn, v, f"completion {j} step {k}")
@@ -303,6 +306,6 @@ def _n_steps(fn: Callable, steps: Any, j: int) -> int:
     if isinstance(steps, torch.Tensor):
         return steps.numel()
     if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__"):
-        raise RuntimeError(f"step reward function {reward_fn_name(fn)!r} returned {type(steps).__name__} for "
+        raise RewardFunctionError(f"step reward function {reward_fn_name(fn)!r} returned {type(steps).__name__} for "
                            f"completion {j}; expected a list of step rewards")
     return len(steps)

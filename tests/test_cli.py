@@ -142,10 +142,11 @@ def test_config_file_run_with_overrides(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "sft_arithmetic" / "version_0" / "hf_model" / "config.json").exists()
 
 
-def test_user_errors_surface_as_one_line_value_errors(tmp_path, monkeypatch):
+def test_user_errors_surface_as_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    # (tests/test_errors.py drives many more bad inputs through the CLI)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="unknown task 'subtraction'"):
-        cli_main(["fit", *SFT_ARGS, "--data.task", "subtraction", "--trainer.logger", "false"])
-    with pytest.raises(ValueError, match=r"data path './missing.jsonl' does not exist"):
-        cli_main(["fit", "--model", "rlhf_lightning.SFTModule", "--data", "rlhf_lightning.PromptDataModule",
-                  "--data.path", "./missing.jsonl", "--trainer.logger", "false"])
+    assert run_cli(["fit", *SFT_ARGS, "--data.task", "subtraction", "--trainer.logger", "false"]) == 2
+    assert "rlhf-lightning: error: unknown task 'subtraction'" in capsys.readouterr().err
+    assert run_cli(["fit", "--model", "rlhf_lightning.SFTModule", "--data", "rlhf_lightning.PromptDataModule",
+                    "--data.path", "./missing.jsonl", "--trainer.logger", "false"]) == 2
+    assert "rlhf-lightning: error: data path './missing.jsonl' does not exist" in capsys.readouterr().err

@@ -163,15 +163,13 @@ def test_datamodule_csv_and_chat_messages(tmp_path):
 
 
 def test_datamodule_missing_column_and_bad_arguments(tmp_path):
-    tok = build_char_tokenizer()
     rows = [{"prompt": "1+1=", "chosen": "2", "loser": "3"}] * 2
-    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), val_fraction=0.0)
+    # a local file is checked when the data module is built, before any model is loaded
     with pytest.raises(ValueError, match="has no column 'rejected'"):
-        dm.prepare_rows(tok)
-    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "q.jsonl", PAIRS)), margin_column="bonus",
-                              val_fraction=0.0)
+        PreferenceDataModule(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), val_fraction=0.0)
     with pytest.raises(ValueError, match="has no column 'bonus'"):
-        dm.prepare_rows(tok)
+        PreferenceDataModule(path=str(write_jsonl(tmp_path / "q.jsonl", PAIRS)), margin_column="bonus",
+                             val_fraction=0.0)
     with pytest.raises(ValueError, match="exactly one of `path`"):
         PreferenceDataModule()
     with pytest.raises(ValueError, match="negatives must map kinds"):

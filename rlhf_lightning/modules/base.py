@@ -19,7 +19,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..models import load_causal_lm
+from ..models import load_causal_lm, model_source
+from ..reliability import collect_rng_states, restore_rng_states
 from ..tokenizer import load_tokenizer
 
 
@@ -82,6 +83,7 @@ class PolicyModuleBase(L.LightningModule):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries but there are "
                              f"{len(self.reward_funcs)} reward_fns")
         self.reward_weights = list(reward_weights) if reward_weights is not None else None
+        model_source(model_name_or_path)  # a missing model path is named as such, not as the tokenizer's
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                         trust_remote_code=trust_remote_code)
         self.policy = load_causal_lm(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
@@ -333,6 +335,7 @@ class PolicyModuleBase(L.LightningModule):
         checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts}
         if self.sample_generator is not None:
             checkpoint["sample_generator_state"] = self.sample_generator.get_state()
+        checkpoint["rng_states"] = collect_rng_states()  # torch/CUDA/python/numpy: dropout, user reward fns
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("rlhf_counters", {})
@@ -340,6 +343,14 @@ class PolicyModuleBase(L.LightningModule):
         self.rollouts = counters.get("rollouts", 0)
         self._sample_generator_state = checkpoint.get("sample_generator_state")
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
+        self._pending_rng_states = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The global RNG states are put back right before the first step after a resume, not at load time:
+        # creating the DataLoader iterator and the sanity check in between draw from them.
+        if getattr(self, "_pending_rng_states", None) is not None:
+            restore_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
 
 
 def reduce_step_metrics(keys: list[str], values: torch.Tensor) -> torch.Tensor:

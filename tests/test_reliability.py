@@ -1,0 +1,258 @@
+"""Atomic checkpoints, RNG streams in checkpoints, a failing reward function, NaN-free training on degenerate
+rewards and completions, safe loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+import rlhf_lightning.reliability as reliability
+from rlhf_lightning import GRPOModule, PromptDataModule
+from rlhf_lightning.cli import cli_main
+from rlhf_lightning.reliability import AtomicCheckpointIO, GracefulShutdown
+
+
+def _trainer(tmp_path, steps, **kw):
+    kw.setdefault("callbacks", [])
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, default_root_dir=tmp_path, **kw)
+
+
+def _data(batch_size=4):
+    return PromptDataModule(task="addition", num_train=64, num_val=0, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------------------ atomic checkpoints
+def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    last = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"global_step": 4, "w": torch.arange(1000.0)}, last)
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip file")  # what a torch.save cut short leaves behind
+        raise KeyboardInterrupt  # the process is interrupted in the middle of the write
+
+    monkeypatch.setattr(reliability.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 6, "w": torch.zeros(1000)}, last)
+    monkeypatch.undo()
+    loaded = torch.load(last, weights_only=True)
+    assert loaded["global_step"] == 4 and torch.equal(loaded["w"], torch.arange(1000.0))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # the temp file is gone too
+
+
+def test_cli_uses_atomic_checkpoints_but_keeps_a_users_plugin(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["rlhf-lightning"])
+    base = ["--model", "rlhf_lightning.GRPOModule", "--data", "rlhf_lightning.PromptDataModule",
+            "--data.task", "addition", "--trainer.logger", "false"]
+    cli = cli_main(base, run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    assert any(isinstance(cb, GracefulShutdown) for cb in cli.trainer.callbacks)
+    cli = cli_main([*base, "--trainer.plugins", "lightning.fabric.plugins.io.torch_io.TorchCheckpointIO"],
+                   run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is TorchCheckpointIO
+
+
+# ------------------------------------------------------------------------------------------------ RNG streams
+def test_global_rng_streams_survive_a_weights_only_checkpoint(tmp_path):
+    module = GRPOModule("tiny", group_size=2, beta=0.0)
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.save(checkpoint, tmp_path / "c.ckpt")
+
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)  # a new process with another global seed
+    fresh = GRPOModule("tiny", group_size=2, beta=0.0)
+    fresh.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
+    torch.rand(5)  # loading, data loader set-up etc. draw numbers before the first step...
+    fresh.on_train_batch_start({}, 0)  # ...so the states are put back right before it
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+# ------------------------------------------------------------------------------------- failing reward functions
+CALLS = {"n": 0}
+
+
+def fails_on_third_call(prompts, completions, **kwargs):
+    CALLS["n"] += 1
+    if CALLS["n"] == 3:
+        raise KeyError("answer")
+    return [1.0] * len(completions)
+
+
+def returns_too_few(prompts, completions, **kwargs):
+    return [1.0] * (len(completions) - 1)
+
+
+@pytest.mark.parametrize("fn, message, step", [
+    ("fails_on_third_call", "reward function 'fails_on_third_call' raised KeyError: 'answer'", 2),
+    ("returns_too_few", "reward function 'returns_too_few' returned 7 values for 8 completions", 0),
+])
+def test_a_failing_reward_function_stops_the_run_after_a_checkpoint(tmp_path, monkeypatch, capsys, fn, message,
+                                                                     step):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["rlhf-lightning"])
+    CALLS["n"] = 0
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--model", "rlhf_lightning.GRPOModule", "--data", "rlhf_lightning.PromptDataModule",
+                  "--model.reward_fns", f"[test_reliability.{fn}]", "--model.group_size", "2",
+                  "--model.max_new_tokens", "2", "--data.task", "addition", "--data.num_train", "32",
+                  "--data.num_val", "0", "--data.batch_size", "4", "--trainer.max_steps", "5",
+                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "checkpoints" / "error.ckpt"
+    assert f"rlhf-lightning: error: {message} (checkpoint saved to {ckpt})" in err.splitlines()
+    assert "Traceback" not in err
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == step and saved["rlhf_counters"]["rollouts"] == step
+
+
+# ------------------------------------------------------------------------------------- no NaN on degenerate data
+class Recorder(L.Callback):
+    """Every logged metric of every step."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def all_none(prompts, completions, **kwargs):
+    return [None] * len(completions)
+
+
+def nan_or_one(prompts, completions, **kwargs):
+    return [math.nan if i % 3 else 1.0 for i in range(len(completions))]
+
+
+def constant(prompts, completions, **kwargs):
+    return [0.5] * len(completions)
+
+
+@pytest.mark.parametrize("reward", [all_none, nan_or_one])
+def test_nan_and_none_rewards_are_excluded_and_counted_without_nan(tmp_path, reward):
+    module = GRPOModule("tiny", reward_fns=[reward], group_size=3, beta=0.1, max_new_tokens=4, lr=1e-3)
+    rec = Recorder()
+    _trainer(tmp_path, 3, callbacks=[rec]).fit(module, _data())
+    expected_missing = 1.0 if reward is all_none else 2 / 3
+    for step in rec.steps:
+        assert all(math.isfinite(v) for v in step.values()), step
+        assert step["reward/missing_frac"] == pytest.approx(expected_missing)
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_zero_variance_groups_give_zero_advantage_and_leave_the_weights_alone(tmp_path):
+    """Every group's rewards are equal: advantages are 0 (not 0/0), and with beta=0 nothing moves."""
+    module = GRPOModule("tiny", reward_fns=[constant], group_size=4, beta=0.0, max_new_tokens=4, lr=1e-2)
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    rec = Recorder()
+    _trainer(tmp_path, 3, callbacks=[rec]).fit(module, _data())
+    for step in rec.steps:
+        assert all(math.isfinite(v) for v in step.values()), step
+        assert step["rollout/zero_std_group_frac"] == 1.0 and step["policy/advantage_abs_mean"] == 0.0
+    for p, q in zip(before, module.policy.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_fully_masked_and_empty_completions_never_give_nan(tmp_path, agg):
+    """max_new_tokens=1 + mask_truncated: every completion without an immediate EOS is masked out, and the
+    EOS-only ones are empty; with drop_uninformative_groups every row is masked (zero normaliser)."""
+    module = GRPOModule("tiny", reward_fns=[constant], group_size=2, beta=0.1, max_new_tokens=1, lr=1e-3,
+                        mask_truncated=True, drop_uninformative_groups=True, loss_agg=agg)
+    rec = Recorder()
+    _trainer(tmp_path, 2, callbacks=[rec]).fit(module, _data())
+    for step in rec.steps:
+        assert all(math.isfinite(v) for v in step.values()), step
+        assert step["rollout/zero_std_group_frac"] == 1.0  # every group dropped: the loss mask is all zero
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ safe loading
+def test_remote_code_in_a_model_directory_is_not_run_by_default(tmp_path):
+    """A model folder whose config points at custom code: without trust_remote_code the code never runs."""
+    from rlhf_lightning.models import load_causal_lm
+
+    policy = GRPOModule("tiny", group_size=2, beta=0.0).policy
+    policy.save_pretrained(tmp_path / "m")
+    GRPOModule("tiny", group_size=2, beta=0.0).tokenizer.save_pretrained(tmp_path / "m")
+    marker = tmp_path / "code_ran"
+    (tmp_path / "m" / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaForCausalLM\nclass EvilModel(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+
+    model = load_causal_lm(str(tmp_path / "m"))
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
+    assert not any(Path(tmp_path / "m").glob("*.bin"))  # the weights went through safetensors
+
+
+# ---------------------------------------------------------------------------------------- in-process resume
+def noisy_reward(prompts, completions, **kwargs):
+    """Draws from the torch, python and numpy global RNGs (like a sampled judge or a dropout layer would)."""
+    return [float(c[:1].isdigit()) + 0.1 * float(torch.rand(())) + 0.1 * random.random() + 0.1 * np.random.rand()
+            for c in completions]
+
+
+@pytest.mark.parametrize("resume_step", [2, 4], ids=["mid_epoch", "epoch_end"])
+def test_grpo_resume_is_exact_mid_epoch_and_at_an_epoch_end(tmp_path, resume_step, recwarn):
+    """4 batches per epoch: a checkpoint after batch 2 resumes mid-epoch, one after batch 4 at the boundary."""
+    def run(root, ckpt_path=None, callbacks=()):
+        module = GRPOModule("tiny", reward_fns=[noisy_reward], group_size=2, beta=0.04, max_new_tokens=4, lr=3e-3)
+        data = PromptDataModule(task="addition", num_train=16, num_val=0, batch_size=4)
+        _trainer(root, 7, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)).fit(
+            module, data, ckpt_path=ckpt_path)
+        return module
+
+    L.seed_everything(0)
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=resume_step,
+                                                save_top_k=-1)
+    straight = run(tmp_path / "a", callbacks=[every])
+    L.seed_everything(1)  # another global seed: only the checkpointed RNG states can make the runs agree
+    resumed = run(tmp_path / "b", ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={resume_step}.ckpt")
+    assert resumed.rollouts == 7
+    for p, q in zip(straight.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_ppo_resume_is_exact_with_another_global_seed(tmp_path):
+    """Two optimizers, two schedulers, the adaptive KL controller, and a reward that draws from the global RNGs."""
+    from rlhf_lightning import PPOModule
+
+    def run(root, ckpt_path=None, callbacks=()):
+        module = PPOModule("tiny", reward_fns=[noisy_reward], adaptive_kl=True, kl_coef=0.2, kl_target=0.05,
+                           ppo_epochs=1, minibatches=2, lr=1e-3, critic_lr=2e-3, warmup_steps=4, lr_schedule="cosine",
+                           max_new_tokens=4)
+        data = PromptDataModule(task="addition", num_train=16, num_val=0, batch_size=4)
+        _trainer(root, 5 * 4, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)).fit(
+            module, data, ckpt_path=ckpt_path)
+        return module
+
+    L.seed_everything(0)
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2 * 4, save_top_k=-1)
+    straight = run(tmp_path / "a", callbacks=[every])
+    L.seed_everything(1)
+    resumed = run(tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
+    assert (resumed.rollouts, resumed.optimizer_steps) == (5, 10)
+    assert resumed.kl_ctl.value == straight.kl_ctl.value
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)

@@ -1,0 +1,164 @@
+"""Exact resume of a real `python -m rlhf_lightning fit` process: killed with SIGKILL, or stopped by SIGTERM /
+SIGINT, then resumed from `last.ckpt`, it ends with the same weights as a run that was never interrupted.
+
+The reward function sleeps a little per call so that the test reliably catches the process mid-run (the
+weights do not depend on it). CPU, fp32; the resumed run's global seed is deliberately different, so only the
+restored RNG states can make the runs agree.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+MAX_STEPS = 16  # optimizer steps = 8 rollouts x num_iterations 2; 4 batches per epoch, so 2 epochs
+
+CONFIG = """\
+seed_everything: 0
+model:
+  class_path: rlhf_lightning.GRPOModule
+  init_args:
+    model_name_or_path: tiny
+    reward_fns: [test_resume.slow_first_digit]
+    group_size: 4
+    max_new_tokens: 4
+    beta: 0.04
+    lr: 0.003
+    num_iterations: 2
+    warmup_steps: 4
+    lr_schedule: cosine
+    log_samples_every_n_steps: 0
+data:
+  class_path: rlhf_lightning.PromptDataModule
+  init_args:
+    task: addition
+    num_train: 16
+    num_val: 0
+    batch_size: 4
+trainer:
+  max_steps: {max_steps}
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        dirpath: ckpt
+        every_n_train_steps: 2
+        save_top_k: -1
+        save_last: true
+"""
+
+
+def slow_first_digit(prompts, completions, **kwargs):
+    """1.0 when the completion starts with a digit (a random tiny policy: ~10%), after a short sleep, plus noise
+    from the global torch / python / numpy RNGs (so their states must be resumed too)."""
+    time.sleep(0.1)
+    return [float(c[:1].isdigit()) + 0.1 * (float(torch.rand(())) + random.random() + float(np.random.rand()))
+            for c in completions]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(CONFIG.format(max_steps=MAX_STEPS))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "rlhf_lightning", "fit", "--config", "config.yaml",
+                             "--trainer.default_root_dir", ".", *extra], cwd=run_dir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, step: int, timeout: float = 180) -> None:
+    """Poll until a checkpoint of global step >= `step` exists (the process must still be running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.stem.rsplit("step=", 1)[1]) for p in ckpt_dir.glob("epoch=*-step=*.ckpt")]
+        if steps and max(steps) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of step >= {step} after {timeout} s")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "hf_model" / "model.safetensors")
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The uninterrupted run's final weights."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    finish(start(run_dir))
+    return final_weights(run_dir)
+
+
+def resume(run_dir: Path) -> str:
+    """Resume from last.ckpt with another global seed: only the checkpointed RNG states can make it exact."""
+    last = run_dir / "ckpt" / "last.ckpt"
+    assert last.exists()
+    out = finish(start(run_dir, "--ckpt_path", str(last), "--seed_everything", "123"))
+    assert "Restoring states from the checkpoint" in out
+    assert "not resumable" not in out  # Lightning knows the data loader continues mid-epoch
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, straight):
+    proc = start(tmp_path)
+    wait_for_checkpoint(proc, tmp_path / "ckpt", step=6)  # three checkpoints, mid-epoch 1 of 2
+    proc.kill()  # SIGKILL: no handler runs, no checkpoint is written on the way out
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "hf_model").exists()  # it really died before the end
+    # last.ckpt is whole even when the kill landed in the middle of writing it (then a hidden temp file remains)
+    saved_step = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert saved_step in (4, 6)  # the step-6 save, or the one before when the kill cut the step-6 last.ckpt
+    resume(tmp_path)
+    assert not list((tmp_path / "ckpt").glob(".*.tmp"))  # the resumed run's saves removed any leftover
+    diff = max_abs_diff(final_weights(tmp_path), straight)
+    assert diff <= 1e-6, diff
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_last_ckpt_at_a_step_boundary_and_resume_is_exact(tmp_path, straight, sig):
+    proc = start(tmp_path)
+    wait_for_checkpoint(proc, tmp_path / "ckpt", step=4)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert f"{signal.Signals(sig).name}: saved" in out and "Traceback" not in out
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    # a step boundary: the rollout completed both of its optimizer steps
+    assert ckpt["global_step"] % 2 == 0 and 4 <= ckpt["global_step"] < MAX_STEPS
+    assert ckpt["rlhf_counters"]["rollouts"] * 2 == ckpt["global_step"]
+    if sig == signal.SIGINT:
+        return  # the same code path as SIGTERM from here on; one resume is enough for the suite's time
+    resume(tmp_path)
+    diff = max_abs_diff(final_weights(tmp_path), straight)
+    assert diff <= 1e-6, diff
