@@ -33,6 +33,15 @@ class RLHFLightningCLI(LightningCLI):
         super().__init__(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                          subclass_mode_data=True, args=args, run=run, **kwargs)
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Refuse Lightning's FSDPStrategy for manually optimized modules before the Trainer exists (on a CPU
+        machine Lightning would otherwise stop first with an unrelated "requires a GPU" message)."""
+        from .parallel import check_strategy
+
+        strategy = {**self._get(self.config_init, "trainer", default={}), **kwargs}.get("strategy")
+        check_strategy(self.model, strategy)
+        return super().instantiate_trainer(**kwargs)
+
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCLI:
     """Entry point of `rlhf-lightning` / `python -m rlhf_lightning`; `args` lets tests drive it in-process.
