@@ -90,21 +90,38 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_module(module: nn.Module, mesh: Any, precision: str, layered: bool = True) -> None:
+def shard_module(module: nn.Module, mesh: Any, precision: str, layered: bool = True,
+                 device: torch.device | None = None) -> None:
     """`fully_shard` each decoder layer of `module` (when `layered`), then `module` itself as the root unit.
 
     One unit per layer is what makes FSDP2 save memory: only one layer's full weights exist at a time (plus the
     root's embeddings / head). For `bf16-true` the weights are cast first, so every shard holds bf16.
+    Rank 0's weights are broadcast first: FSDP2 (unlike DDP) keeps each rank's own slice of its local tensor, so
+    any weight initialised from an unseeded RNG (a LoRA A matrix, a fresh classifier head) would otherwise be
+    stitched together from different initialisations.
     """
+    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     if precision == "bf16-true":
         module.to(torch.bfloat16)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        module.to(device)  # NCCL broadcasts device tensors; fully_shard would move them there anyway
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.detach(), src=0)
     policy = mixed_precision_policy(precision)
     if layered:
         for layer in decoder_layers(module):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(module, mesh=mesh, mp_policy=policy)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an FSDP2 module, on CPU, on rank 0 (empty elsewhere). A collective: every rank
+    must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def is_sharded(module: nn.Module) -> bool:

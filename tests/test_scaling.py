@@ -37,6 +37,8 @@ TASKS = {
     "ppo": ["--config", "configs/ppo_arithmetic.yaml", "--trainer.max_steps", "8",
             "--model.init_args.max_new_tokens", "4"],
 }
+# LoRA adds randomly initialised weights: FSDP2 must start every rank from the same ones (as DDP does)
+TASKS["grpo-lora"] = [*TASKS["grpo"], "--model.init_args.lora", "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"]
 
 
 def run_cli_processes(tmp_path: Path, name: str, args: list[str]) -> Path:
@@ -57,7 +59,7 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["grpo", "ppo"])
+@pytest.mark.parametrize("task", ["grpo", "ppo", "grpo-lora"])
 def test_fsdp2_and_ddp_on_two_cpu_processes_train_to_the_same_weights(tmp_path, task):
     """The README's command (task config + configs/fsdp.yaml + 2 devices) and the same run under DDP.
 
@@ -76,6 +78,32 @@ def test_fsdp2_and_ddp_on_two_cpu_processes_train_to_the_same_weights(tmp_path, 
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4  # it trained
     shards = sorted(p.name for p in (fsdp / "checkpoints").glob("*.ckpt/*.distcp"))
     assert len(shards) == 2, shards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sft", "rm"])
+def test_sft_and_reward_model_train_under_fsdp2_and_export_full_weights(tmp_path, task):
+    """The automatically optimized modules under the same layer config; the export gathers the shards."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    common = ["--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.limit_val_batches", "1", "--data.init_args.num_train", "64", "--data.init_args.num_val",
+              "8", "--data.init_args.batch_size", "8", "--data.init_args.val_batch_size", "8",
+              "--model.init_args.warmup_steps", "0", "--config", "configs/fsdp.yaml", "--trainer.devices", "2"]
+    if task == "sft":
+        root = run_cli_processes(tmp_path, task, ["--config", "configs/sft_arithmetic.yaml", *common,
+                                                  "--trainer.val_check_interval", "3"])
+        got = AutoModelForCausalLM.from_pretrained(root / "hf_model").state_dict()
+        init = load_causal_lm("tiny", seed=0).state_dict()
+    else:
+        from rlhf_lightning.models import load_sequence_classifier
+
+        root = run_cli_processes(tmp_path, task, ["--config", "configs/rm_arithmetic.yaml", *common])
+        got = AutoModelForSequenceClassification.from_pretrained(root / "hf_model").state_dict()
+        init = load_sequence_classifier("tiny", seed=0).state_dict()
+    assert got.keys() == init.keys()
+    assert all(torch.isfinite(v).all() for v in got.values())
+    assert max(float((got[k] - init[k]).abs().max()) for k in got) > 1e-3  # trained, and the full tensors came back
 
 
 # ------------------------------------------------------------------------------------------- strategy misuse

@@ -200,7 +200,9 @@ class PolicyModuleBase(L.LightningModule):
             return
         from peft import get_peft_model
 
-        self.policy = get_peft_model(self.policy, self.lora_config)
+        with torch.random.fork_rng(devices=[]):  # the adapter's random A matrices: reproducible like presets
+            torch.manual_seed(self.hparams.seed)
+            self.policy = get_peft_model(self.policy, self.lora_config)
 
     @contextmanager
     def reference_policy(self) -> Iterator[torch.nn.Module | None]:
@@ -226,7 +228,8 @@ class PolicyModuleBase(L.LightningModule):
             return
         mesh = self.device_mesh["data_parallel"]
         for module, layered in self.fsdp_units():
-            parallel.shard_module(module, mesh, self.trainer.precision, layered=layered)
+            parallel.shard_module(module, mesh, self.trainer.precision, layered=layered,
+                                  device=self.trainer.strategy.root_device)
         parallel.check_all_trainable_sharded(self)
 
     def sampling_context(self):
@@ -355,9 +358,7 @@ class PolicyModuleBase(L.LightningModule):
         on all ranks); rank 0 gets a freshly built model holding them, the other ranks get the sharded one."""
         if not parallel.is_sharded(self.policy):
             return self.policy
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = parallel.full_state_dict(self.policy)
         if self.trainer.global_rank != 0:
             return self.policy
         hp = self.hparams
