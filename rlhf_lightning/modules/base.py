@@ -44,7 +44,7 @@ class PolicyModuleBase(L.LightningModule):
             adapter disabled, not a second copy. `lora_export`: `merged` (a plain model in `hf_model/`) or
             `adapter` (only the adapter, reloaded with `peft.PeftModel.from_pretrained(base, dir)`).
         gradient_checkpointing: recompute each decoder layer's activations in backward instead of storing them
-            (less memory, ~1/3 more compute); works under every strategy, FSDP2 included.
+            (less activation memory, one more forward per layer in backward); works under every strategy.
     """
 
     def __init__(
