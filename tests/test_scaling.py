@@ -78,6 +78,23 @@ def test_fsdp2_and_ddp_on_two_cpu_processes_train_to_the_same_weights(tmp_path, 
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4  # it trained
     shards = sorted(p.name for p in (fsdp / "checkpoints").glob("*.ckpt/*.distcp"))
     assert len(shards) == 2, shards
+    # both checkpoints keep each rank's own sampling stream (rank 0 writes them)
+    for meta in [*fsdp.glob("checkpoints/*.ckpt/meta.pt"), *ddp.glob("checkpoints/*.ckpt")]:
+        states = torch.load(meta, weights_only=False)["sample_generator_states"]
+        assert len(states) == 2 and not torch.equal(states[0], states[1]), meta
+
+
+@pytest.mark.slow
+def test_fsdp2_run_resumes_from_its_distributed_checkpoint(tmp_path):
+    first = run_cli_processes(tmp_path, "first", [*TASKS["grpo"], "--config", "configs/fsdp.yaml", *SMALL])
+    (ckpt,) = (first / "checkpoints").glob("*.ckpt")
+    resumed = run_cli_processes(tmp_path, "resumed", [*TASKS["grpo"], "--config", "configs/fsdp.yaml", *SMALL,
+                                                      "--trainer.max_steps", "8", "--ckpt_path", str(ckpt)])
+    (last,) = (resumed / "checkpoints").glob("*.ckpt")
+    meta = torch.load(last / "meta.pt", weights_only=False)
+    assert meta["rlhf_counters"] == {"optimizer_steps": 8, "rollouts": 4}  # 2 more rollouts on top of the first 2
+    a, b = load_weights(first / "hf_model"), load_weights(resumed / "hf_model")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -385,14 +385,30 @@ class PolicyModuleBase(L.LightningModule):
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts}
-        if self.sample_generator is not None:
-            checkpoint["sample_generator_state"] = self.sample_generator.get_state()
+        states = self._generator_states()
+        if any(state is not None for state in states):
+            checkpoint["sample_generator_states"] = states
+
+    def _generator_states(self) -> list[torch.Tensor | None]:
+        """Every rank's sampling-generator state, indexed by rank. Lightning calls `on_save_checkpoint` on all ranks
+        but writes rank 0's dict: saving rank 0's state alone would give every rank one stream after a resume."""
+        state = self.sample_generator.get_state() if self.sample_generator is not None else None
+        dist = torch.distributed
+        if self._trainer is None or self.trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [state]
+        states: list[torch.Tensor | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(states, state)
+        return states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("rlhf_counters", {})
         self.optimizer_steps = counters.get("optimizer_steps", 0)
         self.rollouts = counters.get("rollouts", 0)
-        self._sample_generator_state = checkpoint.get("sample_generator_state")
+        states = checkpoint.get("sample_generator_states")
+        if states is None and "sample_generator_state" in checkpoint:  # checkpoints written before per-rank states
+            states = [checkpoint["sample_generator_state"]]
+        # a rank the checkpoint has no state for (more ranks than when it was saved) starts its seeded stream
+        self._sample_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
 
 
