@@ -12,7 +12,7 @@ optimization (Lightning #19626, #19685), and every RL module here optimizes manu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -152,8 +152,7 @@ def sampling_context(model: nn.Module) -> Iterator[None]:
     faster). Afterwards every unit is resharded and training resumes the memory-saving behaviour.
     """
     if not is_sharded(model):
-        with nullcontext():
-            yield
+        yield
         return
     from torch.distributed.fsdp import FSDPModule
 
