@@ -251,6 +251,14 @@ def test_lora_ppo_critic_has_no_adapter_and_trains(tmp_path):
     assert m.rollouts == 2
 
 
+def test_iterative_reference_reset_is_refused_with_lora(tmp_path):
+    from rlhf_lightning import IterativeRewardModelCallback
+
+    m = GRPOModule("tiny", reward_fns=[digit_reward], group_size=4, max_new_tokens=4, beta=0.1, lora=LORA)
+    with pytest.raises(ValueError, match="reset_reference needs a reference copy.*LoRA"):
+        _trainer(tmp_path, 2, callbacks=[IterativeRewardModelCallback("exact_match")]).fit(m, _prompts())
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"rank": 4}, "lora has unknown keys"), ({"r": 0}, "lora.r must be"), ({"dropout": 1.0}, "lora.dropout"),
 ])
