@@ -58,6 +58,13 @@ class RLHFLightningCLI(LightningCLI):
             raise _as_config_error(err) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Refuse Lightning's FSDPStrategy for manually optimized modules before the Trainer exists (on a CPU
+        machine Lightning would otherwise stop first with an unrelated "requires a GPU" message), then make
+        checkpoint writes atomic."""
+        from .parallel import check_strategy
+
+        strategy = {**self._get(self.config_init, "trainer", default={}), **kwargs}.get("strategy")
+        check_strategy(self.model, strategy)
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
         return trainer

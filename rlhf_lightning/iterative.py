@@ -102,7 +102,8 @@ class IterativeRewardModelCallback(L.Callback):
         samples_per_iteration: fresh policy completions to sample per iteration (rounded up to whole groups).
         replay_fraction: historical pairs replayed per iteration, as a fraction of the new pairs (paper: 0.1).
         rm_epochs / rm_lr / rm_batch_size / rm_max_grad_norm: the RM's training (AdamW, kept across iterations).
-        reset_reference: copy the policy into `ref_policy` after each iteration (no-op when beta = 0).
+        reset_reference: copy the policy into `ref_policy` after each iteration (no-op when beta = 0; refused with
+            LoRA, whose reference is the base model itself).
         seed: seeds the prompt draws, shuffles and replay sampling (offset by iteration and rank).
     """
 
@@ -145,6 +146,9 @@ class IterativeRewardModelCallback(L.Callback):
     # ------------------------------------------------------------------------------------------ set-up
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Find (or install) the scorer the module rewards with; runs after module.setup and checkpoint restore."""
+        if self.reset_reference and getattr(pl_module, "_lora_reference", False):
+            raise ValueError("IterativeRewardModelCallback.reset_reference needs a reference copy, but with LoRA the "
+                             "reference is the base model (adapter disabled); set reset_reference: false")
         funcs = pl_module.reward_funcs
         existing = [i for i, f in enumerate(funcs) if isinstance(f, RewardModelScorer)]
         if self.reward_model is not None:

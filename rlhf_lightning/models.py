@@ -156,3 +156,30 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
+
+
+def lora_config(spec: dict[str, Any]):
+    """A peft `LoraConfig` (causal LM) from `{r, alpha, dropout, target_modules}`; unknown keys raise.
+
+    Defaults: r=8, alpha=16, dropout=0.0, target_modules=`all-linear` (every Linear but the output head).
+    """
+    from peft import LoraConfig, TaskType
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"lora must be a mapping with keys {sorted(LORA_KEYS)}, got {spec!r}")
+    unknown = set(spec) - LORA_KEYS
+    if unknown:
+        raise ValueError(f"lora has unknown keys {sorted(unknown)}; allowed: {sorted(LORA_KEYS)}")
+    r, alpha, dropout = spec.get("r", 8), spec.get("alpha", 16), spec.get("dropout", 0.0)
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"lora.r must be an integer >= 1, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"lora.alpha must be > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout!r}")
+    target = spec.get("target_modules", "all-linear")
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(target) if isinstance(target, (list, tuple)) else target)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .. import parallel
 from ..models import load_causal_lm, model_source
 from ..reliability import collect_rng_states, restore_rng_states
 from ..tokenizer import load_tokenizer
@@ -39,6 +41,12 @@ class PolicyModuleBase(L.LightningModule):
         trust_remote_code: off unless you trust the model repository.
         val_max_new_tokens: token budget of the greedy validation completions.
         seed: initialisation seed for presets.
+        lora: train a LoRA adapter instead of the full policy (peft): `{r, alpha, dropout, target_modules}`
+            (defaults 8, 16, 0.0, all linear layers). The reference policy is then the base model with the
+            adapter disabled, not a second copy. `lora_export`: `merged` (a plain model in `hf_model/`) or
+            `adapter` (only the adapter, reloaded with `peft.PeftModel.from_pretrained(base, dir)`).
+        gradient_checkpointing: recompute each decoder layer's activations in backward instead of storing them
+            (less activation memory, one more forward per layer in backward); works under every strategy.
     """
 
     def __init__(
@@ -57,6 +65,10 @@ class PolicyModuleBase(L.LightningModule):
         trust_remote_code: bool = False,
         val_max_new_tokens: int = 32,
         seed: int = 0,
+        *,
+        lora: dict[str, Any] | None = None,
+        lora_export: str = "merged",
+        gradient_checkpointing: bool = False,
     ):
         # subclasses call save_hyperparameters() before this (to validate first); LightningModule.__init__ resets
         # the flag it set, and without it Lightning never writes the hyperparameters to the logger (HParams tab)
@@ -89,6 +101,16 @@ class PolicyModuleBase(L.LightningModule):
         self.policy = load_causal_lm(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
                                      trust_remote_code=trust_remote_code, seed=seed)
         self.policy.train()  # from_pretrained returns eval mode; sampling / no-grad passes switch to eval themselves
+        from ..models import lora_config
+
+        self.lora_config = lora_config(lora) if lora is not None else None  # applied by `apply_lora`
+        if lora_export not in ("merged", "adapter"):
+            raise ValueError(f"lora_export must be merged|adapter, got {lora_export!r}")
+        self.lora_export = lora_export
+        self._lora_reference = False  # True: π_ref is the policy with its adapter disabled
+        if gradient_checkpointing:
+            # non-reentrant: the variant that works with FSDP2 units and with frozen (LoRA) inputs
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_max_new_tokens = val_max_new_tokens
         self.optimizer_steps = 0
         self.rollouts = 0
@@ -97,6 +119,7 @@ class PolicyModuleBase(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
+        parallel.check_strategy(self, self.trainer.strategy)
         if not self.reward_funcs:
             task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
             if task is not None:
@@ -216,9 +239,59 @@ class PolicyModuleBase(L.LightningModule):
             else:
                 logger.log_hyperparams(self.hparams, metrics={"hp_metric": float(final)}, step=step)
 
+    # ------------------------------------------------------------------------------------ LoRA, scaling
+    def apply_lora(self) -> None:
+        """Wrap the policy in a peft LoRA adapter (when `lora` is set). Subclasses call it once everything that
+        copies the plain policy (PPO's critic) is built; only the adapter stays trainable."""
+        if self.lora_config is None:
+            return
+        from peft import get_peft_model
+
+        with torch.random.fork_rng(devices=[]):  # the adapter's random A matrices: reproducible like presets
+            torch.manual_seed(self.hparams.seed)
+            self.policy = get_peft_model(self.policy, self.lora_config)
+
+    @contextmanager
+    def reference_policy(self) -> Iterator[torch.nn.Module | None]:
+        """π_ref for a no-grad pass: the frozen copy, the policy with its LoRA adapter disabled, or None."""
+        if self._lora_reference:
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            yield getattr(self, "ref_policy", None)
+
+    def fsdp_units(self) -> list[tuple[torch.nn.Module, bool]]:
+        """(module, shard its decoder layers) pairs that FSDP2 shards. The frozen reference is sharded like the
+        policy: it is as large, and its forward passes run on all ranks in lockstep with the policy's."""
+        units = [(self.policy, True)]
+        if getattr(self, "ref_policy", None) is not None:
+            units.append((self.ref_policy, True))
+        return units
+
+    def configure_model(self) -> None:
+        """Under a ModelParallelStrategy: FSDP2-shard every unit of `fsdp_units` (Lightning calls this hook before
+        `configure_optimizers`, so the optimizers are built over the sharded parameters). Other strategies: no-op."""
+        if not parallel.is_fsdp2(self._trainer) or parallel.is_sharded(self.policy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for module, layered in self.fsdp_units():
+            parallel.shard_module(module, mesh, self.trainer.precision, layered=layered,
+                                  device=self.trainer.strategy.root_device)
+        parallel.check_all_trainable_sharded(self)
+
+    def sampling_context(self):
+        """Wrap every sampling loop on the policy (see `parallel.sampling_context`: ranks stop at different steps)."""
+        return parallel.sampling_context(self.policy)
+
     # ------------------------------------------------------------------------------------ RL machinery
-    def _make_reference(self) -> torch.nn.Module:
-        """A frozen copy of the initial policy: π_ref of the KL penalty (run in eval mode by the no-grad passes)."""
+    def _make_reference(self) -> torch.nn.Module | None:
+        """A frozen copy of the initial policy: π_ref of the KL penalty (run in eval mode by the no-grad passes).
+
+        With LoRA there is no copy: the base model with the adapter disabled is exactly the initial policy.
+        """
+        if self.lora_config is not None:
+            self._lora_reference = True
+            return None
         ref = copy.deepcopy(self.policy)
         ref.requires_grad_(False)
         return ref
@@ -252,10 +325,11 @@ class PolicyModuleBase(L.LightningModule):
     def greedy_completions(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
         from ..rollout import decode_completions, sample
 
-        out = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
-                     max_new_tokens=max_new_tokens or self.val_max_new_tokens,
-                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                     do_sample=False, return_logprobs=False)
+        with self.sampling_context():
+            out = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
+                         max_new_tokens=max_new_tokens or self.val_max_new_tokens,
+                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                         do_sample=False, return_logprobs=False)
         return decode_completions(self.tokenizer, out.completion_ids, out.completion_mask)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -317,31 +391,72 @@ class PolicyModuleBase(L.LightningModule):
         base = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
         return Path(base) / "hf_model"
 
-    def export_model(self) -> torch.nn.Module:
-        """The model written to `hf_model/` (the policy; subclasses with adapters merge them here)."""
-        return self.policy
+    def export_model(self, policy: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The model written to `hf_model/`: the policy, its LoRA adapter alone (`lora_export: adapter`), or the
+        base with the adapter merged in (a new module: the training policy keeps its adapter).
+        `policy`: the unsharded policy when the caller already gathered it (`_full_policy`)."""
+        policy = self.policy if policy is None else policy
+        if self.lora_config is None or self.lora_export == "adapter":
+            return policy
+        return copy.deepcopy(policy).merge_and_unload()
+
+    def _full_policy(self) -> torch.nn.Module:
+        """The policy with full (unsharded) weights. Under FSDP2 every rank takes part in gathering them (call it
+        on all ranks); rank 0 gets a freshly built model holding them, the other ranks get the sharded one."""
+        if not parallel.is_sharded(self.policy):
+            return self.policy
+        full = parallel.full_state_dict(self.policy)
+        if self.trainer.global_rank != 0:
+            return self.policy
+        hp = self.hparams
+        model = load_causal_lm(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
+                               trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+        if self.lora_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, self.lora_config)
+        model.load_state_dict(full)
+        return model
 
     def on_fit_end(self) -> None:
+        policy = self._full_policy()  # on every rank: gathering sharded weights is a collective
         if self.trainer.global_rank != 0:
             return
+        model = self.export_model(policy)
         out = self.export_dir()
         out.mkdir(parents=True, exist_ok=True)
-        self.export_model().save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         rank_zero_info(f"[rlhf_lightning] exported model and tokenizer to {out}")
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts}
-        if self.sample_generator is not None:
-            checkpoint["sample_generator_state"] = self.sample_generator.get_state()
+        states = self._generator_states()
+        if any(state is not None for state in states):
+            checkpoint["sample_generator_states"] = states
         checkpoint["rng_states"] = collect_rng_states()  # torch/CUDA/python/numpy: dropout, user reward fns
+
+    def _generator_states(self) -> list[torch.Tensor | None]:
+        """Every rank's sampling-generator state, indexed by rank. Lightning calls `on_save_checkpoint` on all ranks
+        but writes rank 0's dict: saving rank 0's state alone would give every rank one stream after a resume."""
+        state = self.sample_generator.get_state() if self.sample_generator is not None else None
+        dist = torch.distributed
+        if self._trainer is None or self.trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [state]
+        states: list[torch.Tensor | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(states, state)
+        return states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("rlhf_counters", {})
         self.optimizer_steps = counters.get("optimizer_steps", 0)
         self.rollouts = counters.get("rollouts", 0)
-        self._sample_generator_state = checkpoint.get("sample_generator_state")
+        states = checkpoint.get("sample_generator_states")
+        if states is None and "sample_generator_state" in checkpoint:  # checkpoints written before per-rank states
+            states = [checkpoint["sample_generator_state"]]
+        # a rank the checkpoint has no state for (more ranks than when it was saved) starts its seeded stream
+        self._sample_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
         self._pending_rng_states = checkpoint.get("rng_states")
 

@@ -84,6 +84,7 @@ class GRPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank).
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
             N rollouts (0 = off).
+        lora, lora_export, gradient_checkpointing: see `PolicyModuleBase` (with LoRA, π_ref = adapter disabled).
     """
 
     def __init__(
@@ -127,13 +128,18 @@ class GRPOModule(PolicyModuleBase):
         sample_seed: int = 1234,
         log_samples_every_n_steps: int = 50,
         seed: int = 0,
+        lora: dict[str, Any] | None = None,
+        lora_export: str = "merged",
+        gradient_checkpointing: bool = False,
     ):
         self.save_hyperparameters()
         _validate_grpo_args(self.hparams)
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns,
                          reward_weights if reward_model is None else None, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
-                         val_max_new_tokens or max_new_tokens, seed)
+                         val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
+                         gradient_checkpointing=gradient_checkpointing)
+        self.apply_lora()
         self.automatic_optimization = False
         if reward_model is not None:
             from .reward_model import RewardModelScorer
@@ -181,11 +187,12 @@ class GRPOModule(PolicyModuleBase):
         hp, G = self.hparams, self.hparams.group_size
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)  # [N, P], N = B*G
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)  # [N, P]
-        samples = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                         min_new_tokens=hp.min_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
-                         top_k=hp.top_k, eos_token_id=self.tokenizer.eos_token_id,
-                         pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
-                         return_logprobs=False)
+        with self.sampling_context():
+            samples = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
+                             min_new_tokens=hp.min_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
+                             top_k=hp.top_k, eos_token_id=self.tokenizer.eos_token_id,
+                             pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
+                             return_logprobs=False)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))
@@ -281,7 +288,8 @@ class GRPOModule(PolicyModuleBase):
                    completion_mask=s.completion_mask)
         t1 = time.perf_counter()
         old_logp = self._logprobs_no_grad(self.policy, ctx) if needs_old else None
-        ref_logp = self._logprobs_no_grad(self.ref_policy, ctx) if self.ref_policy is not None else None
+        with self.reference_policy() as ref:
+            ref_logp = self._logprobs_no_grad(ref, ctx) if ref is not None else None
         update_stats = self._update(ctx, advantages, loss_mask, old_logp, ref_logp)
         t_train = time.perf_counter() - t1
         self.rollouts += 1

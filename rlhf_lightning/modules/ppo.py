@@ -160,6 +160,8 @@ class PPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints).
         log_samples_every_n_steps: text table of sample completions and histograms of scores / advantages every
             N rollouts (0 = off).
+        lora, lora_export, gradient_checkpointing: see `PolicyModuleBase`. With LoRA the adapter is on the actor
+            only (the critic is built from the plain model first) and π_ref is the actor with its adapter disabled.
     """
 
     def __init__(
@@ -205,18 +207,23 @@ class PPOModule(PolicyModuleBase):
         sample_seed: int = 1234,
         seed: int = 0,
         log_samples_every_n_steps: int = 50,
+        lora: dict[str, Any] | None = None,
+        lora_export: str = "merged",
+        gradient_checkpointing: bool = False,
     ):
         self.save_hyperparameters()
         _validate_ppo_args(self.hparams)
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
-                         val_max_new_tokens or max_new_tokens, seed)
+                         val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
+                         gradient_checkpointing=gradient_checkpointing)
         self.automatic_optimization = False
         self._explicit_reward_fns = bool(self.reward_funcs)
         if disable_dropout:
             disable_dropout_in_model(self.policy)
         self.reward_model = self._load_reward_model(reward_model) if reward_model is not None else None
         self.value_model = self._make_critic()
+        self.apply_lora()  # after the critic: it copies the plain backbone, not the adapter
         self.ref_policy = self._make_reference() if (kl_coef > 0 or adaptive_kl) else None
         self.kl_ctl = (losses.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
                        else losses.FixedKLController(kl_coef))
@@ -274,6 +281,19 @@ class PPOModule(PolicyModuleBase):
             disable_dropout_in_model(critic)
         return critic
 
+    def fsdp_units(self) -> list[tuple[nn.Module, bool]]:
+        """Policy and reference (base), then the critic: its backbone by layers and its head as a unit of its own
+        (the shared critic calls the head directly, outside any other unit's forward). The frozen reward model's
+        backbone is sharded like the policy; its `score` head (H weights, frozen) stays replicated because
+        `reward_model_scores` calls it directly."""
+        units = super().fsdp_units()
+        if self.value_model.backbone is not None:
+            units.append((self.value_model.backbone, True))
+        units.append((self.value_model.head, False))
+        if self.reward_model is not None:
+            units.append((self.reward_model.base_model, True))
+        return units
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if (stage == "fit" and not self.reward_funcs and self.reward_model is None
@@ -315,10 +335,12 @@ class PPOModule(PolicyModuleBase):
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """One completion per prompt, sampled from π at `temperature` (eval mode, no grad, pad after EOS)."""
         hp = self.hparams
-        samples = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=hp.max_new_tokens,
-                         min_new_tokens=hp.min_new_tokens, temperature=hp.temperature,
-                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                         generator=self._generator(), return_logprobs=False)
+        with self.sampling_context():
+            samples = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
+                             max_new_tokens=hp.max_new_tokens, min_new_tokens=hp.min_new_tokens,
+                             temperature=hp.temperature, eos_token_id=self.tokenizer.eos_token_id,
+                             pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
+                             return_logprobs=False)
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         return Rollout(samples, list(batch["prompts"]), completions, self.reward_columns(batch))
 
@@ -418,8 +440,10 @@ class PPOModule(PolicyModuleBase):
             logp, _, values = self.policy_and_values(mb)
             old_logp.append(logp)
             old_values.append(values)
-            if self.ref_policy is not None:
-                ref_logp.append(completion_logprobs(self.ref_policy, **mb, temperature=self.hparams.temperature))
+        with self.reference_policy() as ref:  # a separate pass: with LoRA it toggles the policy's adapter
+            for idx in self._micro_batches(ctx["completion_ids"].shape[0]) if ref is not None else []:
+                mb = {k: v[idx] for k, v in ctx.items()}
+                ref_logp.append(completion_logprobs(ref, **mb, temperature=self.hparams.temperature))
         for m, mode in zip(modules, modes):
             m.train(mode)
         return torch.cat(old_logp), torch.cat(old_values), (torch.cat(ref_logp) if ref_logp else None)
@@ -596,9 +620,11 @@ class PPOModule(PolicyModuleBase):
         """Greedy completions: `val/score` from the reward model (if any), then the base's `val/reward` and
         `val/accuracy` from the reward functions / the task's verifiers."""
         if self.reward_model is not None:
-            greedy = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
-                            max_new_tokens=self.hparams.val_max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                            pad_token_id=self.tokenizer.pad_token_id, do_sample=False, return_logprobs=False)
+            with self.sampling_context():
+                greedy = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
+                                max_new_tokens=self.hparams.val_max_new_tokens,
+                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                do_sample=False, return_logprobs=False)
             self.log("val/score", self.reward_model_scores(greedy).mean(), batch_size=len(batch["prompts"]),
                      sync_dist=True, prog_bar=True)
         super().validation_step(batch, batch_idx)

@@ -33,6 +33,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from .. import parallel
 from ..models import load_sequence_classifier
 from ..preference import appends_eos, response_text, reward_input_ids, right_pad
 from ..tokenizer import load_tokenizer
@@ -186,22 +187,48 @@ class RewardModel(L.LightningModule):
         opt, sched = self.build_optimizer(params, self.hparams.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        """Under a ModelParallelStrategy: FSDP2-shard each decoder layer, then the whole classifier (head included).
+        Other strategies: no-op."""
+        if not parallel.is_fsdp2(self._trainer) or parallel.is_sharded(self.model):
+            return
+        parallel.shard_module(self.model, self.device_mesh["data_parallel"], self.trainer.precision,
+                              device=self.trainer.strategy.root_device)
+
     # --------------------------------------------------------------------------------------------- export
-    def export(self, out: str | os.PathLike) -> Path:
-        """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer)."""
+    def _full_model(self) -> nn.Module:
+        """The classifier with full weights: under FSDP2 gathered on every rank (a collective) into a freshly
+        built model on rank 0; the other ranks get the sharded one back."""
+        if not parallel.is_sharded(self.model):
+            return self.model
+        full = parallel.full_state_dict(self.model)
+        if self.trainer.global_rank != 0:
+            return self.model
+        hp = self.hparams
+        model = load_sequence_classifier(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
+                                         trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+        model.load_state_dict(full)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def export(self, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
+        """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer).
+        `model`: the unsharded classifier when the caller gathered it (`_full_model`); default `self.model`."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        config = self.model.config
+        model = self.model if model is None else model
+        config = model.config
         config.pad_token_id = self.tokenizer.pad_token_id
         config.reward_append_eos = appends_eos(self.tokenizer)
         config.reward_mean, config.reward_std = self.reward_mean, self.reward_std
-        self.model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         return out
 
     def on_fit_end(self) -> None:
+        model = self._full_model()  # on every rank: gathering sharded weights is a collective
         if self.trainer.global_rank == 0:
-            out = self.export(self.export_dir())
+            out = self.export(self.export_dir(), model)
             rank_zero_info(f"[rlhf_lightning] exported reward model and tokenizer to {out}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

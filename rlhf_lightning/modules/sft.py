@@ -16,7 +16,7 @@ class SFTModule(PolicyModuleBase):
     Use with `PromptDataModule(completion_column=...)` (built-in tasks have a `completion` column). The loss is the
     mean cross-entropy over completion tokens (EOS included), so the model learns where to stop. Validation
     reports `val/loss` and, with reward functions (or a built-in task), greedy `val/reward` / `val/accuracy`.
-    See `PolicyModuleBase` for the shared arguments.
+    See `PolicyModuleBase` for the shared arguments (LoRA and gradient checkpointing included).
     """
 
     def __init__(
@@ -35,11 +35,16 @@ class SFTModule(PolicyModuleBase):
         trust_remote_code: bool = False,
         val_max_new_tokens: int = 32,
         seed: int = 0,
+        lora: dict[str, Any] | None = None,
+        lora_export: str = "merged",
+        gradient_checkpointing: bool = False,
     ):
         self.save_hyperparameters()
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
-                         val_max_new_tokens, seed)
+                         val_max_new_tokens, seed, lora=lora, lora_export=lora_export,
+                         gradient_checkpointing=gradient_checkpointing)
+        self.apply_lora()
 
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         if "labels" not in batch:
