@@ -22,7 +22,8 @@ Fairness choices (why each knob is set the way it is):
   (TRL: per_device_train_batch_size = prompts x G, num_generations = G, no gradient accumulation); k3 KL in the
   loss with weight beta; clip epsilon/epsilon_high; loss_agg <-> TRL loss_type (token-mean = dapo,
   seq-mean-token-mean = grpo, seq-mean-token-sum-norm = dr_grpo); the same scale_rewards, num_iterations,
-  temperature/top_p; AdamW (weight decay 0, betas 0.9/0.999) at a constant lr, grad-norm clip, no warmup.
+  temperature/top_p; AdamW (weight decay 0, betas 0.9/0.999), grad-norm clip, and the same lr schedule:
+  constant, or linear warm-up then cosine to min_lr_ratio x lr (TRL: `cosine_with_min_lr`, min_lr_rate).
 - Same arithmetic: float32 on both sides (TRL's default bf16=True is turned off; `--bf16` turns on
   bf16 autocast for both). TRL's default gradient checkpointing is turned off (ours does not checkpoint, and
   recomputation would only slow TRL down). TRL generates with HF `generate` (no vLLM on CPU); that is TRL's own
@@ -67,7 +68,9 @@ HELD_OUT_SEED = 424242  # the demo's held-out seed: neither SFT nor GRPO trains 
 FROM_CONFIG = {
     "steps": ("grpo", "trainer", "max_steps"), "prompts_per_step": ("grpo", "data", "batch_size"),
     "num_train": ("grpo", "data", "num_train"), "group_size": ("grpo", "model", "group_size"),
-    "lr": ("grpo", "model", "lr"), "beta": ("grpo", "model", "beta"), "epsilon": ("grpo", "model", "clip_low"),
+    "lr": ("grpo", "model", "lr"), "lr_schedule": ("grpo", "model", "lr_schedule"),
+    "warmup_steps": ("grpo", "model", "warmup_steps"), "min_lr_ratio": ("grpo", "model", "min_lr_ratio"),
+    "beta": ("grpo", "model", "beta"), "epsilon": ("grpo", "model", "clip_low"),
     "epsilon_high": ("grpo", "model", "clip_high"), "scale_rewards": ("grpo", "model", "scale_rewards"),
     "loss_agg": ("grpo", "model", "loss_agg"), "num_iterations": ("grpo", "model", "num_iterations"),
     "max_new_tokens": ("grpo", "model", "max_new_tokens"), "temperature": ("grpo", "model", "temperature"),
@@ -117,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="cosine: linear warm-up, then cosine decay to --min-lr-ratio x lr over the run")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--beta", type=float, default=0.04, help="k3 KL weight in the loss; 0 = no reference model")
     p.add_argument("--epsilon", type=float, default=0.2, help="clip range below 1 (our clip_low)")
     p.add_argument("--epsilon-high", type=float, default=0.28, help="clip range above 1 (our clip_high)")
@@ -185,7 +192,8 @@ def run_ours(args: argparse.Namespace, warm: Path, reward: RecordingReward, root
         loss_agg=args.loss_agg, num_iterations=args.num_iterations, minibatches=1,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         mask_truncated=args.mask_truncated, max_grad_norm=args.max_grad_norm or None, lr=args.lr,
-        lr_schedule="constant", torch_dtype="float32", sample_seed=args.seed, log_samples_every_n_steps=0,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+        torch_dtype="float32", sample_seed=args.seed, log_samples_every_n_steps=0,
         seed=args.seed)
     data = PromptDataModule(task="addition", task_kwargs={"digits": args.digits}, num_train=args.num_train,
                             num_val=0, batch_size=args.prompts_per_step, seed=args.seed)
@@ -208,7 +216,9 @@ def run_trl(args: argparse.Namespace, warm: Path, reward: RecordingReward, root:
     ckpt = next(f for f in ("activation_checkpointing", "gradient_checkpointing") if f in GRPOConfig.__dataclass_fields__)
     config = GRPOConfig(
         output_dir=str(root / "trl"), seed=args.seed, use_cpu=True, bf16=args.bf16, report_to="none",
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup_steps,
+        **({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": args.min_lr_ratio}}
+           if args.lr_schedule == "cosine" else {"lr_scheduler_type": "constant_with_warmup"}),
         max_grad_norm=args.max_grad_norm, per_device_train_batch_size=completions_per_step,
         gradient_accumulation_steps=1, num_generations=args.group_size,
         max_steps=args.steps * args.num_iterations, beta=args.beta, epsilon=args.epsilon,

@@ -86,7 +86,9 @@ def _check_common(events: EventAccumulator, required: list[str]) -> None:
 
 
 def test_grpo_run_writes_scalars_samples_histograms_hparams(tmp_path, monkeypatch):
-    events, cli = _run("grpo_arithmetic.yaml", tmp_path, monkeypatch, "--trainer.max_steps", str(ROLLOUTS))
+    # beta > 0 (the paper's 0.04; the demo config uses 0) so the KL series are written too
+    events, cli = _run("grpo_arithmetic.yaml", tmp_path, monkeypatch, "--trainer.max_steps", str(ROLLOUTS),
+                       "--model.init_args.beta", "0.04")
     _check_common(events, COMMON + GRPO_ONLY)
     assert cli.model.rollouts == ROLLOUTS
     assert "reward" in cli.trainer.progress_bar_metrics and "kl" in cli.trainer.progress_bar_metrics
