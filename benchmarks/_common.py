@@ -84,7 +84,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def bf16_flags() -> list[str]:
+    """The CPU flags that make bf16 matmuls fast (AMX tiles, AVX512-BF16); without them bf16 is emulated."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags.split(":", 1)[1].split() if f.startswith("amx") or f == "avx512_bf16")
+
+
 def machine_line(threads: int) -> str:
     one, five, fifteen = load_average()
+    bf16 = ", ".join(bf16_flags()) or "none (bf16 is emulated: slower than fp32)"
     return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch thread(s), "
-            f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}")
+            f"bf16 CPU flags: {bf16}, load average {one:.1f} / {five:.1f} / {fifteen:.1f}")

@@ -60,14 +60,30 @@ def digit_fraction(prompts: list[str], completions: list[str], **_: Any) -> list
 
 
 # --------------------------------------------------------------------------------------------- models
+def model_paths(root: Path) -> dict[str, dict[str, str]]:
+    """Where `write_models` puts each size's policy and reward model (children only read them)."""
+    return {size: {kind: str(root / size / kind) for kind in ("policy", "reward")} for size in SIZES}
+
+
+def read_prompts(root: Path, n: int) -> list[str]:
+    """The first n of the built-in addition prompts that `write_models` stored (no rlhf_lightning import, so the
+    TRL 0.21 venv needs only TRL)."""
+    prompts = json.loads((root / "prompts.json").read_text())
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
 def write_models(root: Path) -> dict[str, dict[str, str]]:
-    """One random policy and one reward model (sequence classifier) per size, written with save_pretrained."""
+    """One random policy and one reward model (sequence classifier) per size, written with save_pretrained,
+    plus the prompts (`prompts.json`, built-in 2-digit addition) every run draws from."""
     from rlhf_lightning.models import load_causal_lm, load_sequence_classifier
+    from rlhf_lightning.tasks import get_task
     from rlhf_lightning.tokenizer import load_tokenizer
 
-    out = {}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts.json").write_text(json.dumps([r["prompt"] for r in get_task("addition").make_examples(
+        4096, seed=0)]))
     for size in SIZES:
-        paths = {"policy": root / size / "policy", "reward": root / size / "reward"}
+        paths = {kind: Path(p) for kind, p in model_paths(root)[size].items()}
         if not (paths["policy"] / "config.json").exists() or not (paths["reward"] / "config.json").exists():
             tok = load_tokenizer(size)
             for kind, path in paths.items():
@@ -75,8 +91,7 @@ def write_models(root: Path) -> dict[str, dict[str, str]]:
                 model = load(size, tok, seed=0 if kind == "policy" else 1)
                 model.save_pretrained(path)
                 tok.save_pretrained(path)
-        out[size] = {k: str(v) for k, v in paths.items()}
-    return out
+    return model_paths(root)
 
 
 def step_flops(config, rows: int, prompt_len: int, tokens: int, no_grad_passes: int, train_passes: int) -> float:
@@ -181,13 +196,8 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
     return {"step_s": times[warmup:], "phases": _phase_means(snapshots, warmup)}
 
 
-def _addition_prompts(n: int) -> list[dict]:
-    from rlhf_lightning.tasks import get_task
-
-    return get_task("addition").make_examples(n, seed=0)
-
-
-def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int) -> dict:
+def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
+                 prompts: list[str]) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
@@ -202,8 +212,7 @@ def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int,
                              group_size=GROUP_SIZE, max_steps=steps, max_new_tokens=TOKENS, lr=LR, beta=0.04,
                              bf16=bf16, loss_agg="token-mean", logging_steps=steps,
                              generation_kwargs={"min_new_tokens": TOKENS})
-    rows = _addition_prompts(PROMPTS_GRPO * (steps + 2))
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+    dataset = Dataset.from_list([{"prompt": p} for p in prompts])
     model = load_causal_lm(models["policy"], tokenizer, torch_dtype="bfloat16" if bf16 else "float32")
     trainer = GRPOTrainer(model=model, reward_funcs=[digit_fraction], args=config, train_dataset=dataset,
                           processing_class=tokenizer)
@@ -226,19 +235,18 @@ def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int,
     return {"step_s": times[warmup:], "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
 
 
-def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int) -> dict:
+def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
+                prompts: list[str]) -> dict:
     """TRL 0.21's PPOTrainer (run by --trl-ppo-python: the venv that has trl 0.21)."""
     import trl.trainer.ppo_trainer as ppo_module
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import PPOConfig, PPOTrainer
-
-    from rlhf_lightning.tokenizer import load_tokenizer
 
     steps = warmup + measure
     bf16 = precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    tokenizer = load_tokenizer(models["policy"])
+    tokenizer = AutoTokenizer.from_pretrained(models["policy"])  # the char tokenizer saved with the model
     tokenizer.padding_side = "left"
     config = PPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=bf16, report_to="none", seed=0,
                        learning_rate=LR, per_device_train_batch_size=PROMPTS_PPO, gradient_accumulation_steps=1,
@@ -246,8 +254,7 @@ def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, 
                        response_length=TOKENS, stop_token=None, missing_eos_penalty=None, kl_coef=0.05,
                        total_episodes=PROMPTS_PPO * steps, num_sample_generations=0, save_strategy="no",
                        logging_steps=steps, max_grad_norm=1.0, dataloader_num_workers=0)
-    rows = _addition_prompts(PROMPTS_PPO * (steps + 2))
-    dataset = Dataset.from_list([{"input_ids": tokenizer(r["prompt"])["input_ids"]} for r in rows])
+    dataset = Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
     policy = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=dtype)
     ref = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=dtype)
     reward = AutoModelForSequenceClassification.from_pretrained(models["reward"], num_labels=1, dtype=dtype)
@@ -288,13 +295,14 @@ def run_one(spec: str, models_root: Path, warmup: int, measure: int, threads: in
     """Child process: one (algo, system, size, precision) run; prints its JSON on the last line."""
     torch.set_num_threads(threads)
     algo, system, size, precision = spec.split(":")
-    models = write_models(models_root)[size]
+    models = model_paths(models_root)[size]
+    prompts = read_prompts(models_root, (PROMPTS_GRPO if algo == "grpo" else PROMPTS_PPO) * (warmup + measure + 2))
     if system == "ours":
         result = run_ours(algo, size, precision, models, warmup, measure)
     elif algo == "grpo":
-        result = run_trl_grpo(size, precision, models, warmup, measure)
+        result = run_trl_grpo(size, precision, models, warmup, measure, prompts)
     else:
-        result = run_trl_ppo(size, precision, models, warmup, measure)
+        result = run_trl_ppo(size, precision, models, warmup, measure, prompts)
     result.update(spec=spec, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
 
@@ -456,8 +464,7 @@ def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]]) -
     for size in args.sizes:
         config = AutoConfig.from_pretrained(models[size]["policy"])
         tok = load_tokenizer(models[size]["policy"])
-        prompts = _addition_prompts(64)
-        prompt_len = round(statistics.mean(len(tok(r["prompt"])["input_ids"]) for r in prompts))
+        prompt_len = round(statistics.mean(len(tok(p)["input_ids"]) for p in read_prompts(Path(args.models), 64)))
         out[("grpo", size)] = step_flops(config, PROMPTS_GRPO * GROUP_SIZE, prompt_len, TOKENS, 1, 1)
         out[("ppo", size)] = step_flops(config, PROMPTS_PPO, prompt_len, TOKENS, 3, 2)
     return out
