@@ -24,9 +24,11 @@ How it is timed: every run is its own process (so its peak RSS is its own), with
 makes `--warmup` + `--measure` steps and only the last `--measure` count (start-up, compilation of oneDNN kernels
 and the first steps are excluded). Runs are interleaved ours, TRL, ours, TRL ... (`--rounds`) so that load from
 other jobs on a shared machine hits both; the table shows the median step time over all measured steps of a
-system. The matmul peak of each precision is measured in the same invocation, before and after the runs, and the
-best of the two is the "compute floor" our achieved FLOP/s are compared with. Useful FLOPs per step count the
-work the algorithm needs (generation, no-grad passes, forward + backward), with the matmul and attention FLOPs
+system, and the median CPU seconds (process time) per step, which waiting for a core under contention does not
+inflate: on a busy machine the CPU ratio is the steadier comparison. The matmul peak of each precision is
+measured in the same invocation, before and after the runs, and the best of the two is the "compute floor" our
+achieved FLOP/s are compared with. Useful FLOPs per step count the work the algorithm needs (generation, no-grad
+passes, forward + backward), with the matmul and attention FLOPs
 of the decoder (`step_flops`); the same count is used for both systems.
 """
 
@@ -178,14 +180,16 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
     phases.wrap(module, "_update", "forward+backward+step")
     data = PromptDataModule(task="addition", num_train=prompts * (steps + 2), num_val=0, batch_size=prompts)
     times: list[float] = []
+    cpu: list[float] = []
     snapshots: list[dict[str, float]] = []
 
     class Timer(L.Callback):
         def on_train_batch_start(self, *_):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, *_):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
             snapshots.append(phases.snapshot())
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
@@ -193,7 +197,7 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
                         num_sanity_val_steps=0, callbacks=[Timer()], default_root_dir=tempfile.mkdtemp(),
                         precision="bf16-true" if precision == "bf16" else "32-true")
     trainer.fit(module, datamodule=data)
-    return {"step_s": times[warmup:], "phases": _phase_means(snapshots, warmup)}
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:], "phases": _phase_means(snapshots, warmup)}
 
 
 def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
@@ -220,19 +224,22 @@ def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int,
     phases.wrap(trainer, "_generate", "generation")
     phases.wrap(trainer, "_get_per_token_logps_and_entropies", "no-grad passes", only_no_grad=True)
     times: list[float] = []
+    cpu: list[float] = []
     snapshots: list[dict[str, float]] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *_, **__):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
             snapshots.append(phases.snapshot())
 
     trainer.add_callback(Timer())
     trainer.train()
-    return {"step_s": times[warmup:], "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:],
+            "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
 
 
 def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
@@ -266,22 +273,25 @@ def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, 
     phases = PhaseTimer()
     phases.wrap(ppo_module, "batch_generation", "generation")
     times: list[float] = []
+    cpu: list[float] = []
     snapshots: list[dict[str, float]] = []
 
     class Timer(TrainerCallback):
         # TRL 0.21's PPO loop calls only on_step_end per batch: a step is the time between two of them
         def on_train_begin(self, *_, **__):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.process_time()
             times.append(now - self.t0)
+            cpu.append(now_cpu - self.c0)
             snapshots.append(phases.snapshot())
-            self.t0 = now
+            self.t0, self.c0 = now, now_cpu
 
     trainer.add_callback(Timer())
     trainer.train()
-    return {"step_s": times[warmup:], "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:],
+            "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
 
 
 def _with_rest(phases: dict[str, float], step_s: list[float]) -> dict[str, float]:
@@ -376,6 +386,8 @@ def summarize(runs: list[dict], args, peaks: dict[str, float], flops: dict[tuple
                     mine = [r for r in runs if r["spec"] == f"{algo}:{system}:{size}:{precision}"]
                     steps = [s for r in mine if "step_s" in r for s in r["step_s"]]
                     row[system] = statistics.median(steps) if steps else None
+                    cpu = [s for r in mine for s in r.get("cpu_s", [])]
+                    row[f"{system}_cpu"] = statistics.median(cpu) if cpu else None
                     row[f"{system}_rss"] = max((r["peak_rss_mib"] for r in mine if "peak_rss_mib" in r), default=None)
                     row[f"{system}_errors"] = [r["error"] for r in mine if "error" in r]
                     phases = [r["phases"] for r in mine if r.get("phases")]
@@ -383,6 +395,8 @@ def summarize(runs: list[dict], args, peaks: dict[str, float], flops: dict[tuple
                                                 for k in phases[0]} if phases else {})
                 if row.get("ours") and row.get("trl"):
                     row["ratio"] = row["trl"] / row["ours"]
+                if row.get("ours_cpu") and row.get("trl_cpu"):
+                    row["cpu_ratio"] = row["trl_cpu"] / row["ours_cpu"]
                 if row.get("ours"):
                     row["tflops"] = flops[(algo, size)] / row["ours"] / 1e12
                     row["peak_frac"] = row["tflops"] * 1e12 / peaks[precision]
@@ -394,12 +408,13 @@ def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
     def f(x, fmt):
         return "—" if x is None else format(x, fmt)
 
-    lines = ["| algo | model | precision | ours s/step | TRL s/step | TRL / ours | our TFLOP/s | of matmul peak | "
-             "ours peak RSS MiB | TRL peak RSS MiB |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| algo | model | precision | ours s/step | TRL s/step | TRL / ours | ours CPU s | TRL CPU s | "
+             "CPU TRL / ours | our TFLOP/s | of matmul peak | ours peak RSS MiB | TRL peak RSS MiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {f(r.get('ours'), '.2f')} | "
-                     f"{f(r.get('trl'), '.2f')} | {f(r.get('ratio'), '.2f')}x | {f(r.get('tflops'), '.3f')} | "
+                     f"{f(r.get('trl'), '.2f')} | {f(r.get('ratio'), '.2f')}x | {f(r.get('ours_cpu'), '.2f')} | "
+                     f"{f(r.get('trl_cpu'), '.2f')} | {f(r.get('cpu_ratio'), '.2f')}x | {f(r.get('tflops'), '.3f')} | "
                      f"{f(r.get('peak_frac'), '.0%')} | {f(r.get('ours_rss'), '.0f')} | {f(r.get('trl_rss'), '.0f')} |")
     lines.append("")
     lines.append("matmul peak (best 1024^3 matmul): " + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s"
