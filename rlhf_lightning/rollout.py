@@ -74,9 +74,14 @@ def _static_cache(model: torch.nn.Module, max_len: int):
 
     transformers marks the models whose attention supports a static cache with `_can_compile_fullgraph`
     (a PEFT wrapper forwards the attribute lookup to its base model); anything else keeps the dynamic cache.
+    So does autocast (`bf16-mixed`): the static cache takes its dtype from the first keys it stores, and under
+    autocast later keys can come in another dtype, which its in-place write refuses.
     """
     config = getattr(model, "config", None)
     if config is None or not getattr(model, "_can_compile_fullgraph", False):
+        return None
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if torch.is_autocast_enabled(device.type):
         return None
     from transformers import StaticCache
 

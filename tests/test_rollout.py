@@ -379,3 +379,15 @@ def test_static_cache_is_used_only_where_the_model_supports_it(model: Qwen2ForCa
 
     assert isinstance(_static_cache(model, 20), StaticCache)
     assert _static_cache(torch.nn.Linear(2, 2), 20) is None  # not a transformers model: the dynamic cache
+
+
+def test_sampling_under_autocast_keeps_the_dynamic_cache(model: Qwen2ForCausalLM) -> None:
+    """bf16 autocast (Lightning's bf16-mixed) samples without error, through the dynamic cache."""
+    from rlhf_lightning.rollout import _static_cache
+
+    ids, mask = left_pad(PROMPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _static_cache(model, 20) is None
+        r = sample(model, ids, mask, max_new_tokens=5, eos_token_id=1, pad_token_id=PAD, do_sample=False)
+    assert r.completion_ids.shape[0] == len(PROMPTS) and 1 <= r.completion_ids.shape[1] <= 5
+    assert r.completion_mask[:, 0].all()  # every row got at least its first token
