@@ -51,6 +51,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from _common import LOSS_TYPE, trl_grpo_config  # benchmarks/ is on sys.path when run as a script
 
 from rlhf_lightning import GRPOModule, PromptDataModule, SFTModule
 from rlhf_lightning.evaluation import greedy_accuracy
@@ -60,7 +61,6 @@ from rlhf_lightning.tasks import get_task
 from rlhf_lightning.tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
 NOT_COMPARED = {"model_name_or_path", "reward_fns", "val_max_new_tokens", "log_samples_every_n_steps"}
 HELD_OUT_SEED = 424242  # the demo's held-out seed: neither SFT nor GRPO trains on it
 # flag -> (config, section, key). The demo's YAML values are the flags' defaults, so tuning the demo's configs
@@ -209,25 +209,16 @@ def run_ours(args: argparse.Namespace, warm: Path, reward: RecordingReward, root
 def run_trl(args: argparse.Namespace, warm: Path, reward: RecordingReward, root: Path, tokenizer, rows: list[dict]):
     """TRL's GRPOTrainer with the matching GRPOConfig; returns (wall seconds of train(), trained policy)."""
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
-    completions_per_step = args.prompts_per_step * args.group_size
-    # transformers 5 renamed gradient_checkpointing (TRL's default: on) to activation_checkpointing
-    ckpt = next(f for f in ("activation_checkpointing", "gradient_checkpointing") if f in GRPOConfig.__dataclass_fields__)
-    config = GRPOConfig(
-        output_dir=str(root / "trl"), seed=args.seed, use_cpu=True, bf16=args.bf16, report_to="none",
-        learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup_steps,
-        **({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": args.min_lr_ratio}}
-           if args.lr_schedule == "cosine" else {"lr_scheduler_type": "constant_with_warmup"}),
-        max_grad_norm=args.max_grad_norm, per_device_train_batch_size=completions_per_step,
-        gradient_accumulation_steps=1, num_generations=args.group_size,
+    config = trl_grpo_config(
+        root / "trl", seed=args.seed, bf16=args.bf16, lr=args.lr, max_grad_norm=args.max_grad_norm,
+        completions_per_step=args.prompts_per_step * args.group_size, group_size=args.group_size,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
         max_steps=args.steps * args.num_iterations, beta=args.beta, epsilon=args.epsilon,
-        epsilon_high=args.epsilon_high, loss_type=LOSS_TYPE[args.loss_agg], scale_rewards=args.scale_rewards,
-        num_iterations=args.num_iterations, importance_sampling_level="token",
-        mask_truncated_completions=args.mask_truncated, max_completion_length=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=0, use_vllm=False, **{ckpt: False},
-        save_strategy="no", eval_strategy="no", logging_steps=max(1, args.steps // 5), disable_tqdm=True,
-        log_completions=False, dataloader_num_workers=0, shuffle_dataset=True)
+        epsilon_high=args.epsilon_high, loss_agg=args.loss_agg, scale_rewards=args.scale_rewards,
+        num_iterations=args.num_iterations, mask_truncated=args.mask_truncated, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, logging_steps=max(1, args.steps // 5))
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
     model = load_causal_lm(str(warm), tokenizer, torch_dtype="float32")
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,

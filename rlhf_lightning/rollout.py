@@ -3,8 +3,10 @@
 Every RL module goes through the two functions here:
 
 - `sample` generates completions for a left-padded batch of prompts with an explicit decode loop over the
-  model's KV cache (a bare loop is much faster than `model.generate` on small models, and it is easy to read
-  and to later speed up with a static cache / `torch.compile`).
+  model's KV cache (a bare loop is much faster than `model.generate` on small models, and it is easy to read).
+  The cache is a preallocated `StaticCache` by default: a growing `DynamicCache` re-copies every layer's keys and
+  values at every token (`torch.cat`); the static cache writes one column in place. Sampling 64 x 64 tokens from
+  the `small` preset on one CPU thread took 8% less CPU time with it (1.30 vs 1.42 s, three runs each).
 - `completion_logprobs` recomputes log π(completion | prompt) with ONE forward pass, with grad when grad is
   enabled: it is the term the policy loss differentiates through.
 
@@ -67,6 +69,25 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+def _static_cache(model: torch.nn.Module, max_len: int):
+    """A `StaticCache` of `max_len` positions for `model`, or None where the model cannot take one.
+
+    transformers marks the models whose attention supports a static cache with `_can_compile_fullgraph`
+    (a PEFT wrapper forwards the attribute lookup to its base model); anything else keeps the dynamic cache.
+    So does autocast (`bf16-mixed`): the static cache takes its dtype from the first keys it stores, and under
+    autocast later keys can come in another dtype, which its in-place write refuses.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not getattr(model, "_can_compile_fullgraph", False):
+        return None
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if torch.is_autocast_enabled(device.type):
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=config, max_cache_len=max_len)
+
+
 def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(
@@ -92,6 +113,7 @@ def sample(
     do_sample: bool = True,
     generator: torch.Generator | None = None,
     return_logprobs: bool = True,
+    static_cache: bool = True,
 ) -> RolloutBatch:
     """Generate completions for a left-padded prompt batch with an explicit KV-cache decode loop.
 
@@ -103,6 +125,10 @@ def sample(
     recomputed by `completion_logprobs` for the ratio / KL) is the plain temperature-scaled softmax. Using the
     filtered distribution here would make old and new log-probs disagree even for identical weights.
     With temperature == 0 the logprobs are those of the unscaled (temperature 1) policy.
+
+    `static_cache` preallocates the KV cache for P + max_new_tokens positions (transformers' `StaticCache`, written
+    in place at `cache_position`); models that cannot take one fall back to the growing `DynamicCache`, as does
+    `static_cache=False`. Both give the same tokens and log-probs (tested).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -127,12 +153,18 @@ def sample(
         # Prefill: the whole left-padded prompt, logits only for the last (real) position.
         attn = prompt_mask.long()  # [B, P], grows by one column per step
         position = position_ids_from_mask(attn)  # [B, P]
+        P = prompt_ids.size(1)
+        past = _static_cache(model, P + max_new_tokens) if static_cache else None
+        # a static cache is written at explicit slots (`cache_position`); the dynamic one just appends
+        slots = torch.arange(P, device=device)
+        cache_kwargs = {} if past is None else {"past_key_values": past, "cache_position": slots}
         out = model(
             input_ids=prompt_ids,
             attention_mask=attn,
             position_ids=position,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwargs,
         )
         past = out.past_key_values
         next_pos = position[:, -1:] + 1  # [B, 1]
@@ -170,6 +202,9 @@ def sample(
 
             # Decode step: one token per row, mask grows by one real column, position = previous + 1.
             attn = torch.cat([attn, attn.new_ones(B, 1)], dim=-1)  # [B, P + t + 1]
+            step_kwargs = {}
+            if "cache_position" in cache_kwargs:  # the static cache's slot for this token: column P + t
+                step_kwargs["cache_position"] = torch.tensor([P + t], device=device)
             out = model(
                 input_ids=token[:, None],
                 attention_mask=attn,
@@ -177,6 +212,7 @@ def sample(
                 past_key_values=past,
                 use_cache=True,
                 logits_to_keep=1,
+                **step_kwargs,
             )
             past = out.past_key_values
             next_pos = next_pos + 1

@@ -216,3 +216,26 @@ def test_grpo_trains_from_a_reward_model_export(tmp_path):
     assert seen["rewards"].std() > 0  # real scores, not a constant
     with pytest.raises(ValueError, match="reward_weights"):
         GRPOModule(model_name_or_path="tiny", reward_model=str(rm_dir), reward_weights=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", False)])
+def test_adamw_is_fused_except_under_amp(tmp_path, precision, fused):
+    """Fused AdamW where Lightning can still clip gradients (no AMP plugin); the clipped step runs either way."""
+    m = GRPOModule("tiny", group_size=2, max_new_tokens=3, lr=1e-2, max_grad_norm=1e-3,
+                   log_samples_every_n_steps=0)
+    _trainer(tmp_path, 1, precision=precision).fit(m, _data(batch_size=2))
+    opt = m.optimizers().optimizer
+    assert opt.defaults["fused"] is fused
+    assert all(float(opt.state[p]["step"]) == 1 for p in m.trainable_parameters())
+
+
+def test_can_fuse_adamw_only_plain_float_tensors_without_amp():
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    from rlhf_lightning.modules.base import _can_fuse_adamw
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    assert _can_fuse_adamw([w], Precision()) and _can_fuse_adamw([w], None)
+    assert not _can_fuse_adamw([w], MixedPrecision("bf16-mixed", "cpu"))
+    assert not _can_fuse_adamw([{"params": [w]}], None)  # parameter groups: left to the default
+    assert not _can_fuse_adamw([], None)

@@ -348,3 +348,46 @@ def test_absolute_position_model_padded_batch_matches_alone() -> None:
         n = int(batch.completion_mask[b].sum())
         ref, _ = reference_logprobs(m, prompt, batch.completion_ids[b, :n].tolist())
         assert torch.allclose(lp[b, :n], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_model, "gpt2"])
+def test_static_and_dynamic_cache_sample_the_same(make, eos: int) -> None:
+    """The preallocated cache (default) and the growing one give the same tokens, masks and log-probs, with
+    sampling, a mixed-EOS batch and left padding; GPT-2 (absolute positions) takes the same path."""
+    if make == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    else:
+        m = make()
+    ids, mask = left_pad(PROMPTS)
+    runs = []
+    for static in (True, False):
+        gen = torch.Generator().manual_seed(3)
+        runs.append(sample(m, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD, temperature=0.8,
+                           generator=gen, static_cache=static))
+    a, b = runs
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_static_cache_is_used_only_where_the_model_supports_it(model: Qwen2ForCausalLM) -> None:
+    from transformers import StaticCache
+
+    from rlhf_lightning.rollout import _static_cache
+
+    assert isinstance(_static_cache(model, 20), StaticCache)
+    assert _static_cache(torch.nn.Linear(2, 2), 20) is None  # not a transformers model: the dynamic cache
+
+
+def test_sampling_under_autocast_keeps_the_dynamic_cache(model: Qwen2ForCausalLM) -> None:
+    """bf16 autocast (Lightning's bf16-mixed) samples without error, through the dynamic cache."""
+    from rlhf_lightning.rollout import _static_cache
+
+    ids, mask = left_pad(PROMPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _static_cache(model, 20) is None
+        r = sample(model, ids, mask, max_new_tokens=5, eos_token_id=1, pad_token_id=PAD, do_sample=False)
+    assert r.completion_ids.shape[0] == len(PROMPTS) and 1 <= r.completion_ids.shape[1] <= 5
+    assert r.completion_mask[:, 0].all()  # every row got at least its first token

@@ -358,7 +358,9 @@ class PolicyModuleBase(L.LightningModule):
 
     def build_optimizer(self, params, lr: float) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         hp = self.hparams
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        params = list(params)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
+                                fused=_can_fuse_adamw(params, getattr(self._trainer, "precision_plugin", None)))
         total = self.schedule_horizon()
         warmup, kind, floor = hp.warmup_steps, hp.lr_schedule, hp.min_lr_ratio
 
@@ -482,6 +484,23 @@ def reduce_step_metrics(keys: list[str], values: torch.Tensor) -> torch.Tensor:
                          f"{torch.distributed.get_rank()}: {keys}); log the same keys on every rank")
     is_max = torch.tensor([k.endswith("_max") for k in keys], device=values.device)
     return torch.where(is_max, table[:, :-1].max(0).values, table[:, :-1].mean(0))
+
+
+def _can_fuse_adamw(params: list, precision_plugin: Any) -> bool:
+    """Whether AdamW can run fused: one kernel per update instead of ~10 passes over every tensor (on the `medium`
+    preset, one CPU thread: 0.15 s of CPU per step against 0.54-0.86 s unfused; TRL's default optimizer is fused too).
+
+    Only for plain tensors on CPU/CUDA (FSDP2's DTensors and other subclasses keep the default implementation), and
+    not under an AMP precision plugin: Lightning refuses to clip the gradients of an optimizer that unscales them
+    inside `step`, which a fused one does.
+    """
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    tensors = [p for p in params if isinstance(p, torch.Tensor)]
+    if not tensors or len(tensors) != len(params) or isinstance(precision_plugin, MixedPrecision):
+        return False
+    return all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+               for p in tensors)
 
 
 def grad_norm(params) -> torch.Tensor:

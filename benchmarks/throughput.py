@@ -1,0 +1,489 @@
+"""Training throughput: rlhf_lightning against TRL on the same machine, model, batch and precision.
+
+    .venv-bench/bin/python benchmarks/throughput.py --out bench_out/throughput            # everything
+    .venv-bench/bin/python benchmarks/throughput.py --algos grpo --sizes small --precisions fp32 --rounds 1
+
+What is compared (issue 7):
+- GRPO: `GRPOModule` vs TRL's `GRPOTrainer` (the bench venv's release): 8 prompts x 8 samples per step, 64
+  completion tokens forced (`min_new_tokens`), beta 0.04 (a reference model runs), mu = 1, one optimizer step per
+  rollout, token-mean loss (TRL `dapo`), gradient clipping 1.0, activation checkpointing off on TRL's side.
+- PPO: `PPOModule` vs TRL 0.21's `PPOTrainer` (TRL's last PPO; its own venv, `--trl-ppo-python`): policy,
+  reference, reward model and critic of one size (the critic starts from the reward model on both sides),
+  64 prompts, 64 tokens (TRL: no stop token, so every row runs to 64; ours: min_new_tokens = 64), 1 PPO epoch,
+  1 minibatch, k1 KL penalty in the reward with coefficient 0.05.
+- Models: one random Llama-style decoder per size, written once with `save_pretrained` (with the char tokenizer)
+  and loaded by both sides: `small` (hidden 256, 4 layers) and `medium` (hidden 768, 12 layers, ~85M parameters
+  plus a small embedding). Llama, not Qwen2, because transformers 5 reloads every qwen2 directory with a
+  byte-level tokenizer that mangles the char vocabulary (see rlhf_lightning/models.py); the two architectures
+  differ only by the q/k/v biases.
+- Precisions: `fp32` on both; `bf16` = the fastest each offers on this CPU: ours `precision="bf16-true"` (weights,
+  activations and gradients in bf16, AdamW on bf16 weights), TRL's model loaded in bfloat16 with `bf16=True`
+  (the same pure-bf16 weights plus autocast).
+
+How it is timed: every run is its own process (so its peak RSS is its own), with `--threads` torch threads. A run
+makes `--warmup` + `--measure` steps and only the last `--measure` count (start-up, compilation of oneDNN kernels
+and the first steps are excluded). Runs are interleaved ours, TRL, ours, TRL ... (`--rounds`) so that load from
+other jobs on a shared machine hits both; the table shows the median step time over all measured steps of a
+system, and the median CPU seconds (process time) per step, which waiting for a core under contention does not
+inflate: on a busy machine the CPU ratio is the steadier comparison. The matmul peak of each precision is
+measured in the same invocation, before and after the runs, and the best of the two is the "compute floor" our
+achieved FLOP/s are compared with. Useful FLOPs per step count the work the algorithm needs (generation, no-grad
+passes, forward + backward), with the matmul and attention FLOPs
+of the decoder (`step_flops`); the same count is used for both systems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import load_average, machine_line, matmul_peak_flops, trl_grpo_config
+
+SIZES = ("small", "medium")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_STEPS = {"small": (2, 4), "medium": (1, 2)}  # (warm-up, measured) steps per run
+GROUP_SIZE, PROMPTS_GRPO, PROMPTS_PPO, TOKENS = 8, 8, 64, 64
+LR = 1e-6  # tiny: the weights barely move, so step times do not drift with what the model learns
+
+
+def digit_fraction(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    """A cheap reward with spread (fraction of digit characters), so groups have non-zero advantages."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+# --------------------------------------------------------------------------------------------- models
+def model_paths(root: Path) -> dict[str, dict[str, str]]:
+    """Where `write_models` puts each size's policy and reward model (children only read them)."""
+    return {size: {kind: str(root / size / kind) for kind in ("policy", "reward")} for size in SIZES}
+
+
+def read_prompts(root: Path, n: int) -> list[str]:
+    """The first n of the built-in addition prompts that `write_models` stored (no rlhf_lightning import, so the
+    TRL 0.21 venv needs only TRL)."""
+    prompts = json.loads((root / "prompts.json").read_text())
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def write_models(root: Path) -> dict[str, dict[str, str]]:
+    """One random policy and one reward model (sequence classifier) per size, written with save_pretrained,
+    plus the prompts (`prompts.json`, built-in 2-digit addition) every run draws from."""
+    from rlhf_lightning.models import load_causal_lm, load_sequence_classifier
+    from rlhf_lightning.tasks import get_task
+    from rlhf_lightning.tokenizer import load_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts.json").write_text(json.dumps([r["prompt"] for r in get_task("addition").make_examples(
+        4096, seed=0)]))
+    for size in SIZES:
+        paths = {kind: Path(p) for kind, p in model_paths(root)[size].items()}
+        if not (paths["policy"] / "config.json").exists() or not (paths["reward"] / "config.json").exists():
+            tok = load_tokenizer(size)
+            for kind, path in paths.items():
+                load = load_causal_lm if kind == "policy" else load_sequence_classifier
+                model = load(size, tok, seed=0 if kind == "policy" else 1)
+                model.save_pretrained(path)
+                tok.save_pretrained(path)
+    return model_paths(root)
+
+
+def step_flops(config, rows: int, prompt_len: int, tokens: int, no_grad_passes: int, train_passes: int) -> float:
+    """Useful FLOPs of one RL step: sampling + `no_grad_passes` forwards + `train_passes` forward+backward.
+
+    Per token and layer: 2 x (q, k, v, o projections + the 3 MLP matrices) for the matmuls, 4 x hidden x context
+    for attention (QK^T and AV); the LM head (2 x hidden x vocab) only where logits are needed. Backward = 2 x
+    forward. Sampling: the prompt once, then one token per step against a growing cache.
+    """
+    d, layers, f = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    linear = 2 * layers * (d * d + 2 * d * kv + d * d + 3 * d * f)  # per token
+    head = 2 * d * config.vocab_size
+
+    def attention(ctx: float) -> float:
+        return 4 * layers * d * ctx
+
+    sampling = rows * (prompt_len * (linear + attention(prompt_len / 2)) + head)
+    sampling += rows * sum(linear + attention(prompt_len + t) + head for t in range(1, tokens))
+    length = prompt_len + tokens
+    full = rows * (length * (linear + attention(length / 2)) + (tokens + 1) * head)  # one full-sequence forward
+    return sampling + full * (no_grad_passes + 3 * train_passes)
+
+
+# ---------------------------------------------------------------------------------------- one run each
+class PhaseTimer:
+    """Wraps methods of an object to add up the seconds spent in each named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, obj: Any, method: str, phase: str, only_no_grad: bool = False) -> None:
+        original = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            if only_no_grad and torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, method, timed)
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.seconds)
+
+
+def _phase_means(snapshots: list[dict[str, float]], first: int) -> dict[str, float]:
+    """Mean seconds per measured step of each phase, from cumulative snapshots taken at every step's end."""
+    steps = len(snapshots) - first
+    if steps <= 0:
+        return {}
+    start = snapshots[first - 1] if first > 0 else {}
+    return {k: (v - start.get(k, 0.0)) / steps for k, v in snapshots[-1].items()}
+
+
+def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmup: int, measure: int) -> dict:
+    import lightning as L
+
+    from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
+
+    L.seed_everything(0, verbose=False)
+    common = dict(model_name_or_path=models["policy"], max_new_tokens=TOKENS, min_new_tokens=TOKENS, lr=LR,
+                  max_grad_norm=1.0, log_samples_every_n_steps=0)
+    steps = warmup + measure
+    if algo == "grpo":
+        module = GRPOModule(reward_fns=[digit_fraction], group_size=GROUP_SIZE, beta=0.04, num_iterations=1,
+                            minibatches=1, loss_agg="token-mean", **common)
+        prompts, max_steps = PROMPTS_GRPO, steps
+    else:
+        module = PPOModule(reward_model=models["reward"], critic="separate", kl_coef=0.05, ppo_epochs=1,
+                           minibatches=1, **common)
+        prompts, max_steps = PROMPTS_PPO, 2 * steps  # both optimizers count in trainer.global_step
+    phases = PhaseTimer()
+    phases.wrap(module, "rollout", "generation")
+    if algo == "grpo":
+        phases.wrap(module, "_logprobs_no_grad", "no-grad passes")
+    else:
+        phases.wrap(module, "_no_grad_passes", "no-grad passes")
+        phases.wrap(module, "compute_rewards", "no-grad passes")  # the reward model's forward
+    phases.wrap(module, "_update", "forward+backward+step")
+    data = PromptDataModule(task="addition", num_train=prompts * (steps + 2), num_val=0, batch_size=prompts)
+    times: list[float] = []
+    cpu: list[float] = []
+    snapshots: list[dict[str, float]] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *_):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_train_batch_end(self, *_):
+            times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
+            snapshots.append(phases.snapshot())
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[Timer()], default_root_dir=tempfile.mkdtemp(),
+                        precision="bf16-true" if precision == "bf16" else "32-true")
+    trainer.fit(module, datamodule=data)
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:], "phases": _phase_means(snapshots, warmup)}
+
+
+def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
+                 prompts: list[str]) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from rlhf_lightning.models import load_causal_lm
+    from rlhf_lightning.tokenizer import load_tokenizer
+
+    steps = warmup + measure
+    bf16 = precision == "bf16"
+    tokenizer = load_tokenizer(models["policy"])
+    config = trl_grpo_config(tempfile.mkdtemp(), completions_per_step=PROMPTS_GRPO * GROUP_SIZE,
+                             group_size=GROUP_SIZE, max_steps=steps, max_new_tokens=TOKENS, lr=LR, beta=0.04,
+                             bf16=bf16, loss_agg="token-mean", logging_steps=steps,
+                             generation_kwargs={"min_new_tokens": TOKENS})
+    dataset = Dataset.from_list([{"prompt": p} for p in prompts])
+    model = load_causal_lm(models["policy"], tokenizer, torch_dtype="bfloat16" if bf16 else "float32")
+    trainer = GRPOTrainer(model=model, reward_funcs=[digit_fraction], args=config, train_dataset=dataset,
+                          processing_class=tokenizer)
+    phases = PhaseTimer()
+    phases.wrap(trainer, "_generate", "generation")
+    phases.wrap(trainer, "_get_per_token_logps_and_entropies", "no-grad passes", only_no_grad=True)
+    times: list[float] = []
+    cpu: list[float] = []
+    snapshots: list[dict[str, float]] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
+            snapshots.append(phases.snapshot())
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:],
+            "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
+
+
+def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
+                prompts: list[str]) -> dict:
+    """TRL 0.21's PPOTrainer (run by --trl-ppo-python: the venv that has trl 0.21)."""
+    import trl.trainer.ppo_trainer as ppo_module
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import PPOConfig, PPOTrainer
+
+    steps = warmup + measure
+    bf16 = precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(models["policy"])  # the char tokenizer saved with the model
+    tokenizer.padding_side = "left"
+    config = PPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=bf16, report_to="none", seed=0,
+                       learning_rate=LR, per_device_train_batch_size=PROMPTS_PPO, gradient_accumulation_steps=1,
+                       num_mini_batches=1, num_ppo_epochs=1, local_rollout_forward_batch_size=PROMPTS_PPO,
+                       response_length=TOKENS, stop_token=None, missing_eos_penalty=None, kl_coef=0.05,
+                       total_episodes=PROMPTS_PPO * steps, num_sample_generations=0, save_strategy="no",
+                       logging_steps=steps, max_grad_norm=1.0, dataloader_num_workers=0)
+    dataset = Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
+    policy = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=dtype)
+    ref = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(models["reward"], num_labels=1, dtype=dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(models["reward"], num_labels=1, dtype=dtype)
+    for m in (reward, value):
+        m.config.pad_token_id = tokenizer.pad_token_id
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=dataset)
+    phases = PhaseTimer()
+    phases.wrap(ppo_module, "batch_generation", "generation")
+    times: list[float] = []
+    cpu: list[float] = []
+    snapshots: list[dict[str, float]] = []
+
+    class Timer(TrainerCallback):
+        # TRL 0.21's PPO loop calls only on_step_end per batch: a step is the time between two of them
+        def on_train_begin(self, *_, **__):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *_, **__):
+            now, now_cpu = time.perf_counter(), time.process_time()
+            times.append(now - self.t0)
+            cpu.append(now_cpu - self.c0)
+            snapshots.append(phases.snapshot())
+            self.t0, self.c0 = now, now_cpu
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:],
+            "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
+
+
+def _with_rest(phases: dict[str, float], step_s: list[float]) -> dict[str, float]:
+    """Adds 'rest' = step time minus the timed phases (TRL: no-grad passes we did not time, backward, step)."""
+    if step_s:
+        phases["rest"] = sum(step_s) / len(step_s) - sum(phases.values())
+    return phases
+
+
+def run_one(spec: str, models_root: Path, warmup: int, measure: int, threads: int) -> dict:
+    """Child process: one (algo, system, size, precision) run; prints its JSON on the last line."""
+    torch.set_num_threads(threads)
+    algo, system, size, precision = spec.split(":")
+    models = model_paths(models_root)[size]
+    prompts = read_prompts(models_root, (PROMPTS_GRPO if algo == "grpo" else PROMPTS_PPO) * (warmup + measure + 2))
+    if system == "ours":
+        result = run_ours(algo, size, precision, models, warmup, measure)
+    elif algo == "grpo":
+        result = run_trl_grpo(size, precision, models, warmup, measure, prompts)
+    else:
+        result = run_trl_ppo(size, precision, models, warmup, measure, prompts)
+    result.update(spec=spec, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- parent
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", default="grpo,ppo", help="comma list of grpo, ppo")
+    p.add_argument("--sizes", default="small,medium", help="comma list of small, medium")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--rounds", type=int, default=2, help="ours/TRL pairs per setting, interleaved (ABAB)")
+    p.add_argument("--warmup", type=int, default=None, help="steps excluded per run (default: small 2, medium 1)")
+    p.add_argument("--measure", type=int, default=None, help="steps timed per run (default: small 4, medium 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every run (both systems)")
+    p.add_argument("--systems", default="ours,trl", help="comma list of ours, trl (order within a round)")
+    p.add_argument("--trl-ppo-python", default=str(Path(__file__).resolve().parent.parent / ".venv-trl021" / "bin"
+                                                   / "python"), help="python of a venv with trl==0.21 (PPO peer)")
+    p.add_argument("--models", default="bench_out/throughput_models", help="where the random models are written")
+    p.add_argument("--out", default="bench_out/throughput", help="directory for results.json / results.md")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: child process spec algo:system:size:precision
+    args = p.parse_args(argv)
+    for name, allowed in (("algos", ("grpo", "ppo")), ("sizes", SIZES), ("precisions", PRECISIONS),
+                          ("systems", ("ours", "trl"))):
+        values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            p.error(f"--{name} takes a comma list of {'/'.join(allowed)}, got {getattr(args, name)!r}")
+        setattr(args, name, values)
+    if args.rounds < 1 or args.threads < 1:
+        p.error("--rounds and --threads must be >= 1")
+    if args.warmup is not None and args.warmup < 0 or args.measure is not None and args.measure < 1:
+        p.error("--warmup must be >= 0 and --measure >= 1")
+    return args
+
+
+def spawn(args: argparse.Namespace, spec: str, size: str) -> dict:
+    warmup, measure = DEFAULT_STEPS[size]
+    warmup = warmup if args.warmup is None else args.warmup
+    measure = measure if args.measure is None else args.measure
+    algo, system = spec.split(":")[:2]
+    python = args.trl_ppo_python if (algo, system) == ("ppo", "trl") else sys.executable
+    if not Path(python).exists():
+        return {"spec": spec, "error": f"{python} does not exist (see benchmarks/README.md: TRL 0.21 venv)"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [python, __file__, "--one", spec, "--models", args.models, "--threads", str(args.threads),
+           "--warmup", str(warmup), "--measure", str(measure)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        print(f"[throughput] {spec} failed: {tail[0]}", flush=True)
+        return {"spec": spec, "error": tail[0], "stderr_tail": proc.stderr[-4000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = wall
+    steps = ", ".join(f"{s:.2f}" for s in result["step_s"])
+    print(f"[throughput] {spec}: step s [{steps}], peak RSS {result['peak_rss_mib']:.0f} MiB, load "
+          f"{load_average()[0]:.1f}", flush=True)
+    return result
+
+
+def summarize(runs: list[dict], args, peaks: dict[str, float], flops: dict[tuple[str, str], float]) -> list[dict]:
+    rows = []
+    for algo in args.algos:
+        for size in args.sizes:
+            for precision in args.precisions:
+                row: dict[str, Any] = {"algo": algo, "size": size, "precision": precision}
+                for system in args.systems:
+                    mine = [r for r in runs if r["spec"] == f"{algo}:{system}:{size}:{precision}"]
+                    steps = [s for r in mine if "step_s" in r for s in r["step_s"]]
+                    row[system] = statistics.median(steps) if steps else None
+                    cpu = [s for r in mine for s in r.get("cpu_s", [])]
+                    row[f"{system}_cpu"] = statistics.median(cpu) if cpu else None
+                    row[f"{system}_rss"] = max((r["peak_rss_mib"] for r in mine if "peak_rss_mib" in r), default=None)
+                    row[f"{system}_errors"] = [r["error"] for r in mine if "error" in r]
+                    phases = [r["phases"] for r in mine if r.get("phases")]
+                    row[f"{system}_phases"] = ({k: statistics.median(p.get(k, 0.0) for p in phases)
+                                                for k in phases[0]} if phases else {})
+                if row.get("ours") and row.get("trl"):
+                    row["ratio"] = row["trl"] / row["ours"]
+                if row.get("ours_cpu") and row.get("trl_cpu"):
+                    row["cpu_ratio"] = row["trl_cpu"] / row["ours_cpu"]
+                if row.get("ours"):
+                    row["tflops"] = flops[(algo, size)] / row["ours"] / 1e12
+                    row["peak_frac"] = row["tflops"] * 1e12 / peaks[precision]
+                rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
+    def f(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    lines = ["| algo | model | precision | ours s/step | TRL s/step | TRL / ours | ours CPU s | TRL CPU s | "
+             "CPU TRL / ours | our TFLOP/s | of matmul peak | ours peak RSS MiB | TRL peak RSS MiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {f(r.get('ours'), '.2f')} | "
+                     f"{f(r.get('trl'), '.2f')} | {f(r.get('ratio'), '.2f')}x | {f(r.get('ours_cpu'), '.2f')} | "
+                     f"{f(r.get('trl_cpu'), '.2f')} | {f(r.get('cpu_ratio'), '.2f')}x | {f(r.get('tflops'), '.3f')} | "
+                     f"{f(r.get('peak_frac'), '.0%')} | {f(r.get('ours_rss'), '.0f')} | {f(r.get('trl_rss'), '.0f')} |")
+    lines.append("")
+    lines.append("matmul peak (best 1024^3 matmul): " + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s"
+                                                                  for p, v in peaks.items()))
+    lines += ["", "where a step's time goes (seconds, median over runs):", ""]
+    for r in rows:
+        for system in ("ours", "trl"):
+            if r.get(f"{system}_phases"):
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{system}_phases"].items())
+                lines.append(f"- {r['algo']} {r['size']} {r['precision']} {system}: {parts}")
+            for err in r.get(f"{system}_errors", []):
+                lines.append(f"- {r['algo']} {r['size']} {r['precision']} {system}: FAILED: {err}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.one:
+        warmup = 0 if args.warmup is None else args.warmup
+        print(json.dumps(run_one(args.one, Path(args.models), warmup, args.measure or 1, args.threads)))
+        return {}
+    torch.set_num_threads(args.threads)
+    models = write_models(Path(args.models))
+    machine_before = machine_line(args.threads)
+    print(f"[throughput] {machine_before}", flush=True)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: matmul_peak_flops(dtypes[p]) for p in args.precisions}
+    flops = _useful_flops(args, models)
+    runs = []
+    for algo in args.algos:
+        for size in args.sizes:
+            for precision in args.precisions:
+                for _ in range(args.rounds):  # ABAB: ours, TRL, ours, TRL
+                    for system in args.systems:
+                        runs.append(spawn(args, f"{algo}:{system}:{size}:{precision}", size))
+    peaks = {p: max(v, matmul_peak_flops(dtypes[p])) for p, v in peaks.items()}
+    machine_after = machine_line(args.threads)
+    rows = summarize(runs, args, peaks, flops)
+    table = markdown(rows, peaks)
+    header = (f"machine before: {machine_before}\nmachine after:  {machine_after}\n"
+              f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("\n" + header + "\n" + table, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"args": {k: v for k, v in vars(args).items()}, "machine_before": machine_before,
+               "machine_after": machine_after, "peaks": peaks, "rows": rows, "runs": runs, "table": table}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    (out / "results.md").write_text(header + "\n" + table + "\n")
+    print(f"[throughput] wrote {out / 'results.md'}")
+    return payload
+
+
+def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]]) -> dict[tuple[str, str], float]:
+    """Useful FLOPs per step for each (algo, size). GRPO: sampling + reference forward + policy fwd/bwd.
+    PPO: sampling + reference, reward-model and critic forwards + policy and critic fwd/bwd (the old log-probs
+    are the sampler's, so a recomputation is not counted as useful work)."""
+    from transformers import AutoConfig
+
+    from rlhf_lightning.tokenizer import load_tokenizer
+
+    out = {}
+    for size in args.sizes:
+        config = AutoConfig.from_pretrained(models[size]["policy"])
+        tok = load_tokenizer(models[size]["policy"])
+        prompt_len = round(statistics.mean(len(tok(p)["input_ids"]) for p in read_prompts(Path(args.models), 64)))
+        out[("grpo", size)] = step_flops(config, PROMPTS_GRPO * GROUP_SIZE, prompt_len, TOKENS, 1, 1)
+        out[("ppo", size)] = step_flops(config, PROMPTS_PPO, prompt_len, TOKENS, 3, 2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
