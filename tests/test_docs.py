@@ -24,6 +24,7 @@ def shell_commands(page: Path) -> list[str]:
         block = re.sub(r"\\\n\s*", " ", block)
         for line in block.splitlines():
             line = line.split(" #")[0].strip()
+            line = re.sub(r"^(?:[A-Z_]+=\S+\s+)+", "", line)  # environment prefixes (OMP_NUM_THREADS=1 ...)
             if line.startswith("rlhf-lightning "):
                 commands.append(line)
     return commands
