@@ -425,7 +425,8 @@ def test_ppo_arithmetic_config_runs_two_steps(tmp_path, monkeypatch):
     cli = cli_main(["fit", "--config", str(CONFIGS / "ppo_arithmetic.yaml"), "--trainer.max_steps", "2",
                     "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
                     "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-                    "--trainer.default_root_dir", str(tmp_path), "--data.init_args.num_train", "128"])
+                    "--trainer.default_root_dir", str(tmp_path), "--data.init_args.num_train", "128",
+                    "--data.init_args.batch_size", "64"])  # the config's 256 prompts would exceed 128 rows
     assert isinstance(cli.model, PPOModule)
     assert cli.model.rollouts == 1  # max_steps=2 counts actor + critic steps: one rollout's worth is reached
     assert cli.trainer.global_step == 2 * cli.model.hparams.ppo_epochs * cli.model.hparams.minibatches
