@@ -380,6 +380,12 @@ class PromptDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.train_rows) < self.hparams.batch_size * ranks:  # drop_last: not one batch, nothing would train
+            from .reliability import ConfigError
+
+            raise ConfigError(f"data: {len(self.train_rows)} training rows make no full batch of batch_size="
+                              f"{self.hparams.batch_size} x {ranks} rank(s); lower data.batch_size or add rows")
         # its own generator: creating the iterator (every epoch, and again on resume) draws the workers' base
         # seed from it instead of the global torch RNG, so a resumed run's global RNG matches the straight one
         distributed = self.trainer is not None and self.trainer.world_size > 1

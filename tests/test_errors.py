@@ -63,6 +63,8 @@ CASES = [
     ("clip_high", [*TASK, "--model.clip_high", "-0.2"], "clip_high must be >= 0, got -0.2"),
     ("lr", [*TASK, "--model.lr", "0"], "lr must be in (0, 1), got 0"),
     ("batch_size", [*TASK, "--data.batch_size", "0"], "batch_size must be a positive integer, got 0"),
+    ("batch_larger_than_data", [*TASK, "--data.batch_size", "64", "--data.num_train", "10"],
+     "10 training rows make no full batch of batch_size=64"),
     ("max_new_tokens", [*TASK, "--model.max_new_tokens", "0"], "max_new_tokens must be >= 1, got 0"),
     ("max_prompt_length", [*TASK, "--data.max_prompt_length", "0"], "max_prompt_length must be a positive integer"),
     ("min_new_tokens", [*TASK, "--model.max_new_tokens", "4", "--model.min_new_tokens", "5"],
