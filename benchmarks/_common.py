@@ -8,8 +8,12 @@ Only what both scripts must do the same way lives here, so a fairness choice is 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -102,3 +106,21 @@ def machine_line(threads: int) -> str:
     bf16 = ", ".join(bf16_flags()) or "none (bf16 is emulated: slower than fp32)"
     return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch thread(s), "
             f"bf16 CPU flags: {bf16}, load average {one:.1f} / {five:.1f} / {fifteen:.1f}")
+
+
+def add_rollout_args(parser: argparse.ArgumentParser, *, steps: int, warmup: int, threads: int) -> None:
+    """The rollout-size flags `ppo_vs_grpo.py` and `scaling.py` share (model preset, completions, timing)."""
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--completions", type=int, default=64, help="completions per rollout")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64, help="forced completion length")
+    parser.add_argument("--steps", type=int, default=steps, help="rollouts per run")
+    parser.add_argument("--warmup", type=int, default=warmup, help="rollouts excluded from the timing")
+    parser.add_argument("--threads", type=int, default=threads)
+
+
+def run_child(script: str, argv: list[str], one: str) -> dict[str, Any]:
+    """Run `script argv --one <one>` in a fresh process (its own peak RSS and allocator state) and return the
+    JSON dict it prints on its last line."""
+    out = subprocess.run([sys.executable, script, *argv, "--one", one], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

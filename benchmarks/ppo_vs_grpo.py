@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
+
+from _common import add_rollout_args, run_child  # benchmarks/ is on sys.path when run as a script
 
 
 def run_one(algo: str, args: argparse.Namespace) -> dict:
@@ -63,13 +64,7 @@ def run_one(algo: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--completions", type=int, default=64, help="completions per rollout for both")
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64, help="forced completion length")
-    parser.add_argument("--steps", type=int, default=6, help="rollouts per run")
-    parser.add_argument("--warmup", type=int, default=2, help="rollouts excluded from the timing")
-    parser.add_argument("--threads", type=int, default=2)
+    add_rollout_args(parser, steps=6, warmup=2, threads=2)  # --completions: per rollout, for both
     parser.add_argument("--one", choices=["grpo", "ppo"], help=argparse.SUPPRESS)  # internal: child process
     args = parser.parse_args()
     if args.warmup >= args.steps:
@@ -79,9 +74,7 @@ def main() -> None:
         return
     rows = []
     for algo in ("grpo", "ppo"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", algo], capture_output=True,
-                             text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_child(__file__, sys.argv[1:], algo))
     grpo, ppo = rows
     print(f"preset {args.preset}, {args.completions} completions x {args.tokens} tokens per rollout, fp32, "
           f"{args.threads} threads\n")

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
+
+from _common import add_rollout_args, run_child  # benchmarks/ is on sys.path when run as a script
 
 SETTINGS = {
     "fp32": {"precision": "32-true"},
@@ -72,13 +73,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--completions", type=int, default=64, help="completions per rollout")
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64, help="forced completion length")
-    parser.add_argument("--steps", type=int, default=5, help="rollouts per run")
-    parser.add_argument("--warmup", type=int, default=1, help="rollouts excluded from the timing")
-    parser.add_argument("--threads", type=int, default=1)
+    add_rollout_args(parser, steps=5, warmup=1, threads=1)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--one", choices=sorted(SETTINGS), help=argparse.SUPPRESS)  # internal: child process
     args = parser.parse_args()
@@ -93,9 +88,7 @@ def main() -> None:
         child_args = child_args[:i] + child_args[i + 1 + len(args.settings):]
     rows = []
     for name in args.settings:
-        out = subprocess.run([sys.executable, __file__, *child_args, "--one", name], capture_output=True, text=True,
-                             check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_child(__file__, child_args, name))
     print(f"GRPO, preset {args.preset}, {args.completions} completions x {args.tokens} tokens per step, "
           f"{args.threads} thread(s), mean of {args.steps - args.warmup} steps\n")
     print("| setting | s / step | generation s | training s | peak RSS (MiB) | trainable params |")
