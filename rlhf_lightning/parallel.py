@@ -11,7 +11,7 @@ optimization (Lightning #19626, #19685), and every RL module here optimizes manu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -122,6 +122,20 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_model(module: nn.Module, rank: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """`module` with full weights for an export: itself when it is not sharded; under FSDP2 its weights are
+    gathered (a collective: call it on every rank) into `build()`, a freshly built model of the same structure,
+    on rank 0, while the other ranks get the sharded module back."""
+    if not is_sharded(module):
+        return module
+    full = full_state_dict(module)
+    if rank != 0:
+        return module
+    model = build()
+    model.load_state_dict(full)
+    return model
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -405,20 +405,17 @@ class PolicyModuleBase(L.LightningModule):
     def _full_policy(self) -> torch.nn.Module:
         """The policy with full (unsharded) weights. Under FSDP2 every rank takes part in gathering them (call it
         on all ranks); rank 0 gets a freshly built model holding them, the other ranks get the sharded one."""
-        if not parallel.is_sharded(self.policy):
-            return self.policy
-        full = parallel.full_state_dict(self.policy)
-        if self.trainer.global_rank != 0:
-            return self.policy
-        hp = self.hparams
-        model = load_causal_lm(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
-                               trust_remote_code=hp.trust_remote_code, seed=hp.seed)
-        if self.lora_config is not None:
+        def build() -> torch.nn.Module:
+            hp = self.hparams
+            model = load_causal_lm(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
+                                   trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+            if self.lora_config is None:
+                return model
             from peft import get_peft_model
 
-            model = get_peft_model(model, self.lora_config)
-        model.load_state_dict(full)
-        return model
+            return get_peft_model(model, self.lora_config)
+
+        return parallel.full_model(self.policy, self.trainer.global_rank, build)
 
     def on_fit_end(self) -> None:
         policy = self._full_policy()  # on every rank: gathering sharded weights is a collective

@@ -199,17 +199,14 @@ class RewardModel(L.LightningModule):
     def _full_model(self) -> nn.Module:
         """The classifier with full weights: under FSDP2 gathered on every rank (a collective) into a freshly
         built model on rank 0; the other ranks get the sharded one back."""
-        if not parallel.is_sharded(self.model):
-            return self.model
-        full = parallel.full_state_dict(self.model)
-        if self.trainer.global_rank != 0:
-            return self.model
-        hp = self.hparams
-        model = load_sequence_classifier(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
-                                         trust_remote_code=hp.trust_remote_code, seed=hp.seed)
-        model.load_state_dict(full)
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        return model
+        def build() -> nn.Module:
+            hp = self.hparams
+            model = load_sequence_classifier(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
+                                             trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+            return model
+
+        return parallel.full_model(self.model, self.trainer.global_rank, build)
 
     def export(self, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
         """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer).
