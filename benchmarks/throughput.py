@@ -27,9 +27,10 @@ other jobs on a shared machine hits both; the table shows the median step time o
 system, and the median CPU seconds (process time) per step, which waiting for a core under contention does not
 inflate: on a busy machine the CPU ratio is the steadier comparison. The matmul peak of each precision is
 measured in the same invocation, before and after the runs, and the best of the two is the "compute floor" our
-achieved FLOP/s are compared with. Useful FLOPs per step count the work the algorithm needs (generation, no-grad
-passes, forward + backward), with the matmul and attention FLOPs
-of the decoder (`step_flops`); the same count is used for both systems.
+achieved FLOP/s are compared with. FLOPs per step count the work each system's step executes (generation, no-grad
+passes, forward + backward), with the matmul and attention FLOPs of the decoder (`step_flops`; `_useful_flops`
+says which passes each side runs). "Our floor" = our FLOPs / the matmul peak: the step time of a perfect
+implementation of our step on this machine, so "TRL / floor" bounds the ratio any code could reach here.
 """
 
 from __future__ import annotations
@@ -125,17 +126,21 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._open: set[str] = set()  # phases being timed now: a wrapped method called inside another counts once
 
-    def wrap(self, obj: Any, method: str, phase: str, only_no_grad: bool = False) -> None:
+    def wrap(self, obj: Any, method: str, phase: str, grad: bool | None = None) -> None:
+        """Time `obj.method` as `phase`; `grad` True / False: only calls made with / without grad enabled."""
         original = getattr(obj, method)
 
         def timed(*args, **kwargs):
-            if only_no_grad and torch.is_grad_enabled():
+            if (grad is not None and torch.is_grad_enabled() != grad) or phase in self._open:
                 return original(*args, **kwargs)
+            self._open.add(phase)
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                self._open.discard(phase)
                 self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
         setattr(obj, method, timed)
@@ -175,9 +180,12 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
     if algo == "grpo":
         phases.wrap(module, "_logprobs_no_grad", "no-grad passes")
     else:
-        phases.wrap(module, "_no_grad_passes", "no-grad passes")
+        phases.wrap(module, "_no_grad_passes", "no-grad passes")  # not called at 1 epoch x 1 minibatch (fused)
+        phases.wrap(module, "_reference_logprobs", "no-grad passes")
         phases.wrap(module, "compute_rewards", "no-grad passes")  # the reward model's forward
     phases.wrap(module, "_update", "forward+backward+step")
+    if algo == "ppo":  # the fused PPO update's forward runs before `_update` (`PPOModule.fuses_old_passes`)
+        phases.wrap(module, "policy_and_values", "forward+backward+step", grad=True)
     data = PromptDataModule(task="addition", num_train=prompts * (steps + 2), num_val=0, batch_size=prompts)
     times: list[float] = []
     cpu: list[float] = []
@@ -222,7 +230,7 @@ def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int,
                           processing_class=tokenizer)
     phases = PhaseTimer()
     phases.wrap(trainer, "_generate", "generation")
-    phases.wrap(trainer, "_get_per_token_logps_and_entropies", "no-grad passes", only_no_grad=True)
+    phases.wrap(trainer, "_get_per_token_logps_and_entropies", "no-grad passes", grad=False)
     times: list[float] = []
     cpu: list[float] = []
     snapshots: list[dict[str, float]] = []
@@ -398,8 +406,12 @@ def summarize(runs: list[dict], args, peaks: dict[str, float], flops: dict[tuple
                 if row.get("ours_cpu") and row.get("trl_cpu"):
                     row["cpu_ratio"] = row["trl_cpu"] / row["ours_cpu"]
                 if row.get("ours"):
-                    row["tflops"] = flops[(algo, size)] / row["ours"] / 1e12
+                    row["tflops"] = flops[(algo, size, "ours")] / row["ours"] / 1e12
                     row["peak_frac"] = row["tflops"] * 1e12 / peaks[precision]
+                    # our FLOPs at 100% of the matmul peak: no code on this machine does a step faster
+                    row["floor_s"] = flops[(algo, size, "ours")] / peaks[precision]
+                    if row.get("trl"):
+                        row["max_ratio"] = row["trl"] / row["floor_s"]
                 rows.append(row)
     return rows
 
@@ -409,13 +421,18 @@ def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
         return "—" if x is None else format(x, fmt)
 
     lines = ["| algo | model | precision | ours s/step | TRL s/step | TRL / ours | ours CPU s | TRL CPU s | "
-             "CPU TRL / ours | our TFLOP/s | of matmul peak | ours peak RSS MiB | TRL peak RSS MiB |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "CPU TRL / ours | our TFLOP/s | of matmul peak | our floor s | TRL / floor | ours peak RSS MiB | "
+             "TRL peak RSS MiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {f(r.get('ours'), '.2f')} | "
                      f"{f(r.get('trl'), '.2f')} | {f(r.get('ratio'), '.2f')}x | {f(r.get('ours_cpu'), '.2f')} | "
                      f"{f(r.get('trl_cpu'), '.2f')} | {f(r.get('cpu_ratio'), '.2f')}x | {f(r.get('tflops'), '.3f')} | "
-                     f"{f(r.get('peak_frac'), '.0%')} | {f(r.get('ours_rss'), '.0f')} | {f(r.get('trl_rss'), '.0f')} |")
+                     f"{f(r.get('peak_frac'), '.0%')} | {f(r.get('floor_s'), '.2f')} | "
+                     f"{f(r.get('max_ratio'), '.2f')}x | "
+                     f"{f(r.get('ours_rss'), '.0f')} | {f(r.get('trl_rss'), '.0f')} |")
+    lines += ["", "our floor s = the FLOPs our step executes / the matmul peak (100% of peak, zero overhead); "
+              "TRL / floor = the largest TRL / ours ratio any implementation of our step could reach here."]
     lines.append("")
     lines.append("matmul peak (best 1024^3 matmul): " + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s"
                                                                   for p, v in peaks.items()))
@@ -467,10 +484,13 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
-def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]]) -> dict[tuple[str, str], float]:
-    """Useful FLOPs per step for each (algo, size). GRPO: sampling + reference forward + policy fwd/bwd.
-    PPO: sampling + reference, reward-model and critic forwards + policy and critic fwd/bwd (the old log-probs
-    are the sampler's, so a recomputation is not counted as useful work)."""
+def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]]) -> dict[tuple[str, str, str], float]:
+    """FLOPs per step each system executes, for each (algo, size, system).
+
+    GRPO, both: sampling + reference forward + policy fwd/bwd (mu = 1: no old-log-prob pass on either side).
+    PPO: sampling + policy and critic fwd/bwd, plus no-grad forwards: TRL 0.21 runs reference, critic and reward
+    model (its old log-probs are the sampler's logits); ours runs reference and reward model only (1 epoch x 1
+    minibatch: old log-probs and values are the update's own forward, `PPOModule.fuses_old_passes`)."""
     from transformers import AutoConfig
 
     from rlhf_lightning.tokenizer import load_tokenizer
@@ -480,8 +500,10 @@ def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]]) -
         config = AutoConfig.from_pretrained(models[size]["policy"])
         tok = load_tokenizer(models[size]["policy"])
         prompt_len = round(statistics.mean(len(tok(p)["input_ids"]) for p in read_prompts(Path(args.models), 64)))
-        out[("grpo", size)] = step_flops(config, PROMPTS_GRPO * GROUP_SIZE, prompt_len, TOKENS, 1, 1)
-        out[("ppo", size)] = step_flops(config, PROMPTS_PPO, prompt_len, TOKENS, 3, 2)
+        for system in ("ours", "trl"):
+            out[("grpo", size, system)] = step_flops(config, PROMPTS_GRPO * GROUP_SIZE, prompt_len, TOKENS, 1, 1)
+        out[("ppo", size, "ours")] = step_flops(config, PROMPTS_PPO, prompt_len, TOKENS, 2, 2)
+        out[("ppo", size, "trl")] = step_flops(config, PROMPTS_PPO, prompt_len, TOKENS, 3, 2)
     return out
 
 

@@ -203,6 +203,52 @@ def test_old_logprobs_equal_sampler_logprobs_at_temperature():
     assert old_values.shape == s.completion_ids.shape
 
 
+# ------------------------------------------------------------------------------------------------ fused old passes
+class CountingPPO(PPOModule):
+    """Counts the separate no-grad old-policy/critic passes."""
+
+    old_passes = 0
+
+    def _no_grad_passes(self, ctx):
+        self.old_passes += 1
+        return super()._no_grad_passes(ctx)
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_fused_old_passes_train_exactly_like_separate_passes(tmp_path, critic):
+    """1 epoch x 1 minibatch: π_old / V_old taken from the update's forward (no extra no-grad pass) give the same
+    weights after three rollouts as the separate eval-mode passes: it is the same PPO update, two forwards fewer."""
+    kwargs = dict(reward_fns=[digit_fraction], critic=critic, ppo_epochs=1, minibatches=1, kl_coef=0.1, lr=3e-3,
+                  max_new_tokens=5, temperature=0.9)
+    fused, separate = CountingPPO("tiny", **kwargs), CountingPPO("tiny", **kwargs)
+    separate.fuse_old_passes = False
+    for m, sub in ((fused, "f"), (separate, "s")):
+        L.seed_everything(0)
+        make_trainer(tmp_path / sub, max_steps=2 * 3).fit(m, make_data(batch_size=4))
+    assert (fused.old_passes, separate.old_passes) == (0, 3)
+    assert fused.rollouts == separate.rollouts == 3
+    moved = 0.0
+    for (name, a), b in zip(fused.named_parameters(), separate.parameters()):
+        # not bit-equal: the eval-mode pass and the grad forward round differently (~1e-7 in log π), and Adam's
+        # first steps (lr x g / |g|) magnify that for gradients near 0; 1e-4 is 3% of one step of lr 3e-3
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
+    for a, b in zip(fused.policy.parameters(), PPOModule("tiny", **kwargs).policy.parameters()):
+        moved = max(moved, float((a - b).abs().max()))
+    assert moved > 3e-3  # the updates did something (about lr per step)
+
+
+def test_fused_old_passes_only_where_they_are_exact():
+    m = PPOModule("tiny", reward_fns=[digit_fraction], ppo_epochs=1, minibatches=1)
+    assert m.fuses_old_passes(8)
+    assert not PPOModule("tiny", reward_fns=[digit_fraction], ppo_epochs=2).fuses_old_passes(8)
+    assert not PPOModule("tiny", reward_fns=[digit_fraction], ppo_epochs=1, minibatches=2).fuses_old_passes(8)
+    micro = PPOModule("tiny", reward_fns=[digit_fraction], ppo_epochs=1, micro_batch_size=4)
+    assert micro.fuses_old_passes(4) and not micro.fuses_old_passes(8)  # two micro-batches: two graphs
+    # dropout makes the train-mode update differ from an eval-mode old pass
+    m.policy.model.layers[0].self_attn.attention_dropout = 0.1
+    assert not m.fuses_old_passes(8)
+
+
 # ------------------------------------------------------------------------------------------------ optimizers
 @pytest.mark.parametrize("critic", ["separate", "shared"])
 def test_two_optimizers_schedulers_and_counters(tmp_path, critic):

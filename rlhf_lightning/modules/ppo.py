@@ -6,7 +6,9 @@ PPO" (Huang et al. 2024; the recipe of TRL's last PPOTrainer) describe it. One `
     1. rollout            one completion per prompt, KV-cache sampling (`rollout.sample`) at `temperature`,
                           under no_grad, eval mode; the sampler pads after EOS ("EOS truncation")
     2. no-grad passes     old log-probs log π_old (= the sampling policy), values V_old(s_t) from the critic and
-                          reference log-probs log π_ref, all at the same temperature, eval mode
+                          reference log-probs log π_ref, all at the same temperature, eval mode. With one epoch
+                          of one minibatch, π_old and V_old are the update's own forward, detached (the same
+                          weights: `fuses_old_passes`), and only π_ref runs here
     3. compute_rewards    the sequence score: reward model logit at the last real token and/or reward functions
                           (TRL signature), summed; `missing_eos_penalty` is subtracted for truncated completions
     4. token_rewards      r_t = -β·KL_t (k1 = log π_old - log π_ref) at every completion token, + score at the
@@ -102,6 +104,16 @@ def disable_dropout_in_model(model: nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
+def _active_dropout(model: nn.Module) -> bool:
+    """Whether a forward in train mode differs from eval mode through dropout (nn.Dropout p > 0 or HF's
+    `attention_dropout`)."""
+    def active(m: nn.Module) -> bool:
+        rate = getattr(m, "attention_dropout", None)
+        return (isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(rate, float) and rate > 0)
+
+    return any(active(m) for m in model.modules())
+
+
 def token_logprobs(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                    temperature: float) -> tuple[Tensor, Tensor]:
     """(log π(token) [B, T], entropy [B, T]) of logits [B, T, V] at `temperature`; 0 where the mask is 0.
@@ -163,6 +175,8 @@ class PPOModule(PolicyModuleBase):
         lora, lora_export, gradient_checkpointing: see `PolicyModuleBase`. With LoRA the adapter is on the actor
             only (the critic is built from the plain model first) and π_ref is the actor with its adapter disabled.
     """
+
+    fuse_old_passes: bool = True  # see `fuses_old_passes`
 
     def __init__(
         self,
@@ -430,23 +444,49 @@ class PPOModule(PolicyModuleBase):
     @torch.no_grad()
     def _no_grad_passes(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         """Old log-probs, old values and reference log-probs of the rollout, in eval mode (dropout off)."""
-        modules = [self.policy, self.value_model] + ([self.ref_policy] if self.ref_policy is not None else [])
+        modules = [self.policy, self.value_model]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
-        old_logp, old_values, ref_logp = [], [], []
+        old_logp, old_values = [], []
         for idx in self._micro_batches(ctx["completion_ids"].shape[0]):
             mb = {k: v[idx] for k, v in ctx.items()}
             logp, _, values = self.policy_and_values(mb)
             old_logp.append(logp)
             old_values.append(values)
-        with self.reference_policy() as ref:  # a separate pass: with LoRA it toggles the policy's adapter
-            for idx in self._micro_batches(ctx["completion_ids"].shape[0]) if ref is not None else []:
-                mb = {k: v[idx] for k, v in ctx.items()}
-                ref_logp.append(completion_logprobs(ref, **mb, temperature=self.hparams.temperature))
         for m, mode in zip(modules, modes):
             m.train(mode)
-        return torch.cat(old_logp), torch.cat(old_values), (torch.cat(ref_logp) if ref_logp else None)
+        return torch.cat(old_logp), torch.cat(old_values), self._reference_logprobs(ctx)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, ctx: dict[str, Tensor]) -> Tensor | None:
+        """log π_ref of the rollout's completion tokens [N, T] (None without a reference), in eval mode."""
+        ref_logp = []
+        with self.reference_policy() as ref:  # a separate pass: with LoRA it toggles the policy's adapter
+            if ref is None:
+                return None
+            mode = ref.training
+            ref.eval()
+            for idx in self._micro_batches(ctx["completion_ids"].shape[0]):
+                mb = {k: v[idx] for k, v in ctx.items()}
+                ref_logp.append(completion_logprobs(ref, **mb, temperature=self.hparams.temperature))
+            ref.train(mode)
+        return torch.cat(ref_logp)
+
+    def fuses_old_passes(self, n_rows: int) -> bool:
+        """Whether this rollout's π_old / V_old come from the update's own forward instead of a no-grad pass.
+
+        With one epoch of one minibatch done in one micro-batch, the update's forward runs on the very weights
+        that sampled the rollout, so "log π_old, V_old = that forward, detached" is exactly PPO's definition
+        (ratio 1 at the step, the gradient of the clipped surrogate unchanged) and saves one policy and one
+        critic forward per rollout (2 of the 4 no-grad passes; TRL 0.21 runs them all). Not with dropout
+        active: the update runs in train mode, the old passes in eval mode. `fuse_old_passes = False` (class or
+        instance attribute) turns it off, e.g. for a subclass whose `policy_and_values` differs between modes.
+        """
+        hp = self.hparams
+        return (self.fuse_old_passes and hp.ppo_epochs == 1 and hp.minibatches == 1
+                and (hp.micro_batch_size is None or hp.micro_batch_size >= n_rows)
+                and not any(_active_dropout(m) for m in (self.policy, self.value_model)))
 
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -462,7 +502,11 @@ class PPOModule(PolicyModuleBase):
 
         t1 = time.perf_counter()
         ctx = _ctx(s)
-        old_logp, old_values, ref_logp = self._no_grad_passes(ctx)  # [N, T] each
+        fused = self.fuses_old_passes(N)
+        if fused:  # π_old, V_old = the update's forward, detached (see `fuses_old_passes`)
+            ref_logp = self._reference_logprobs(ctx)  # [N, T] or None
+        else:
+            old_logp, old_values, ref_logp = self._no_grad_passes(ctx)  # [N, T] each
 
         # ---- sequence scores: reward model and/or reward functions, then the missing-EOS penalty
         raw_scores = self.compute_rewards(rollout.prompts, rollout.completions,
@@ -472,6 +516,12 @@ class PPOModule(PolicyModuleBase):
             scores = scores - hp.missing_eos_penalty * s.is_truncated.float()
         has_score = ~torch.isnan(scores)  # [N]; rows with no score get no loss at all
         mask = s.completion_mask.bool() & has_score.unsqueeze(-1)  # [N, T]
+        first_forward = None
+        if fused:  # after the no-grad work, so their activations are freed before this graph is built
+            self.policy.train()
+            self.value_model.train()
+            first_forward = self.policy_and_values(ctx)  # (log π, entropy, V) [N, T] each, with grad
+            old_logp, old_values = first_forward[0].detach(), first_forward[2].detach()
 
         # ---- per-token rewards: -β·KL at every token, + score at the last real token
         kl_coef = self.kl_ctl.value
@@ -486,7 +536,7 @@ class PPOModule(PolicyModuleBase):
 
         # ---- GAE, returns, whitening; then the updates
         advantages, returns = self.compute_advantages(rewards, old_values, mask)  # [N, T] each
-        update_stats = self._update(ctx, mask, old_logp, old_values, advantages, returns)
+        update_stats = self._update(ctx, mask, old_logp, old_values, advantages, returns, first_forward)
         t_train = time.perf_counter() - t1
 
         # ---- the KL controller sees the rollout's mean sequence KL (same on every rank)
@@ -506,8 +556,12 @@ class PPOModule(PolicyModuleBase):
         return total / max(count, 1), count
 
     def _update(self, ctx: dict[str, Tensor], mask: Tensor, old_logp: Tensor, old_values: Tensor,
-                advantages: Tensor, returns: Tensor) -> dict[str, float]:
+                advantages: Tensor, returns: Tensor,
+                first_forward: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, float]:
         """ppo_epochs x minibatches updates; each one: backward once, then clip/step/schedule both optimizers.
+
+        `first_forward`: the whole rollout's (log π, entropy, V) already computed with grad (fused old passes,
+        one epoch of one minibatch in one micro-batch); it is used instead of a second forward.
 
         Why ONE backward of pg + vf_coef·vf rather than two: with a shared critic both losses run through the
         same forward graph (two backwards would need retain_graph and walk the backbone twice); with a separate
@@ -535,7 +589,10 @@ class PPOModule(PolicyModuleBase):
                 step_loss = 0.0
                 for idx in self._micro_batches(N, rows):
                     mb = {k: v[idx] for k, v in ctx.items()}
-                    logp, entropy, values = self.policy_and_values(mb)  # [n, T] each, with grad
+                    if first_forward is not None:  # the one micro-batch holds every row, in `idx` order
+                        logp, entropy, values = (t[idx] for t in first_forward)
+                    else:
+                        logp, entropy, values = self.policy_and_values(mb)  # [n, T] each, with grad
                     m = mask[idx]
                     pg_loss, stats = self.policy_loss(logp, old_logp[idx], advantages[idx], m, normalizer)
                     vf_loss, vstats = self.value_loss(values, old_values[idx], returns[idx], m, normalizer)
