@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .. import parallel
+from ..cpu_allocator import keep_freed_memory
 from ..models import load_causal_lm, model_source
 from ..reliability import collect_rng_states, restore_rng_states
 from ..tokenizer import load_tokenizer
@@ -120,6 +121,8 @@ class PolicyModuleBase(L.LightningModule):
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
         parallel.check_strategy(self, self.trainer.strategy)
+        if self.trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()  # reuse activation memory step to step, as the CUDA caching allocator does
         if not self.reward_funcs:
             task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
             if task is not None:

@@ -34,6 +34,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from .. import parallel
+from ..cpu_allocator import keep_freed_memory
 from ..models import load_sequence_classifier
 from ..preference import appends_eos, response_text, reward_input_ids, right_pad
 from ..tokenizer import load_tokenizer
@@ -182,6 +183,10 @@ class RewardModel(L.LightningModule):
                 for p, c, r in zip(batch["prompts"], r_c.tolist(), r_r.tolist())]
 
     # ------------------------------------------------------------------------------------------ optimizer
+    def setup(self, stage: str) -> None:
+        if self.trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()  # see rlhf_lightning/cpu_allocator.py
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt, sched = self.build_optimizer(params, self.hparams.lr)
