@@ -210,14 +210,19 @@ class _Layer:
 
 
 def _packed(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    """The weights of `linears` side by side as one contiguous [in, sum(out)] matrix, and their biases.
+    """The weights of `linears` side by side as one [in, sum(out)] matrix, and their biases.
 
-    Transposed once here because `x @ W_t` with a contiguous [in, out] matrix ran 15-20% faster than
-    `F.linear(x, W)` (BLAS with a transposed operand) for every projection shape of the presets (64 rows, 1 thread).
+    On CPU the matrix is transposed into a contiguous copy once here, because `x @ W_t` with a contiguous [in, out]
+    matrix ran 15-20% faster than `F.linear(x, W)` (BLAS with a transposed operand) for every projection shape of
+    the presets (64 rows, 1 thread). Elsewhere (GPU BLAS transposes for free) it stays a view, so a single
+    projection costs no copy of its weight; only the q/k/v concatenation copies.
     """
-    weight = torch.cat([m.weight for m in linears], dim=0).t().contiguous()
+    weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears], dim=0)
+    weight_t = weight.t()
+    if weight.device.type == "cpu":
+        weight_t = weight_t.contiguous()
     bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears], dim=0)
-    return weight, bias
+    return weight_t, bias
 
 
 def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
