@@ -15,8 +15,10 @@ exact module layout it was verified on, no hooks or forward overrides it would b
 and no sliding window that could cut a sequence of this length. Anything else keeps the HF path.
 
 Measured: `sample(..., min_new_tokens=64, max_new_tokens=64)` on 64 rows, prompts 5-7 tokens left-padded, 1 torch
-thread on the shared 2-core CPU, engines interleaved, median wall time (other jobs ran, hence two `small` series):
-    small  (hidden 256, 4 layers)  fp32  hf 0.876 s  fast 0.621 s (-29%, 5 runs); hf 1.204 s  fast 0.843 s (7 runs)
+thread on the shared 2-core CPU, engines interleaved, median wall time (other jobs ran, so `small` has several
+series: their ratios agree better than their absolute times):
+    small  (hidden 256, 4 layers)  fp32  hf 1.058 s  fast 0.701 s (-34%, 7 runs); earlier series 0.966 / 0.670,
+                                         0.876 / 0.621, 1.204 / 0.843 (-29% .. -31%, before the fused residuals)
     medium (hidden 768, 12 layers) fp32  hf 16.4 s   fast 14.6 s  (-11%, 3 runs)
     small                          bf16  hf 2.52 s   fast 2.07 s  (5 runs; bf16 matmuls at 64 rows are ~4x slower
                                                                     than fp32 on this CPU, so bf16 does not pay here)
@@ -230,6 +232,13 @@ def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
     return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
 
 
+def _residual_linear(residual: Tensor, x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """residual + x @ weight_t (+ bias): one `addmm` (the residual as its accumulator) where there is no bias."""
+    if bias is None:
+        return torch.addmm(residual, x, weight_t)
+    return residual + torch.addmm(bias, x, weight_t)
+
+
 class FastDecoder:
     """Functional prefill + one-token decode steps over packed weights and an in-place KV cache.
 
@@ -322,10 +331,10 @@ class FastDecoder:
             lw.k_cache[:, :, :stop], lw.v_cache[:, :, :stop],  # the written prefix [B, Hkv, stop, D]
             attn_mask=mask, scale=self.scale, enable_gqa=Hq != Hkv,
         )  # [B, Hq, S, D]
-        x = x + _linear(out.transpose(1, 2).reshape(B * S, Hq * D), lw.w_o, lw.b_o)
+        x = _residual_linear(x, out.transpose(1, 2).reshape(B * S, Hq * D), lw.w_o, lw.b_o)
         h = _rms_norm(x, lw.ln2, lw.eps2)
         act = F.silu(_linear(h, lw.w_gate, lw.b_gate)) * _linear(h, lw.w_up, lw.b_up)
-        return x + _linear(act, lw.w_down, lw.b_down)
+        return _residual_linear(x, act, lw.w_down, lw.b_down)
 
     def _logits(self, x: Tensor) -> Tensor:
         """Next-token logits [B, V] from the last position's hidden state x [B, hidden]."""
