@@ -191,22 +191,17 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @dataclass
 class _Layer:
-    """One decoder layer's packed weights ([in, out], see `_packed`) and its KV cache [B, H_kv, L, D]."""
+    """One decoder layer: norms, projections as (weight [in, out], bias) pairs from `_packed`, KV cache."""
 
     ln1: Tensor
     eps1: float
-    w_qkv: Tensor  # [hidden, (Hq + 2 H_kv) D]
-    b_qkv: Tensor | None
-    w_o: Tensor
-    b_o: Tensor | None
+    qkv: tuple[Tensor, Tensor | None]  # q, k, v side by side: [hidden, (Hq + 2 H_kv) D]
+    o: tuple[Tensor, Tensor | None]
     ln2: Tensor
     eps2: float
-    w_gate: Tensor
-    b_gate: Tensor | None
-    w_up: Tensor
-    b_up: Tensor | None
-    w_down: Tensor
-    b_down: Tensor | None
+    gate: tuple[Tensor, Tensor | None]
+    up: tuple[Tensor, Tensor | None]
+    down: tuple[Tensor, Tensor | None]
     k_cache: Tensor  # [B, H_kv, L, D]
     v_cache: Tensor  # [B, H_kv, L, D]
 
@@ -261,7 +256,7 @@ class FastDecoder:
         self.head_dim, self.scale = attn0.head_dim, attn0.scaling
         self.embed = emb
         self.final_norm, self.final_eps = inner.norm.weight, inner.norm.variance_epsilon
-        self.w_head, self.b_head = _packed(model.lm_head)
+        self.head = _packed(model.lm_head)
         D = self.head_dim
         self.layers = []
         for layer in inner.layers:
@@ -270,12 +265,9 @@ class FastDecoder:
             # the two halves (545 vs 2 x 197 us for 256 x 2048 at 64 rows: it no longer fits the 2 MB L2 cache).
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight, eps1=layer.input_layernorm.variance_epsilon,
-                **dict(zip(("w_qkv", "b_qkv"), _packed(a.q_proj, a.k_proj, a.v_proj))),
-                **dict(zip(("w_o", "b_o"), _packed(a.o_proj))),
+                qkv=_packed(a.q_proj, a.k_proj, a.v_proj), o=_packed(a.o_proj),
                 ln2=layer.post_attention_layernorm.weight, eps2=layer.post_attention_layernorm.variance_epsilon,
-                **dict(zip(("w_gate", "b_gate"), _packed(m.gate_proj))),
-                **dict(zip(("w_up", "b_up"), _packed(m.up_proj))),
-                **dict(zip(("w_down", "b_down"), _packed(m.down_proj))),
+                gate=_packed(m.gate_proj), up=_packed(m.up_proj), down=_packed(m.down_proj),
                 k_cache=torch.zeros(B, self.n_kv, L, D, dtype=self.dtype, device=self.device),
                 v_cache=torch.zeros(B, self.n_kv, L, D, dtype=self.dtype, device=self.device),
             ))
@@ -319,7 +311,7 @@ class FastDecoder:
         B = lw.k_cache.size(0)
         S = x.size(0) // B
         h = _rms_norm(x, lw.ln1, lw.eps1)
-        qkv = _linear(h, lw.w_qkv, lw.b_qkv)  # [B S, (Hq + 2 Hkv) D]
+        qkv = _linear(h, *lw.qkv)  # [B S, (Hq + 2 Hkv) D]
         qk = qkv[:, : (Hq + Hkv) * D].view(B, S, Hq + Hkv, D)  # q and k heads rotate together
         qk = qk * cos + qk.view(B, S, Hq + Hkv, 2, D // 2).flip(-2).view(B, S, Hq + Hkv, D) * sin
         v = qkv[:, (Hq + Hkv) * D :].view(B, S, Hkv, D)
@@ -331,14 +323,14 @@ class FastDecoder:
             lw.k_cache[:, :, :stop], lw.v_cache[:, :, :stop],  # the written prefix [B, Hkv, stop, D]
             attn_mask=mask, scale=self.scale, enable_gqa=Hq != Hkv,
         )  # [B, Hq, S, D]
-        x = _residual_linear(x, out.transpose(1, 2).reshape(B * S, Hq * D), lw.w_o, lw.b_o)
+        x = _residual_linear(x, out.transpose(1, 2).reshape(B * S, Hq * D), *lw.o)
         h = _rms_norm(x, lw.ln2, lw.eps2)
-        act = F.silu(_linear(h, lw.w_gate, lw.b_gate)) * _linear(h, lw.w_up, lw.b_up)
-        return _residual_linear(x, act, lw.w_down, lw.b_down)
+        act = F.silu(_linear(h, *lw.gate)) * _linear(h, *lw.up)
+        return _residual_linear(x, act, *lw.down)
 
     def _logits(self, x: Tensor) -> Tensor:
         """Next-token logits [B, V] from the last position's hidden state x [B, hidden]."""
-        return _linear(_rms_norm(x, self.final_norm, self.final_eps), self.w_head, self.b_head)
+        return _linear(_rms_norm(x, self.final_norm, self.final_eps), *self.head)
 
     @torch.no_grad()
     def prefill(self) -> Tensor:
