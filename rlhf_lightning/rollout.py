@@ -7,6 +7,8 @@ Every RL module goes through the two functions here:
   The cache is a preallocated `StaticCache` by default: a growing `DynamicCache` re-copies every layer's keys and
   values at every token (`torch.cat`); the static cache writes one column in place. Sampling 64 x 64 tokens from
   the `small` preset on one CPU thread took 8% less CPU time with it (1.30 vs 1.42 s, three runs each).
+  Where the model is a plain HF Llama/Qwen2/Mistral, `fast_decode.FastDecoder` replaces the model's forward in that
+  loop (`engine="auto"`): same math on packed weights, ~30% less time on `small` (figures in its docstring).
 - `completion_logprobs` recomputes log π(completion | prompt) with ONE forward pass, with grad when grad is
   enabled: it is the term the policy loss differentiates through.
 
@@ -97,6 +99,69 @@ def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
         raise ValueError("prompt_mask must be left-padded: its last column must be 1 in every row")
 
 
+class _HFDecoder:
+    """The model's own forward as a decoder: `prefill()` then `step(token)`, each returning logits [B, V].
+
+    The cache is a `StaticCache` of P + max_new_tokens positions where the model takes one (`static_cache`),
+    else the growing `DynamicCache`. The attention mask grows by one real column per step and each row's
+    position is its previous one + 1.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
+                 static_cache: bool) -> None:
+        self.model, self.prompt_ids = model, prompt_ids
+        self.attn = prompt_mask.long()  # [B, P], grows by one column per step
+        self.position = position_ids_from_mask(self.attn)  # [B, P]
+        self.P = prompt_ids.size(1)
+        self.past = _static_cache(model, self.P + max_new_tokens) if static_cache else None
+        self.uses_slots = self.past is not None
+        self.t = 0
+
+    def prefill(self) -> Tensor:
+        """The whole left-padded prompt, logits only for the last (real) position. [B, V]"""
+        # a static cache is written at explicit slots (`cache_position`); the dynamic one just appends
+        cache_kwargs = {} if self.past is None else {
+            "past_key_values": self.past, "cache_position": torch.arange(self.P, device=self.prompt_ids.device)}
+        out = self.model(input_ids=self.prompt_ids, attention_mask=self.attn, position_ids=self.position,
+                         use_cache=True, logits_to_keep=1, **cache_kwargs)
+        self.past = out.past_key_values
+        self.next_pos = self.position[:, -1:] + 1  # [B, 1]
+        return out.logits[:, -1, :]
+
+    def step(self, token: Tensor) -> Tensor:
+        """One token per row [B]: mask grows by one real column, position = previous + 1. Logits [B, V]"""
+        B = token.size(0)
+        self.attn = torch.cat([self.attn, self.attn.new_ones(B, 1)], dim=-1)  # [B, P + t + 1]
+        step_kwargs = {}
+        if self.uses_slots:  # the static cache's slot for this token: column P + t
+            step_kwargs["cache_position"] = torch.tensor([self.P + self.t], device=token.device)
+        out = self.model(input_ids=token[:, None], attention_mask=self.attn, position_ids=self.next_pos,
+                         past_key_values=self.past, use_cache=True, logits_to_keep=1, **step_kwargs)
+        self.past = out.past_key_values
+        self.next_pos = self.next_pos + 1
+        self.t += 1
+        return out.logits[:, -1, :]
+
+
+ENGINES = ("auto", "hf", "fast")
+
+
+def _decoder(engine: str, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
+             static_cache: bool):
+    """The decoder `sample` runs: `fast_decode.FastDecoder` where eligible (engine auto/fast), else `_HFDecoder`."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "hf":
+        from .fast_decode import FastDecoder, ineligibility_reason
+
+        reason = ineligibility_reason(model, prompt_ids.size(1) + max_new_tokens)
+        if reason is None:
+            return FastDecoder(model, prompt_ids, prompt_mask, max_new_tokens)
+        if engine == "fast":
+            raise ValueError(f"engine='fast' cannot decode this model: {reason}")
+    return _HFDecoder(model, prompt_ids, prompt_mask, max_new_tokens, static_cache)
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -114,6 +179,7 @@ def sample(
     generator: torch.Generator | None = None,
     return_logprobs: bool = True,
     static_cache: bool = True,
+    engine: str = "auto",
 ) -> RolloutBatch:
     """Generate completions for a left-padded prompt batch with an explicit KV-cache decode loop.
 
@@ -126,9 +192,14 @@ def sample(
     filtered distribution here would make old and new log-probs disagree even for identical weights.
     With temperature == 0 the logprobs are those of the unscaled (temperature 1) policy.
 
-    `static_cache` preallocates the KV cache for P + max_new_tokens positions (transformers' `StaticCache`, written
-    in place at `cache_position`); models that cannot take one fall back to the growing `DynamicCache`, as does
-    `static_cache=False`. Both give the same tokens and log-probs (tested).
+    `engine` picks who computes the logits (the token choice below is shared): "fast" is `fast_decode.FastDecoder`
+    (packed weights, in-place KV cache, a few fused ops per layer; exact HF Llama/Qwen2/Mistral layouts only,
+    else a ValueError saying why), "hf" the model's own forward, "auto" (default) fast where eligible, else hf.
+    Both give the same tokens and log-probs up to float rounding (tested).
+
+    `static_cache` (hf engine) preallocates the KV cache for P + max_new_tokens positions (transformers'
+    `StaticCache`, written in place at `cache_position`); models that cannot take one fall back to the growing
+    `DynamicCache`, as does `static_cache=False`. Both give the same tokens and log-probs (tested).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -150,31 +221,15 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        # Prefill: the whole left-padded prompt, logits only for the last (real) position.
-        attn = prompt_mask.long()  # [B, P], grows by one column per step
-        position = position_ids_from_mask(attn)  # [B, P]
-        P = prompt_ids.size(1)
-        past = _static_cache(model, P + max_new_tokens) if static_cache else None
-        # a static cache is written at explicit slots (`cache_position`); the dynamic one just appends
-        slots = torch.arange(P, device=device)
-        cache_kwargs = {} if past is None else {"past_key_values": past, "cache_position": slots}
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=attn,
-            position_ids=position,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs,
-        )
-        past = out.past_key_values
-        next_pos = position[:, -1:] + 1  # [B, 1]
+        decoder = _decoder(engine, model, prompt_ids, prompt_mask, max_new_tokens, static_cache)
+        next_logits = decoder.prefill()  # [B, V]
 
         tokens: list[Tensor] = []  # T x [B]
         masks: list[Tensor] = []  # T x [B]
         logps: list[Tensor] = []  # T x [B]
         done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
         for t in range(max_new_tokens):
-            logits = out.logits[:, -1, :].float() / lp_temperature  # [B, V]
+            logits = next_logits.float() / lp_temperature  # [B, V]
 
             # Choose the token from the filtered distribution.
             filtered = logits
@@ -199,23 +254,7 @@ def sample(
             done = done | (token == eos_token_id)
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
-
-            # Decode step: one token per row, mask grows by one real column, position = previous + 1.
-            attn = torch.cat([attn, attn.new_ones(B, 1)], dim=-1)  # [B, P + t + 1]
-            step_kwargs = {}
-            if "cache_position" in cache_kwargs:  # the static cache's slot for this token: column P + t
-                step_kwargs["cache_position"] = torch.tensor([P + t], device=device)
-            out = model(
-                input_ids=token[:, None],
-                attention_mask=attn,
-                position_ids=next_pos,
-                past_key_values=past,
-                use_cache=True,
-                logits_to_keep=1,
-                **step_kwargs,
-            )
-            past = out.past_key_values
-            next_pos = next_pos + 1
+            next_logits = decoder.step(token)  # [B, V]
     finally:
         model.train(was_training)
 
