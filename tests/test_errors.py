@@ -62,6 +62,7 @@ CASES = [
     ("clip_low", [*TASK, "--model.clip_low", "1.5"], "clip_low must be in [0, 1), got 1.5"),
     ("clip_high", [*TASK, "--model.clip_high", "-0.2"], "clip_high must be >= 0, got -0.2"),
     ("lr", [*TASK, "--model.lr", "0"], "lr must be in (0, 1), got 0"),
+    ("rollout_engine", [*TASK, "--model.rollout_engine", "vllm"], "rollout_engine must be auto|hf|fast, got 'vllm'"),
     ("batch_size", [*TASK, "--data.batch_size", "0"], "batch_size must be a positive integer, got 0"),
     ("batch_larger_than_data", [*TASK, "--data.batch_size", "64", "--data.num_train", "10"],
      "10 training rows make no full batch of batch_size=64"),

@@ -239,3 +239,24 @@ def test_can_fuse_adamw_only_plain_float_tensors_without_amp():
     assert not _can_fuse_adamw([w], MixedPrecision("bf16-mixed", "cpu"))
     assert not _can_fuse_adamw([{"params": [w]}], None)  # parameter groups: left to the default
     assert not _can_fuse_adamw([], None)
+
+
+# ------------------------------------------------------------------------------------------------ rollout engine
+@pytest.mark.parametrize("engine, fast_steps", [("auto", True), ("hf", False)])
+def test_rollout_engine_picks_who_computes_the_logits(tmp_path, monkeypatch, engine, fast_steps):
+    """`auto` samples the plain Llama preset with the lean fast_decode engine; `hf` with the model's forward."""
+    from rlhf_lightning import fast_decode
+
+    calls = []
+    real_step = fast_decode.FastDecoder.step
+    monkeypatch.setattr(fast_decode.FastDecoder, "step", lambda self, token: calls.append(1) or real_step(self, token))
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=4, max_new_tokens=4, rollout_engine=engine)
+    _trainer(tmp_path, 1).fit(m, _data())
+    assert m.rollouts == 1 and bool(calls) is fast_steps
+
+
+def test_rollout_engine_fast_names_why_it_cannot_apply(tmp_path):
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=4, max_new_tokens=4, rollout_engine="fast",
+                   lora={"r": 4})
+    with pytest.raises(ValueError, match="engine='fast' cannot decode this model: .*peft"):
+        _trainer(tmp_path, 1).fit(m, _data())

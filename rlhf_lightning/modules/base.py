@@ -48,6 +48,9 @@ class PolicyModuleBase(L.LightningModule):
             `adapter` (only the adapter, reloaded with `peft.PeftModel.from_pretrained(base, dir)`).
         gradient_checkpointing: recompute each decoder layer's activations in backward instead of storing them
             (less activation memory, one more forward per layer in backward); works under every strategy.
+        rollout_engine: who computes the logits while sampling (`rollout.sample`'s `engine`): `auto` (the lean
+            `fast_decode` engine where the policy is a plain HF Llama/Qwen2/Mistral, else the model's own
+            forward), `hf` (always the model's forward) or `fast` (fail with the reason if it cannot apply).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class PolicyModuleBase(L.LightningModule):
         lora: dict[str, Any] | None = None,
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
+        rollout_engine: str = "auto",
     ):
         # subclasses call save_hyperparameters() before this (to validate first); LightningModule.__init__ resets
         # the flag it set, and without it Lightning never writes the hyperparameters to the logger (HParams tab)
@@ -112,6 +116,11 @@ class PolicyModuleBase(L.LightningModule):
         if gradient_checkpointing:
             # non-reentrant: the variant that works with FSDP2 units and with frozen (LoRA) inputs
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from ..rollout import ENGINES
+
+        if rollout_engine not in ENGINES:
+            raise ValueError(f"rollout_engine must be {'|'.join(ENGINES)}, got {rollout_engine!r}")
+        self.rollout_engine = rollout_engine
         self.val_max_new_tokens = val_max_new_tokens
         self.optimizer_steps = 0
         self.rollouts = 0
@@ -332,7 +341,7 @@ class PolicyModuleBase(L.LightningModule):
             out = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
                          max_new_tokens=max_new_tokens or self.val_max_new_tokens,
                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                         do_sample=False, return_logprobs=False)
+                         do_sample=False, return_logprobs=False, engine=self.rollout_engine)
         return decode_completions(self.tokenizer, out.completion_ids, out.completion_mask)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -84,7 +84,8 @@ class GRPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank).
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
             N rollouts (0 = off).
-        lora, lora_export, gradient_checkpointing: see `PolicyModuleBase` (with LoRA, π_ref = adapter disabled).
+        lora, lora_export, gradient_checkpointing, rollout_engine: see `PolicyModuleBase` (with LoRA, π_ref =
+            adapter disabled).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class GRPOModule(PolicyModuleBase):
         lora: dict[str, Any] | None = None,
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
+        rollout_engine: str = "auto",
     ):
         self.save_hyperparameters()
         _validate_grpo_args(self.hparams)
@@ -138,7 +140,7 @@ class GRPOModule(PolicyModuleBase):
                          reward_weights if reward_model is None else None, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine)
         self.apply_lora()
         self.automatic_optimization = False
         if reward_model is not None:
@@ -192,7 +194,7 @@ class GRPOModule(PolicyModuleBase):
                              min_new_tokens=hp.min_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
                              top_k=hp.top_k, eos_token_id=self.tokenizer.eos_token_id,
                              pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
-                             return_logprobs=False)
+                             return_logprobs=False, engine=self.rollout_engine)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))

@@ -172,8 +172,9 @@ class PPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints).
         log_samples_every_n_steps: text table of sample completions and histograms of scores / advantages every
             N rollouts (0 = off).
-        lora, lora_export, gradient_checkpointing: see `PolicyModuleBase`. With LoRA the adapter is on the actor
-            only (the critic is built from the plain model first) and π_ref is the actor with its adapter disabled.
+        lora, lora_export, gradient_checkpointing, rollout_engine: see `PolicyModuleBase`. With LoRA the adapter
+            is on the actor only (the critic is built from the plain model first) and π_ref is the actor with its
+            adapter disabled.
     """
 
     fuse_old_passes: bool = True  # see `fuses_old_passes`
@@ -224,13 +225,14 @@ class PPOModule(PolicyModuleBase):
         lora: dict[str, Any] | None = None,
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
+        rollout_engine: str = "auto",
     ):
         self.save_hyperparameters()
         _validate_ppo_args(self.hparams)
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine)
         self.automatic_optimization = False
         self._explicit_reward_fns = bool(self.reward_funcs)
         if disable_dropout:
@@ -354,7 +356,7 @@ class PPOModule(PolicyModuleBase):
                              max_new_tokens=hp.max_new_tokens, min_new_tokens=hp.min_new_tokens,
                              temperature=hp.temperature, eos_token_id=self.tokenizer.eos_token_id,
                              pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
-                             return_logprobs=False)
+                             return_logprobs=False, engine=self.rollout_engine)
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         return Rollout(samples, list(batch["prompts"]), completions, self.reward_columns(batch))
 
@@ -681,7 +683,7 @@ class PPOModule(PolicyModuleBase):
                 greedy = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
                                 max_new_tokens=self.hparams.val_max_new_tokens,
                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                do_sample=False, return_logprobs=False)
+                                do_sample=False, return_logprobs=False, engine=self.rollout_engine)
             self.log("val/score", self.reward_model_scores(greedy).mean(), batch_size=len(batch["prompts"]),
                      sync_dist=True, prog_bar=True)
         super().validation_step(batch, batch_idx)
