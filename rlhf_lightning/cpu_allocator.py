@@ -11,9 +11,9 @@ malloc; 232k faults and 1.8 s (wall 29.0 s, -16%) with freed memory kept for reu
 `keep_freed_memory()` sets two glibc malloc options for the whole process: M_MMAP_MAX = 0 (large blocks come
 from the heap, so a freed one can be reused) and M_TRIM_THRESHOLD = -1 (the heap is never shrunk back to the
 OS). The trade-off is the CUDA allocator's: the process keeps its peak memory instead of returning it between
-steps. The RL modules call it at `setup` when they train on the CPU; set the environment variable
-`RLHF_LIGHTNING_CPU_ALLOCATOR=system` to keep glibc's defaults (`cache`, the default, applies it). It does
-nothing outside Linux/glibc (e.g. musl or macOS), where the options do not exist.
+steps. The RL and reward-model modules call it at `setup` with their device (a no-op off the CPU); set the
+environment variable `RLHF_LIGHTNING_CPU_ALLOCATOR=system` to keep glibc's defaults (`cache`, the default,
+applies it). It does nothing outside Linux/glibc (e.g. musl or macOS), where the options do not exist.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import ctypes
 import os
 import platform
 import sys
+
+import torch
 
 ENV_VAR = "RLHF_LIGHTNING_CPU_ALLOCATOR"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
@@ -37,10 +39,13 @@ def allocator_setting() -> str:
     return value
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc malloc keep freed memory for reuse (see the module docstring). True if the setting is in
-    effect in this process, False where it was turned off or cannot apply. Idempotent."""
+def keep_freed_memory(device: torch.device | str = "cpu") -> bool:
+    """Make glibc malloc keep freed memory for reuse when training on `device` is on the CPU (see the module
+    docstring). True if the setting is in effect in this process, False where it was turned off or cannot apply
+    (another device: its memory is not glibc's). Idempotent."""
     global _applied
+    if torch.device(device).type != "cpu":
+        return False
     if _applied:
         return True
     if allocator_setting() == "system" or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":

@@ -465,6 +465,24 @@ def test_reward_model_alone_trains_and_task_verifiers_stay_out_of_the_reward(tmp
     assert m._per_fn_rewards is None  # ... but not added to the training reward
 
 
+def test_validation_samples_once_for_reward_model_and_verifiers(tmp_path, reward_model_dir):
+    """With a reward model and the task's verifier, one greedy sample per validation batch feeds val/score,
+    val/reward and val/accuracy; the score is the reward model's on exactly those completions."""
+    m = PPOModule("tiny", reward_model=reward_model_dir, kl_coef=0.05, ppo_epochs=1, max_new_tokens=3)
+    samples = []
+    real = m.greedy_samples
+    m.greedy_samples = lambda *a, **k: samples.append(real(*a, **k)) or samples[-1]
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    data = PromptDataModule(task="addition", task_kwargs={"digits": 2}, num_train=64, num_val=4, batch_size=4)
+    trainer.validate(m, datamodule=data)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert {"val/score", "val/reward", "val/accuracy"} <= set(logged)
+    assert len(samples) == 1  # one validation batch, sampled once
+    want = float(m.reward_model_scores(samples[0]).mean())
+    assert logged["val/score"] == pytest.approx(want, abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ configs
 def test_ppo_arithmetic_config_runs_two_steps(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["rlhf-lightning"])  # only `args` reach the CLI

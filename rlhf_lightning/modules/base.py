@@ -130,8 +130,7 @@ class PolicyModuleBase(L.LightningModule):
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
         parallel.check_strategy(self, self.trainer.strategy)
-        if self.trainer.strategy.root_device.type == "cpu":
-            keep_freed_memory()  # reuse activation memory step to step, as the CUDA caching allocator does
+        keep_freed_memory(self.trainer.strategy.root_device)  # CPU: reuse activation memory step to step
         if not self.reward_funcs:
             task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
             if task is not None:
@@ -334,21 +333,30 @@ class PolicyModuleBase(L.LightningModule):
 
     # --------------------------------------------------------------------------------------- validation
     @torch.no_grad()
-    def greedy_completions(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
-        from ..rollout import decode_completions, sample
+    def greedy_samples(self, batch: dict[str, Any], max_new_tokens: int | None = None):
+        """Greedy `RolloutBatch` of the batch's prompts (token ids and masks)."""
+        from ..rollout import sample
 
         with self.sampling_context():
-            out = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
-                         max_new_tokens=max_new_tokens or self.val_max_new_tokens,
-                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                         do_sample=False, return_logprobs=False, engine=self.rollout_engine)
+            return sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
+                          max_new_tokens=max_new_tokens or self.val_max_new_tokens,
+                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                          do_sample=False, return_logprobs=False, engine=self.rollout_engine)
+
+    def greedy_completions(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
+        from ..rollout import decode_completions
+
+        out = self.greedy_samples(batch, max_new_tokens)
         return decode_completions(self.tokenizer, out.completion_ids, out.completion_mask)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy completions on held-out prompts: `val/reward`, and `val/accuracy` for 0/1 verifiers."""
-        if not self.reward_funcs:
-            return
-        completions = self.greedy_completions(batch)
+        if self.reward_funcs:
+            self.log_reward_fn_metrics(batch, self.greedy_completions(batch))
+
+    def log_reward_fn_metrics(self, batch: dict[str, Any], completions: list[str]) -> None:
+        """`val/reward` (weighted reward functions) of the completions, and `val/accuracy` when the first
+        function is a 0/1 verifier."""
         total, per_fn = self.score(batch["prompts"], completions, self.reward_columns(batch))
         B = len(completions)
         self.log("val/reward", torch.nan_to_num(total).mean(), batch_size=B, sync_dist=True, prog_bar=True)

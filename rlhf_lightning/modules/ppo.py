@@ -676,17 +676,17 @@ class PPOModule(PolicyModuleBase):
 
     # ------------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Greedy completions: `val/score` from the reward model (if any), then the base's `val/reward` and
-        `val/accuracy` from the reward functions / the task's verifiers."""
+        """Greedy completions: `val/score` from the reward model (if any), and `val/reward` / `val/accuracy` from
+        the reward functions / the task's verifiers (`log_reward_fn_metrics`)."""
+        if self.reward_model is None and not self.reward_funcs:
+            return
+        greedy = self.greedy_samples(batch)  # sampled once for both the reward model and the functions
         if self.reward_model is not None:
-            with self.sampling_context():
-                greedy = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
-                                max_new_tokens=self.hparams.val_max_new_tokens,
-                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                do_sample=False, return_logprobs=False, engine=self.rollout_engine)
             self.log("val/score", self.reward_model_scores(greedy).mean(), batch_size=len(batch["prompts"]),
                      sync_dist=True, prog_bar=True)
-        super().validation_step(batch, batch_idx)
+        if self.reward_funcs:
+            self.log_reward_fn_metrics(
+                batch, decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -184,8 +184,7 @@ class RewardModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimizer
     def setup(self, stage: str) -> None:
-        if self.trainer.strategy.root_device.type == "cpu":
-            keep_freed_memory()  # see rlhf_lightning/cpu_allocator.py
+        keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/cpu_allocator.py
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
