@@ -119,6 +119,34 @@ def add_rollout_args(parser: argparse.ArgumentParser, *, steps: int, warmup: int
     parser.add_argument("--threads", type=int, default=threads)
 
 
+def addition_prompt_data(batch_size: int, steps: int):
+    """Built-in addition prompts for `steps` rollouts of `batch_size` prompts (at least 1,000 rows), no validation:
+    the data `ppo_vs_grpo.py` and `scaling.py` time their rollouts on."""
+    from rlhf_lightning import PromptDataModule
+
+    return PromptDataModule(task="addition", num_train=max(1000, batch_size * (steps + 1)), num_val=0,
+                            batch_size=batch_size)
+
+
+def step_timer(metric_keys: tuple[str, ...] = ()):
+    """A Lightning callback whose `rows` get, per training batch, its wall seconds `s` and the listed
+    `trainer.callback_metrics` at its end (lightning is imported here: the TRL 0.21 venv imports this file too)."""
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict[str, float]] = []
+
+        def on_train_batch_start(self, *_) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, *_) -> None:
+            metrics = trainer.callback_metrics
+            self.rows.append({"s": time.perf_counter() - self.t0, **{k: float(metrics[k]) for k in metric_keys}})
+
+    return StepTimer()
+
+
 def run_child(script: str, argv: list[str], one: str) -> dict[str, Any]:
     """Run `script argv --one <one>` in a fresh process (its own peak RSS and allocator state) and return the
     JSON dict it prints on its last line."""

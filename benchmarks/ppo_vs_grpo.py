@@ -17,16 +17,16 @@ import argparse
 import json
 import resource
 import sys
-import time
 
-from _common import add_rollout_args, run_child  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from _common import add_rollout_args, addition_prompt_data, run_child, step_timer
 
 
 def run_one(algo: str, args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
+    from rlhf_lightning import GRPOModule, PPOModule
 
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
@@ -41,22 +41,12 @@ def run_one(algo: str, args: argparse.Namespace) -> dict:
         module = PPOModule(critic="separate", kl_coef=0.05, ppo_epochs=1, minibatches=1, **common)
         prompts = args.completions
         steps_per_rollout = 2  # both optimizers count in trainer.global_step
-    data = PromptDataModule(task="addition", num_train=max(1000, prompts * (args.steps + 1)), num_val=0,
-                            batch_size=prompts)
-    times: list[float] = []
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, *a):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, *a):
-            times.append(time.perf_counter() - self.t0)
-
+    timer = step_timer()
     trainer = L.Trainer(max_steps=args.steps * steps_per_rollout, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[Timer()], default_root_dir="/tmp/ppo_vs_grpo")
-    trainer.fit(module, data)
-    steady = times[args.warmup:]
+                        callbacks=[timer], default_root_dir="/tmp/ppo_vs_grpo")
+    trainer.fit(module, addition_prompt_data(prompts, args.steps))
+    steady = [row["s"] for row in timer.rows[args.warmup:]]
     params = sum(p.numel() for p in module.parameters())
     return {"algo": algo, "s_per_rollout": sum(steady) / len(steady), "rollouts_timed": len(steady),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "parameters": params}

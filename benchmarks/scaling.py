@@ -17,9 +17,9 @@ import argparse
 import json
 import resource
 import sys
-import time
 
-from _common import add_rollout_args, run_child  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from _common import add_rollout_args, addition_prompt_data, run_child, step_timer
 
 SETTINGS = {
     "fp32": {"precision": "32-true"},
@@ -34,7 +34,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from rlhf_lightning import GRPOModule, PromptDataModule
+    from rlhf_lightning import GRPOModule
 
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
@@ -44,29 +44,18 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
                         log_samples_every_n_steps=0, lora=setting.get("lora"),
                         gradient_checkpointing=setting.get("gradient_checkpointing", False))
     prompts = args.completions // args.group_size
-    data = PromptDataModule(task="addition", num_train=max(1000, prompts * (args.steps + 1)), num_val=0,
-                            batch_size=prompts)
-    rows: list[dict] = []
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, *a):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, *a):
-            m = trainer.callback_metrics
-            rows.append({"s": time.perf_counter() - self.t0, "gen": float(m["perf/generation_s"]),
-                         "train": float(m["perf/training_s"])})
-
+    timer = step_timer(("perf/generation_s", "perf/training_s"))
     trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[Timer()],
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
                         precision=setting["precision"], default_root_dir="/tmp/rlhf_scaling_bench")
-    trainer.fit(module, data)
-    steady = rows[args.warmup:]
+    trainer.fit(module, addition_prompt_data(prompts, args.steps))
+    steady = timer.rows[args.warmup:]
 
     def mean(key: str) -> float:
         return sum(r[key] for r in steady) / len(steady)
 
-    return {"setting": name, "s_per_step": mean("s"), "generation_s": mean("gen"), "training_s": mean("train"),
+    return {"setting": name, "s_per_step": mean("s"), "generation_s": mean("perf/generation_s"),
+            "training_s": mean("perf/training_s"),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
 
