@@ -119,6 +119,14 @@ def add_rollout_args(parser: argparse.ArgumentParser, *, steps: int, warmup: int
     parser.add_argument("--threads", type=int, default=threads)
 
 
+def parse_rollout_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse a parser set up with `add_rollout_args`, refusing a warm-up that leaves no rollout to time."""
+    args = parser.parse_args()
+    if args.warmup >= args.steps:
+        parser.error("--warmup must be smaller than --steps")
+    return args
+
+
 def addition_prompt_data(batch_size: int, steps: int):
     """Built-in addition prompts for `steps` rollouts of `batch_size` prompts (at least 1,000 rows), no validation:
     the data `ppo_vs_grpo.py` and `scaling.py` time their rollouts on."""

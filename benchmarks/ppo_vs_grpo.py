@@ -19,7 +19,7 @@ import resource
 import sys
 
 # benchmarks/ is on sys.path when run as a script
-from _common import add_rollout_args, addition_prompt_data, run_child, step_timer
+from _common import add_rollout_args, addition_prompt_data, parse_rollout_args, run_child, step_timer
 
 
 def run_one(algo: str, args: argparse.Namespace) -> dict:
@@ -56,9 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_rollout_args(parser, steps=6, warmup=2, threads=2)  # --completions: per rollout, for both
     parser.add_argument("--one", choices=["grpo", "ppo"], help=argparse.SUPPRESS)  # internal: child process
-    args = parser.parse_args()
-    if args.warmup >= args.steps:
-        parser.error("--warmup must be smaller than --steps")
+    args = parse_rollout_args(parser)
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return

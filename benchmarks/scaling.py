@@ -19,7 +19,7 @@ import resource
 import sys
 
 # benchmarks/ is on sys.path when run as a script
-from _common import add_rollout_args, addition_prompt_data, run_child, step_timer
+from _common import add_rollout_args, addition_prompt_data, parse_rollout_args, run_child, step_timer
 
 SETTINGS = {
     "fp32": {"precision": "32-true"},
@@ -65,9 +65,7 @@ def main() -> None:
     add_rollout_args(parser, steps=5, warmup=1, threads=1)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--one", choices=sorted(SETTINGS), help=argparse.SUPPRESS)  # internal: child process
-    args = parser.parse_args()
-    if args.warmup >= args.steps:
-        parser.error("--warmup must be smaller than --steps")
+    args = parse_rollout_args(parser)
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
