@@ -145,6 +145,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCL
         _fail(f"error: {err}" + (f" (checkpoint saved to {saved})" if saved else ""), 1)
 
 
+def main() -> None:
+    """The `rlhf-lightning` console script: exit status 0 on success (the script passes our return value to
+    `sys.exit`, which would print a returned CLI object and exit 1), 2 for user errors, 1 for reward failures."""
+    cli_main()
+
+
 def check_config_files(args: list[str]) -> None:
     """Every `--config`/`-c` file exists and is valid YAML, else a ConfigError naming the file, line and column
     (jsonargparse's own message names neither the file nor the line of the file, after a screen of usage)."""

@@ -84,14 +84,26 @@ def test_python_dash_m_help_runs_cleanly(tmp_path):
     assert "args parameter is intended" not in proc.stderr  # cli_main must not pass sys.argv twice
 
 
+SCRIPT = Path(sys.executable).parent / "rlhf-lightning"  # the console script users run (pip install -e .)
+
+
 def test_console_script_is_installed(tmp_path):
-    script = Path(sys.executable).parent / "rlhf-lightning"
-    if not script.exists():
-        pytest.skip("rlhf-lightning console script not installed in this environment (pip install -e .)")
-    proc = subprocess.run([str(script), "fit", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    assert SCRIPT.exists(), "rlhf-lightning console script not installed in this environment (pip install -e .)"
+    proc = subprocess.run([str(SCRIPT), "fit", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert "--trainer.max_steps" in proc.stdout
+
+
+def test_console_script_exits_zero_after_fit_and_validate(tmp_path):
+    """The script passes cli's return value to sys.exit: a returned CLI object printed its repr and exited 1."""
+    common = [*SFT_ARGS, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    runs = [["fit", *common, "--trainer.max_steps", "2"], ["validate", *common]]
+    for args in runs:
+        proc = subprocess.run([str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              check=False)
+        assert proc.returncode == 0, f"{args[0]}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        assert "RLHFLightningCLI object" not in proc.stdout + proc.stderr
 
 
 def test_subclass_mode_fit_runs_and_exports(tmp_path, monkeypatch):
