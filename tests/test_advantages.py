@@ -266,6 +266,7 @@ def test_reinforce_pp_baseline_hand_computed():
     out = run("reinforce_pp_baseline", mask=mask, scores=torch.tensor([1.0, 0.0, 2.0, 2.0]), group_size=2)
     s = math.sqrt(102 / 720 + 1e-8)
     close(out.advantages, [[5 / 12 / s, 5 / 12 / s], [-7 / 12 / s, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    close(out.sequence, [5 / 12 / s, -7 / 12 / s, 0.0, 0.0])  # one value per completion
 
 
 def test_reinforce_pp_baseline_keeps_a_row_equal_to_its_group_mean():

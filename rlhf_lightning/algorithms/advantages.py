@@ -274,7 +274,8 @@ def reinforce_pp_baseline(inputs: AdvantageInputs) -> AdvantageOutputs:
     G = inputs.group_size
     # all-equal groups are exactly 0 after centring; any other group has a nonzero entry
     informative = (centered.view(-1, G) != 0).any(dim=1).repeat_interleave(G).unsqueeze(1)  # [N, 1]
-    return AdvantageOutputs(torch.where(informative, whitened, 0.0))
+    advantages = torch.where(informative, whitened, 0.0)  # [N, T], one value per row
+    return AdvantageOutputs(advantages, sequence=losses.masked_mean(advantages, m, dim=1))
 
 
 @register_estimator("remax", needs_baseline=True)

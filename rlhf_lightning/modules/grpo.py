@@ -236,8 +236,8 @@ class GRPOModule(PolicyModuleBase):
         return total
 
     def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
-        """Outcome: the `advantage_estimator`'s, [N] (one per completion) or [N, T] (reinforce_pp,
-        reinforce_pp_baseline). Process: [N, T] per-token sums of normalised step rewards."""
+        """Outcome: the `advantage_estimator`'s, [N] (one per completion) or [N, T] (token-level: reinforce_pp).
+        Process: [N, T] per-token sums of normalised step rewards."""
         hp = self.hparams
         if hp.supervision == "process":
             T = rollout.samples.completion_ids.shape[1]
