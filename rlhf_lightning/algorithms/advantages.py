@@ -265,7 +265,8 @@ def reinforce_pp_baseline(inputs: AdvantageInputs) -> AdvantageOutputs:
     The KL goes in the loss (as in GRPO). Reads scores, group_size, mask. Same as verl's
     `compute_reinforce_plus_plus_baseline_outcome_advantage` except on purpose: a group whose scores are all
     equal gets exactly 0 (verl gives it −mean/std, a batch-wide shift that says nothing about those rows); its
-    tokens still count in the statistics, as in verl. Rows without a score get 0 and stay out of them.
+    tokens still count in the statistics, as in verl. Rows without a score get 0 and stay out of them. The
+    statistics are this rank's rollout (under DDP, per rank).
     """
     inputs.require("scores")
     centered = losses.group_advantages(inputs.scores, inputs.group_size, scale="none")  # [N]
