@@ -6,11 +6,13 @@ One `training_step` = one rollout + its updates:
                           sampled with the KV-cache engine (`rollout.sample`), under no_grad, eval mode
     2. compute_rewards    reward functions (TRL signature) -> one reward per completion (outcome) or one reward
                           per reasoning step (process); None/NaN = "no reward" (advantage 0, counted)
-    3. compute_advantages group-relative: (r - mean_group) / (std_group + eps)  (§4.1.2), or the process form
-                          (§4.1.3); `scale_rewards=none` is Dr. GRPO, `batch` uses the batch std
-    4. old / ref log-probs old log-probs are needed only when the policy moves before a sample is used
-                          (num_iterations > 1 or minibatches > 1); otherwise the ratio is exactly 1 and the
-                          current log-probs stand in (detached). The reference pass runs only when beta > 0.
+    3. old / ref log-probs old log-probs are needed only when the policy moves before a sample is used
+                          (num_iterations > 1 or minibatches > 1) or the reward needs the KL (reinforce_pp);
+                          otherwise the ratio is exactly 1 and the current log-probs stand in (detached). The
+                          reference pass runs only when beta > 0.
+    4. compute_advantages the `advantage_estimator` from the registry (`algorithms.advantages`): by default
+                          group-relative, (r - mean_group) / (std_group + eps) (§4.1.2; `scale_rewards=none` is
+                          Dr. GRPO, `batch` uses the batch std), or the process form (§4.1.3)
     5. updates            num_iterations (μ) x minibatches optimizer steps of the clipped surrogate
                           + beta * KL(π_θ‖π_ref) (k3 by default) added to the loss (eq. 3)
 
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import losses
+from ..algorithms.advantages import AdvantageInputs, Estimator, get_estimator
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, sample
 from .base import PolicyModuleBase, grad_norm
 
@@ -51,6 +54,8 @@ class Rollout:
     completions: list[str]  # [N] decoded completions (no EOS/pad)
     columns: dict[str, list]  # dataset columns, aligned with rows
     extras: dict[str, Any] = field(default_factory=dict)  # room for subclasses (e.g. step boundaries)
+    baseline_scores: Tensor | None = None  # [N] reward of the prompt's greedy completion (remax)
+    kl: Tensor | None = None  # [N, T] KL to the reference, set before advantages when it shapes the reward
 
 
 class GRPOModule(PolicyModuleBase):
@@ -66,6 +71,10 @@ class GRPOModule(PolicyModuleBase):
         kl_estimator: `k3` (unbiased, always ≥ 0; the paper's eq. 4), `k1`, or `k2`.
         clip_low / clip_high: ε of the clipped surrogate below / above 1 (clip-higher, DAPO: clip_high > clip_low).
         scale_rewards: `group` (paper: divide by the group std), `batch` (batch std), `none` (Dr. GRPO).
+        advantage_estimator: a name from `rlhf_lightning.algorithms.advantages.ESTIMATORS`: `grpo` (default,
+            scaled by `scale_rewards`), `dr_grpo`, `rloo`, `reinforce_pp` (KL to the reference in the reward,
+            weighted by beta, instead of in the loss), `reinforce_pp_baseline`, `remax` (samples one greedy
+            completion per prompt as the baseline). See docs/grpo.md.
         loss_agg: `seq-mean-token-mean` (paper), `token-mean` (DAPO), `seq-mean-token-sum-norm` (Dr. GRPO; the
             token sum is divided by max_new_tokens). Normalised over the whole optimizer step.
         importance_sampling: `token` (PPO-style per-token ratio) or `sequence` (GSPO length-normalised ratio).
@@ -102,6 +111,7 @@ class GRPOModule(PolicyModuleBase):
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         scale_rewards: str = "group",
+        advantage_estimator: str = "grpo",
         loss_agg: str = "seq-mean-token-mean",
         importance_sampling: str = "token",
         num_iterations: int = 1,
@@ -136,6 +146,7 @@ class GRPOModule(PolicyModuleBase):
     ):
         self.save_hyperparameters()
         _validate_grpo_args(self.hparams)
+        self.estimator = _check_estimator(self.hparams)
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns,
                          reward_weights if reward_model is None else None, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
@@ -197,7 +208,18 @@ class GRPOModule(PolicyModuleBase):
                              return_logprobs=False, engine=self.rollout_engine)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
-        return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))
+        rollout = Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))
+        if self.estimator.needs_baseline:
+            rollout.baseline_scores = self.greedy_baseline(batch)
+        return rollout
+
+    def greedy_baseline(self, batch: dict[str, Any]) -> Tensor:
+        """ReMax's baseline: the reward of each prompt's greedy completion, repeated for its G rows. [N]"""
+        greedy = self.greedy_samples(batch, self.hparams.max_new_tokens)
+        completions = decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask)
+        scores = self.compute_rewards(list(batch["prompts"]), completions,
+                                      {"columns": self.reward_columns(batch), **batch})
+        return torch.as_tensor(scores, dtype=torch.float32).to(self.device).repeat_interleave(self.hparams.group_size)
 
     def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
         """Outcome: Tensor [N] (NaN = no reward). Process: list of N lists of step rewards.
@@ -214,13 +236,18 @@ class GRPOModule(PolicyModuleBase):
         return total
 
     def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
-        """Outcome: [N] group-relative advantages. Process: [N, T] per-token sums of normalised step rewards."""
+        """Outcome: the `advantage_estimator`'s, [N] (one per completion) or [N, T] (token-level: reinforce_pp).
+        Process: [N, T] per-token sums of normalised step rewards."""
         hp = self.hparams
         if hp.supervision == "process":
             T = rollout.samples.completion_ids.shape[1]
             step_rewards, step_ends = self.step_boundaries(rewards, rollout)
             return losses.process_advantages(step_rewards, step_ends, hp.group_size, num_tokens=T)
-        return losses.group_advantages(rewards, hp.group_size, scale=hp.scale_rewards)
+        mask = rollout.samples.completion_mask
+        out = self.estimator.fn(AdvantageInputs(mask=mask, scores=rewards.to(mask.device), group_size=hp.group_size,
+                                                scale=hp.scale_rewards, kl=rollout.kl, kl_coef=hp.beta,
+                                                baseline_scores=rollout.baseline_scores))
+        return out.sequence if out.sequence is not None else out.advantages
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                     normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -270,9 +297,16 @@ class GRPOModule(PolicyModuleBase):
         rollout = self.rollout(batch)
         t_gen = time.perf_counter() - t0
         s = rollout.samples
-        N, T = s.completion_ids.shape
         reward_batch = {"columns": rollout.columns, **batch}
         raw_rewards = self.compute_rewards(rollout.prompts, rollout.completions, reward_batch)
+        ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
+                   completion_mask=s.completion_mask)
+        t1 = time.perf_counter()
+        old_logp, ref_logp = self._old_and_reference_logprobs(ctx)
+        if self.estimator.kl_in_reward and ref_logp is not None:
+            # REINFORCE++: the KL shapes the reward before the advantages and is not added to the loss again
+            rollout.kl = losses.kl_estimate(old_logp, ref_logp, hp.kl_estimator)  # [N, T]
+            ref_logp = None
         advantages = self.compute_advantages(raw_rewards, rollout).to(self.device).float()  # [N] or [N, T]
         rewards = self._outcome_view(raw_rewards)  # [N] for logging / group statistics
 
@@ -284,15 +318,9 @@ class GRPOModule(PolicyModuleBase):
             keep_rows = (~group_std_zero).repeat_interleave(hp.group_size)  # [N]
             loss_mask = loss_mask * keep_rows.float().unsqueeze(-1)
 
-        # Old log-probs: only needed when the policy changes before a row is used.
-        needs_old = hp.num_iterations > 1 or hp.minibatches > 1
-        ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
-                   completion_mask=s.completion_mask)
-        t1 = time.perf_counter()
-        old_logp = self._logprobs_no_grad(self.policy, ctx) if needs_old else None
-        with self.reference_policy() as ref:
-            ref_logp = self._logprobs_no_grad(ref, ctx) if ref is not None else None
         update_stats = self._update(ctx, advantages, loss_mask, old_logp, ref_logp)
+        if rollout.kl is not None:
+            update_stats["kl"] = float(losses.masked_mean(rollout.kl, loss_mask))
         t_train = time.perf_counter() - t1
         self.rollouts += 1
         self._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, update_stats, t_gen, t_train)
@@ -311,6 +339,20 @@ class GRPOModule(PolicyModuleBase):
         filled = torch.where(valid, grouped, grouped.nan_to_num().sum(-1, keepdim=True) /
                              valid.sum(-1, keepdim=True).clamp(min=1))
         return (filled.max(-1).values - filled.min(-1).values) == 0
+
+    def _old_and_reference_logprobs(self, ctx: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """(π_old, π_ref) log-probs of the rollout [N, T], each None where it is not needed.
+
+        π_old only when the policy changes before a row is used (μ > 1 or minibatches > 1), or when the reward
+        needs the KL (reinforce_pp with beta > 0); otherwise the update's own log-probs, detached, stand in.
+        π_ref only when beta > 0.
+        """
+        hp = self.hparams
+        needs_old = hp.num_iterations > 1 or hp.minibatches > 1 or (self.estimator.kl_in_reward and hp.beta > 0)
+        old_logp = self._logprobs_no_grad(self.policy, ctx) if needs_old else None
+        with self.reference_policy() as ref:
+            ref_logp = self._logprobs_no_grad(ref, ctx) if ref is not None else None
+        return old_logp, ref_logp
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: torch.nn.Module, ctx: dict[str, Tensor]) -> Tensor:
@@ -421,6 +463,20 @@ class GRPOModule(PolicyModuleBase):
         self.log("reward", logged["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         if "policy/kl" in logged:
             self.log("kl", logged["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))
+
+
+def _check_estimator(hp) -> Estimator:
+    """The registered `advantage_estimator`, or one line naming what it cannot be combined with."""
+    est = get_estimator(hp.advantage_estimator)
+    if est.needs_values:
+        raise ValueError(f"advantage_estimator={est.name} needs a critic: use PPOModule (GRPO is critic-free)")
+    if hp.supervision == "process" and est.name != "grpo":
+        raise ValueError(f"supervision=process has its own advantages (GRPO §4.1.3): it needs "
+                         f"advantage_estimator=grpo, got {est.name!r}")
+    if hp.scale_rewards != "group" and est.name != "grpo":
+        raise ValueError(f"scale_rewards={hp.scale_rewards} applies to advantage_estimator=grpo only, got "
+                         f"{est.name!r}")
+    return est
 
 
 def _validate_grpo_args(hp) -> None:

@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import losses
+from ..algorithms.advantages import AdvantageInputs, get_estimator
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, position_ids_from_mask, sample
 from .base import PolicyModuleBase, grad_norm
 from .grpo import Rollout
@@ -387,10 +388,9 @@ class PPOModule(PolicyModuleBase):
         rewards, values, mask: [N, T] -> (advantages [N, T], returns [N, T]); 0 at masked positions.
         """
         hp = self.hparams
-        advantages, returns = losses.gae(rewards, values, mask, gamma=hp.gamma, lam=hp.lam)
-        if hp.whiten_advantages:
-            advantages = losses.masked_whiten(advantages, mask)
-        return advantages, returns
+        out = get_estimator("gae").fn(AdvantageInputs(mask=mask, token_rewards=rewards, values=values, gamma=hp.gamma,
+                                                      lam=hp.lam, whiten=hp.whiten_advantages))
+        return out.advantages, out.returns
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                     normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
