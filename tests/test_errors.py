@@ -151,3 +151,42 @@ from rlhf_lightning import GRPOModule  # noqa: E402
 class BuggyGRPO(GRPOModule):
     def compute_rewards(self, prompts, completions, batch):
         return 1 / 0
+
+
+# ------------------------------------------------------------------------------- bad rows, through the script
+SCRIPT = Path(sys.executable).parent / "rlhf-lightning"  # the console script users run
+RM = ["--model", "rlhf_lightning.RewardModel", "--data", "rlhf_lightning.PreferenceDataModule", *GRPO[4:]]
+SFT = ["--model", "rlhf_lightning.SFTModule", *GRPO[2:], "--data.completion_column", "completion"]
+
+
+def rows_then(bad: str, good: str, n: int = 40) -> str:
+    """n - 1 good jsonl lines then one bad one: the bad row is in the last batch of an epoch."""
+    return "".join(good.format(i=i) + "\n" for i in range(n - 1)) + bad + "\n"
+
+
+# (id, file name, file text, extra CLI arguments, the one line after "rlhf-lightning: error: ")
+SCRIPT_CASES = [
+    ("grpo_empty_prompt", "d.jsonl", rows_then('{"prompt": "", "answer": "1"}', '{{"prompt": "{i}+1=", "answer": '
+                                               '"{i}"}}'), GRPO, "d.jsonl line 40: the prompt is empty; every "
+     "prompt needs text"),
+    ("grpo_empty_reward_cell", "d.csv", "prompt,answer\n" + "".join(f"{i}+1=,{i + 1}\n" for i in range(39)) +
+     "39+1=,\n", GRPO, "d.csv line 41: has a null (None) value in column 'answer', which other rows fill (e.g. "
+     "d.csv line 2); reward functions read columns by name: fill it in or drop the column"),
+    ("sft_empty_completion", "s.jsonl", rows_then('{"prompt": "1+1=", "completion": ""}', '{{"prompt": "{i}+1=", '
+                                                  '"completion": "{i}"}}'), SFT, "s.jsonl line 40: the completion "
+     "(column 'completion') is empty"),
+    ("rm_equal_pair", "p.jsonl", rows_then('{"prompt": "1+1=", "chosen": "2", "rejected": "2"}', '{{"prompt": '
+                                           '"{i}+1=", "chosen": "{i}", "rejected": "x"}}'), RM, "p.jsonl line 40: "
+     "chosen and rejected are the same text ('2'): the pair teaches nothing"),
+]
+
+
+@pytest.mark.slow  # four process starts
+@pytest.mark.parametrize("name, text, args, expected", [c[1:] for c in SCRIPT_CASES], ids=[c[0] for c in SCRIPT_CASES])
+def test_a_bad_row_stops_the_script_before_training_with_its_line(tmp_path, name, text, args, expected):
+    (tmp_path / name).write_text(text)
+    proc = subprocess.run([str(SCRIPT), "fit", *args, "--data.path", name, "--model.model_name_or_path", "tiny"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"rlhf-lightning: error: {expected}"
