@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .. import parallel
 from ..cpu_allocator import keep_freed_memory
@@ -131,12 +131,26 @@ class PolicyModuleBase(L.LightningModule):
     def setup(self, stage: str) -> None:
         parallel.check_strategy(self, self.trainer.strategy)
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: reuse activation memory step to step
+        batch_size = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "batch_size", None)
+        if stage == "fit" and "minibatches" in self.hparams and isinstance(batch_size, int):
+            self.check_minibatches(batch_size)  # the data's batch size is known: refuse before the first step
         if not self.reward_funcs:
             task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
             if task is not None:
                 self.reward_funcs = list(self.default_reward_fns(task))
                 if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
                     self.reward_weights = None
+
+    minibatch_unit = "completions"  # what a rollout's minibatches split (GRPO: whole groups)
+
+    def check_minibatches(self, units: int) -> None:
+        """Refuse `minibatches` larger than the `units` of a rollout (one per prompt of data.batch_size): some
+        minibatch would be empty and the run would quietly take fewer optimizer steps than configured. (Fewer
+        that do not divide evenly are fine: the minibatches then differ in size by at most one unit.)"""
+        mb = self.hparams.minibatches
+        if units < mb:
+            raise ValueError(f"minibatches={mb} is more than the {units} {self.minibatch_unit} of a rollout "
+                             f"(data.batch_size={units} per rank); raise data.batch_size or lower minibatches")
 
     def default_reward_fns(self, task) -> Sequence[Callable]:
         """Reward functions used when none are configured and the data is a built-in task."""
@@ -383,6 +397,9 @@ class PolicyModuleBase(L.LightningModule):
                                 fused=_can_fuse_adamw(params, getattr(self._trainer, "precision_plugin", None)))
         total = self.schedule_horizon()
         warmup, kind, floor = hp.warmup_steps, hp.lr_schedule, hp.min_lr_ratio
+        if warmup and total and warmup >= total:
+            rank_zero_warn(f"warmup_steps={warmup} is not below the {total} optimizer steps this run takes: the lr "
+                           f"never leaves warm-up (it never reaches lr={lr}); lower model.warmup_steps")
 
         def factor(step: int) -> float:
             if warmup and step < warmup:
@@ -397,11 +414,29 @@ class PolicyModuleBase(L.LightningModule):
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     def schedule_horizon(self) -> int:
-        """Optimizer steps the lr schedule spans (the trainer's estimate; subclasses with inner loops scale it)."""
+        """Optimizer steps (of each optimizer) the lr schedule spans: the steps the run will actually take, the
+        smaller of what `max_epochs` and `max_steps` allow, so the schedule ends at its floor when the run does.
+        0 when unknown or unbounded (the lr stays constant after warm-up)."""
+        trainer = self.trainer
         try:
-            return int(self.trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - no trainer / infinite: constant after warmup
+            estimate = trainer.estimated_stepping_batches  # also sets up the train dataloader to count batches
+        except Exception:  # noqa: BLE001 - no trainer / no data: constant after warmup
             return 0
+        if self.automatic_optimization:  # Lightning's estimate: min(batches x epochs / accumulation, max_steps)
+            return int(estimate) if math.isfinite(estimate) else 0
+        # Manual optimization: `max_steps` counts every optimizer's steps, a batch makes several of them, and the
+        # fit loop stops at the first batch end with global_step >= max_steps.
+        updates, optimizers = self.updates_per_batch()
+        batches, epochs, max_steps = trainer.num_training_batches, trainer.max_epochs, trainer.max_steps
+        by_epochs = batches * epochs if epochs not in (None, -1) and math.isfinite(batches) else math.inf
+        by_steps = math.ceil(max_steps / (updates * optimizers)) if max_steps not in (None, -1) else math.inf
+        horizon = min(by_epochs, by_steps) * updates
+        return int(horizon) if math.isfinite(horizon) else 0
+
+    def updates_per_batch(self) -> tuple[int, int]:
+        """(optimizer steps each optimizer makes per training batch, number of optimizers), for manually
+        optimized modules' `schedule_horizon`."""
+        return 1, 1
 
     def configure_optimizers(self):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
