@@ -84,6 +84,13 @@ CASES = [
      "holds pickled objects that weights_only loading refuses (Trying to load unsupported GLOBAL os.makedirs"),
     ("ppo_gamma", ["--model", "rlhf_lightning.PPOModule", *TASK, "--model.gamma", "1.5"],
      "gamma must be in [0, 1], got 1.5"),
+    ("grpo_minibatches", [*TASK, "--data.batch_size", "4", "--model.minibatches", "8"],
+     "minibatches=8 is more than the 4 groups of a rollout (data.batch_size=4 per rank)"),
+    ("accumulate_grad_batches", [*TASK, "--trainer.accumulate_grad_batches", "4"],
+     "trainer.accumulate_grad_batches=4 does not apply to GRPOModule, which optimizes manually"),
+    ("ppo_gradient_clip_val", ["--model", "rlhf_lightning.PPOModule", *TASK, "--trainer.gradient_clip_val", "1.0"],
+     "trainer.gradient_clip_val=1.0 does not apply to PPOModule, which optimizes manually (its own optimizer steps "
+     "per rollout); set model.max_grad_norm=1.0 instead"),
 ]
 
 

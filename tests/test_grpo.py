@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -298,3 +300,21 @@ def test_warmup_longer_than_the_run_warns(tmp_path):
                    warmup_steps=10, log_samples_every_n_steps=0)
     with pytest.warns(UserWarning, match=r"warmup_steps=10 is not below the 2 optimizer steps this run takes"):
         _trainer(tmp_path, 2).fit(m, _data(batch_size=4))
+
+
+@pytest.mark.parametrize("flag, message", [
+    (dict(accumulate_grad_batches=2), "trainer.accumulate_grad_batches=2 does not apply to GRPOModule, which optimizes "
+     "manually (its own optimizer steps per rollout); set model.micro_batch_size instead"),
+    (dict(gradient_clip_val=0.5), "trainer.gradient_clip_val=0.5 does not apply to GRPOModule, which optimizes "
+     "manually (its own optimizer steps per rollout); set model.max_grad_norm=0.5 instead"),
+    (dict(gradient_clip_algorithm="value"), "trainer.gradient_clip_algorithm='value' does not apply to GRPOModule"),
+])
+def test_trainer_flags_manual_optimization_cannot_honour_are_refused(tmp_path, flag, message):
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _trainer(tmp_path, 1, **flag).fit(m, _data())
+    assert m.rollouts == 0
+    m.trainer = None  # detaching, and validating with the same trainer flags, are fine
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+              default_root_dir=tmp_path, **flag).validate(m, PromptDataModule(task="addition", num_train=8, num_val=4,
+                                                                              batch_size=4))

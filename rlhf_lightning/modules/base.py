@@ -127,6 +127,19 @@ class PolicyModuleBase(L.LightningModule):
         self.sample_generator: torch.Generator | None = None  # RL modules' sampling RNG, see _generator
         self._sample_generator_state: torch.Tensor | None = None
 
+    # ------------------------------------------------------------------------------------------ trainer
+    @property
+    def trainer(self) -> L.Trainer:
+        return L.LightningModule.trainer.fget(self)
+
+    @trainer.setter
+    def trainer(self, trainer: L.Trainer | None) -> None:
+        # Lightning attaches the trainer at the start of fit, before it checks its own configuration: the one
+        # place where a Trainer flag this module cannot honour is refused with the module's own setting named
+        if trainer is not None and not self.automatic_optimization:
+            check_manual_optimization_flags(self, trainer)
+        L.LightningModule.trainer.fset(self, trainer)
+
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
         parallel.check_strategy(self, self.trainer.strategy)
@@ -520,6 +533,26 @@ class PolicyModuleBase(L.LightningModule):
         if getattr(self, "_pending_rng_states", None) is not None:
             restore_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
+
+
+def check_manual_optimization_flags(module: L.LightningModule, trainer: L.Trainer) -> None:
+    """Refuse, when fitting, the Trainer flags a manually optimized module cannot honour (Lightning's own error
+    says "switch to automatic optimization", which a GRPO/PPO user cannot do), naming the module's setting."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    if trainer.state.fn != TrainerFn.FITTING:
+        return
+    name = type(module).__name__
+    why = f"does not apply to {name}, which optimizes manually (its own optimizer steps per rollout)"
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} {why}; set "
+                         f"model.micro_batch_size instead: gradients of micro-batches accumulate within each step")
+    if trainer.gradient_clip_val not in (None, 0):
+        raise ValueError(f"trainer.gradient_clip_val={trainer.gradient_clip_val} {why}; set "
+                         f"model.max_grad_norm={trainer.gradient_clip_val} instead")
+    if trainer.gradient_clip_algorithm is not None:
+        raise ValueError(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm.value!r} {why}; it clips "
+                         f"by norm with model.max_grad_norm (null = off): remove the trainer flag")
 
 
 def reduce_step_metrics(keys: list[str], values: torch.Tensor) -> torch.Tensor:
