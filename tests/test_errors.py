@@ -43,6 +43,11 @@ def write_files(root: Path) -> None:
     (root / "no_prompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
     (root / "prompts.txt").write_text("1+1=\n")
     torch.save({"state_dict": {}, "payload": RunsCodeWhenUnpickled(str(root / "code_ran"))}, root / "unsafe.ckpt")
+    from rlhf_lightning.models import load_causal_lm
+    from rlhf_lightning.tokenizer import build_char_tokenizer
+
+    load_causal_lm("tiny", build_char_tokenizer()).save_pretrained(root / "sft_export")  # a policy, not an RM
+    build_char_tokenizer().save_pretrained(root / "sft_export")
     (root / "broken.yaml").write_text("model:\n  class_path: rlhf_lightning.GRPOModule\n  init_args: {beta: 0.1\n")
 
 
@@ -84,6 +89,10 @@ CASES = [
      "holds pickled objects that weights_only loading refuses (Trying to load unsupported GLOBAL os.makedirs"),
     ("ppo_gamma", ["--model", "rlhf_lightning.PPOModule", *TASK, "--model.gamma", "1.5"],
      "gamma must be in [0, 1], got 1.5"),
+    ("causal_lm_as_reward_model", [*TASK, "--model.reward_model", "sft_export"],
+     "reward model 'sft_export' is not a reward model: it has no trained score head"),
+    ("ppo_causal_lm_as_reward_model", ["--model", "rlhf_lightning.PPOModule", *TASK, "--model.reward_model",
+                                       "sft_export"], "reward model 'sft_export' is not a reward model"),
     ("grpo_minibatches", [*TASK, "--data.batch_size", "4", "--model.minibatches", "8"],
      "minibatches=8 is more than the 4 groups of a rollout (data.batch_size=4 per rank)"),
     ("accumulate_grad_batches", [*TASK, "--trainer.accumulate_grad_batches", "4"],

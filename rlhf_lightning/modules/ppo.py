@@ -256,7 +256,7 @@ class PPOModule(PolicyModuleBase):
                              "hf_model export directory (written by save_pretrained at the end of its fit)")
         hp = self.hparams
         rm = load_sequence_classifier(name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
-                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed, require_trained_head=True)
         if not isinstance(getattr(rm, "score", None), nn.Linear) or rm.score.out_features != 1:
             raise ValueError(f"reward_model {name_or_path!r} ({type(rm).__name__}) has no scalar `score` head "
                              "(Linear(hidden, 1)); use a sequence classifier with num_labels=1")

@@ -272,7 +272,7 @@ class RewardModelScorer:
             self.model, tok = source, None
         elif isinstance(source, (str, os.PathLike)):
             tok = load_tokenizer(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else os.fspath(source))
-            self.model = load_sequence_classifier(os.fspath(source), tok)
+            self.model = load_sequence_classifier(os.fspath(source), tok, require_trained_head=True)
         else:
             raise ValueError(f"model_dir_or_module must be a directory, a RewardModel or a model, "  # noqa: TRY004
                              f"got {type(source).__name__}")
