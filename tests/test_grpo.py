@@ -318,3 +318,9 @@ def test_trainer_flags_manual_optimization_cannot_honour_are_refused(tmp_path, f
     L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
               default_root_dir=tmp_path, **flag).validate(m, PromptDataModule(task="addition", num_train=8, num_val=4,
                                                                               batch_size=4))
+
+
+
+def test_normalize_reward_model_without_a_reward_model_is_refused():
+    with pytest.raises(ValueError, match="normalize_reward_model applies to model.reward_model, which is not set"):
+        GRPOModule("tiny", normalize_reward_model=True)  # was: silently ignored

@@ -458,6 +458,8 @@ def _validate_grpo_args(hp) -> None:
         (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
          f"{hp.max_grad_norm}"),
         (hp.log_samples_every_n_steps >= 0, "log_samples_every_n_steps must be >= 0"),
+        (not hp.normalize_reward_model or hp.reward_model is not None, "normalize_reward_model applies to "
+         "model.reward_model, which is not set (it would be silently ignored)"),
     ]
     for ok, message in checks:
         if not ok:
