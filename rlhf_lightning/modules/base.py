@@ -142,6 +142,11 @@ class PolicyModuleBase(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
+        from ..preference import PreferenceDataModule
+
+        if isinstance(getattr(self.trainer, "datamodule", None), PreferenceDataModule):
+            raise ValueError(f"{type(self).__name__} trains on prompts, but the data is a PreferenceDataModule (pairs "
+                             "for RewardModel); use data: rlhf_lightning.PromptDataModule")
         parallel.check_strategy(self, self.trainer.strategy)
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: reuse activation memory step to step
         batch_size = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "batch_size", None)

@@ -184,6 +184,14 @@ class RewardModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimizer
     def setup(self, stage: str) -> None:
+        from ..data import PromptDataModule
+        from ..preference import PreferenceDataModule
+
+        data = getattr(self.trainer, "datamodule", None)
+        if isinstance(data, PromptDataModule) and not isinstance(data, PreferenceDataModule):
+            # its batches have no chosen/rejected halves: the loss would compare unrelated rows, silently
+            raise ValueError(f"RewardModel trains on preference pairs, but the data is a {type(data).__name__}; use "
+                             "data: rlhf_lightning.PreferenceDataModule (prompt, chosen, rejected)")
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/cpu_allocator.py
 
     def configure_optimizers(self):
