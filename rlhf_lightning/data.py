@@ -36,8 +36,10 @@ def load_rows(path: str, split: str = "train", subset: str | None = None) -> lis
     import datasets
 
     local = Path(os.path.expanduser(path))
+    name = f"{path} (split {split!r})"  # how its rows are named in messages: "<name> row <index>"
     try:
         if local.is_file():
+            name = path
             fmt = _FILE_FORMATS.get(local.suffix.lower())
             if fmt is None:
                 raise ValueError(f"data file {path!r} has unsupported extension {local.suffix!r}; "
@@ -50,6 +52,7 @@ def load_rows(path: str, split: str = "train", subset: str | None = None) -> lis
         elif local.is_dir():
             if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
                 ds = datasets.load_from_disk(str(local))
+                name = path if isinstance(ds, datasets.Dataset) else name  # one saved Dataset: no split to name
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
                         raise ValueError(f"dataset folder {path!r} has splits {list(ds)}, not {split!r}")
@@ -65,7 +68,6 @@ def load_rows(path: str, split: str = "train", subset: str | None = None) -> lis
     except Exception as err:  # noqa: BLE001 - one clear line instead of a library traceback
         msg = str(err).splitlines()[0] if str(err) else ""
         raise ValueError(f"could not load data {path!r} (split {split!r}): {type(err).__name__}: {msg}") from err
-    name = path if local.exists() else f"{path} ({split})"
     return _label_rows(ds, name, range(len(ds)), "row")
 
 
@@ -166,6 +168,17 @@ def check_columns(rows: list[dict], required: list[str], source: str, hint: str)
                 raise ConfigError(f"{row_where(row, i, source)}: {state} value in column {col!r}, which other rows "
                                   f"fill (e.g. {row_where(rows[j], j, source)}); reward functions read columns by "
                                   f"name: fill it in or drop the column")
+
+
+def check_reserved_columns(rows: list[dict], reserved: set[str], source: str) -> None:
+    """No data column may be named like a key the batches (or the reward functions' arguments) already use: it
+    would silently replace that key, or collide with it in the reward call. Raises ConfigError."""
+    from .reliability import ConfigError
+
+    clashes = sorted(reserved & {k for row in rows for k in row})
+    if clashes:
+        raise ConfigError(f"{source} has a column named {clashes[0]!r}, a name the batches and reward functions "
+                          f"already use ({', '.join(sorted(reserved))}); rename that column")
 
 
 def check_each_row(rows: list[dict], check: Any, source: str) -> None:
@@ -471,6 +484,11 @@ class PromptDataModule(L.LightningDataModule):
             val = []
         return rows, val
 
+    # keys of a batch (collate), of the reward batch (GRPO/PPO add `columns`, `samples`) and the reward functions'
+    # own arguments: a data column with one of these names would replace it or collide with it
+    RESERVED_COLUMNS = frozenset({"prompts", "completions", "prompt_ids", "prompt_mask", "input_ids", "attention_mask",
+                                  "labels", "columns", "samples"})
+
     def _check_rows(self, rows: list[dict], source: str) -> None:
         """Every row of a data source, before any is used: the prompt (and SFT completion) columns exist, no row
         lacks a column the others fill, each prompt is non-empty text or chat messages, each completion non-empty.
@@ -480,6 +498,7 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         needed = [hp.prompt_column] + ([hp.completion_column] if hp.completion_column else [])
         check_columns(rows, needed, source, "set prompt_column/completion_column")
+        check_reserved_columns(rows, self.RESERVED_COLUMNS - {hp.prompt_column}, source)
         check_each_row(rows, self._check_row, source)
 
     def _check_row(self, row: dict) -> None:

@@ -380,6 +380,13 @@ def test_folders_and_val_files_are_checked_too(tmp_path, char_tok):
     dm = PromptDataModule(path=str(folder), val_fraction=0.0)  # folders are read in setup
     with pytest.raises(ConfigError, match=re.escape(f"{folder} row 11: the prompt is empty")):
         dm.prepare_rows(char_tok)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(good_rows(3)),
+                          "test": datasets.Dataset.from_list([{"prompt": "1+1=", "answer": "2"}, {"prompt": "\n",
+                                                                                                  "answer": "4"}])
+                          }).save_to_disk(str(tmp_path / "dd"))
+    dm = PromptDataModule(path=str(tmp_path / "dd"), val_split="test")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'dd'} (split 'test') row 1: the prompt is empty")):
+        dm.prepare_rows(char_tok)
     val = write(tmp_path / "val.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])
     with pytest.raises(ConfigError, match=re.escape(f"{val} line 2: has no value in column 'answer'")):
         PromptDataModule(path=str(write(tmp_path / "t.jsonl", good_rows())), val_path=str(val))
@@ -437,3 +444,14 @@ def test_val_fraction_that_leaves_no_training_rows_is_refused(tmp_path, char_tok
     dm = PromptDataModule(path=str(write(tmp_path / "d.jsonl", good_rows(3))), val_fraction=0.9)
     with pytest.raises(ConfigError, match=re.escape("data.val_fraction=0.9 holds out 3 of the 3 rows")):
         dm.prepare_rows(char_tok)
+
+
+@pytest.mark.parametrize("column", ["completions", "columns", "prompt_ids"])
+def test_a_column_named_like_a_batch_key_is_refused(tmp_path, column):
+    """e.g. `completions` would collide with the reward functions' own argument, `columns` would replace the
+    reward batch's columns, `prompt_ids` the token ids."""
+    path = write(tmp_path / "d.jsonl", [{"prompt": "1+1=", column: "2"}])
+    with pytest.raises(ConfigError, match=re.escape(f"has a column named {column!r}, a name the batches and reward "
+                                                    f"functions already use")):
+        PromptDataModule(path=str(path))
+    assert PromptDataModule(path=str(path), prompt_column=column)  # as the prompt column it is not kept: no clash
