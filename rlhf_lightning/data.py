@@ -359,6 +359,18 @@ class _ListDataset(Dataset):
         return self.rows[i]
 
 
+def _refuse_task_only_arguments(cls: type, **given: Any) -> None:
+    """`num_train`, `num_val`, `task_kwargs` shape a built-in task's generated examples; with `path` data they would be
+    silently ignored (every row of the data is used), so a value other than the class's default is refused."""
+    import inspect
+
+    defaults = inspect.signature(cls.__init__).parameters
+    for name, value in given.items():
+        if name in defaults and value != defaults[name].default:
+            raise ValueError(f"data.{name}={value!r} applies to built-in tasks (`task`) only; with `path` every row "
+                             f"of the data is used (val_fraction / val_path / val_split choose the validation rows)")
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts (+ every other column) for RL, or prompt/completion pairs for SFT.
 
@@ -418,6 +430,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"val_batch_size must be a positive integer, got {val_batch_size!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if path is not None:
+            _refuse_task_only_arguments(type(self), num_train=num_train, num_val=num_val, task_kwargs=task_kwargs)
         if path is not None and _looks_like_path(path) and not Path(os.path.expanduser(path)).exists():
             raise ValueError(f"data path {path!r} does not exist")
         if val_path is not None and not Path(os.path.expanduser(val_path)).exists():

@@ -455,3 +455,15 @@ def test_a_column_named_like_a_batch_key_is_refused(tmp_path, column):
                                                     f"functions already use")):
         PromptDataModule(path=str(path))
     assert PromptDataModule(path=str(path), prompt_column=column)  # as the prompt column it is not kept: no clash
+
+
+@pytest.mark.parametrize("argument", [dict(num_train=100), dict(num_val=10), dict(task_kwargs={"digits": 3})])
+def test_task_only_arguments_with_path_data_are_refused(tmp_path, argument):
+    path = str(write(tmp_path / "d.jsonl", good_rows(3)))
+    name, value = next(iter(argument.items()))
+    with pytest.raises(ValueError, match=re.escape(f"data.{name}={value!r} applies to built-in tasks (`task`) only")):
+        PromptDataModule(path=path, **argument)  # was: silently ignored, every row used
+    from rlhf_lightning.preference import PreferenceDataModule
+
+    with pytest.raises(ValueError, match=re.escape(f"data.{name}={value!r} applies to built-in tasks")):
+        PreferenceDataModule(path=path, **argument)
