@@ -519,3 +519,18 @@ def test_logged_metrics_cover_the_issue_list(tmp_path):
     assert float(trainer.callback_metrics["policy/kl_coef"]) == pytest.approx(0.05)
     # the reward's KL part: -β x (sum of per-token KL), averaged over rows; 0 at the first rollout
     assert float(trainer.callback_metrics["reward/non_score"]) == 0.0
+
+
+@pytest.mark.parametrize("max_epochs, max_steps, rollouts", [
+    (2, 1000, 4),  # the epochs end the run first: 2 epochs x 2 batches
+    (10, 2 * 3 * 2, 3),  # max_steps (both optimizers' steps) ends it first: 3 rollouts of 2 updates each
+])
+def test_lr_reaches_its_floor_when_the_run_ends(tmp_path, max_epochs, max_steps, rollouts):
+    m = PPOModule("tiny", reward_fns=[digit_fraction], lr=1e-3, critic_lr=2e-3, lr_schedule="cosine",
+                  min_lr_ratio=0.1, ppo_epochs=2, minibatches=1, max_new_tokens=2, log_samples_every_n_steps=0)
+    trainer = make_trainer(tmp_path, max_steps=max_steps, max_epochs=max_epochs)
+    trainer.fit(m, make_data(batch_size=4, num_train=8))
+    assert m.rollouts == rollouts and m.schedule_horizon() == m.optimizer_steps == 2 * rollouts
+    actor, critic = m.optimizers()
+    assert actor.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)
+    assert critic.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.1)

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .. import parallel
 from ..cpu_allocator import keep_freed_memory
@@ -127,16 +127,48 @@ class PolicyModuleBase(L.LightningModule):
         self.sample_generator: torch.Generator | None = None  # RL modules' sampling RNG, see _generator
         self._sample_generator_state: torch.Tensor | None = None
 
+    # ------------------------------------------------------------------------------------------ trainer
+    @property
+    def trainer(self) -> L.Trainer:
+        return L.LightningModule.trainer.fget(self)
+
+    @trainer.setter
+    def trainer(self, trainer: L.Trainer | None) -> None:
+        # Lightning attaches the trainer at the start of fit, before it checks its own configuration: the one
+        # place where a Trainer flag this module cannot honour is refused with the module's own setting named
+        if trainer is not None and not self.automatic_optimization:
+            check_manual_optimization_flags(self, trainer)
+        L.LightningModule.trainer.fset(self, trainer)
+
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
+        from ..preference import PreferenceDataModule
+
+        if isinstance(getattr(self.trainer, "datamodule", None), PreferenceDataModule):
+            raise ValueError(f"{type(self).__name__} trains on prompts, but the data is a PreferenceDataModule (pairs "
+                             "for RewardModel); use data: rlhf_lightning.PromptDataModule")
         parallel.check_strategy(self, self.trainer.strategy)
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: reuse activation memory step to step
+        batch_size = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "batch_size", None)
+        if stage == "fit" and "minibatches" in self.hparams and isinstance(batch_size, int):
+            self.check_minibatches(batch_size)  # the data's batch size is known: refuse before the first step
         if not self.reward_funcs:
             task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
             if task is not None:
                 self.reward_funcs = list(self.default_reward_fns(task))
                 if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
                     self.reward_weights = None
+
+    minibatch_unit = "completions"  # what a rollout's minibatches split (GRPO: whole groups)
+
+    def check_minibatches(self, units: int) -> None:
+        """Refuse `minibatches` larger than the `units` of a rollout (one per prompt of data.batch_size): some
+        minibatch would be empty and the run would quietly take fewer optimizer steps than configured. (Fewer
+        that do not divide evenly are fine: the minibatches then differ in size by at most one unit.)"""
+        mb = self.hparams.minibatches
+        if units < mb:
+            raise ValueError(f"minibatches={mb} is more than the {units} {self.minibatch_unit} of a rollout "
+                             f"(data.batch_size={units} per rank); raise data.batch_size or lower minibatches")
 
     def default_reward_fns(self, task) -> Sequence[Callable]:
         """Reward functions used when none are configured and the data is a built-in task."""
@@ -383,6 +415,9 @@ class PolicyModuleBase(L.LightningModule):
                                 fused=_can_fuse_adamw(params, getattr(self._trainer, "precision_plugin", None)))
         total = self.schedule_horizon()
         warmup, kind, floor = hp.warmup_steps, hp.lr_schedule, hp.min_lr_ratio
+        if warmup and total and warmup >= total:
+            rank_zero_warn(f"warmup_steps={warmup} is not below the {total} optimizer steps this run takes: the lr "
+                           f"never leaves warm-up (it never reaches lr={lr}); lower model.warmup_steps")
 
         def factor(step: int) -> float:
             if warmup and step < warmup:
@@ -397,11 +432,29 @@ class PolicyModuleBase(L.LightningModule):
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     def schedule_horizon(self) -> int:
-        """Optimizer steps the lr schedule spans (the trainer's estimate; subclasses with inner loops scale it)."""
+        """Optimizer steps (of each optimizer) the lr schedule spans: the steps the run will actually take, the
+        smaller of what `max_epochs` and `max_steps` allow, so the schedule ends at its floor when the run does.
+        0 when unknown or unbounded (the lr stays constant after warm-up)."""
+        trainer = self.trainer
         try:
-            return int(self.trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - no trainer / infinite: constant after warmup
+            estimate = trainer.estimated_stepping_batches  # also sets up the train dataloader to count batches
+        except Exception:  # noqa: BLE001 - no trainer / no data: constant after warmup
             return 0
+        if self.automatic_optimization:  # Lightning's estimate: min(batches x epochs / accumulation, max_steps)
+            return int(estimate) if math.isfinite(estimate) else 0
+        # Manual optimization: `max_steps` counts every optimizer's steps, a batch makes several of them, and the
+        # fit loop stops at the first batch end with global_step >= max_steps.
+        updates, optimizers = self.updates_per_batch()
+        batches, epochs, max_steps = trainer.num_training_batches, trainer.max_epochs, trainer.max_steps
+        by_epochs = batches * epochs if epochs not in (None, -1) and math.isfinite(batches) else math.inf
+        by_steps = math.ceil(max_steps / (updates * optimizers)) if max_steps not in (None, -1) else math.inf
+        horizon = min(by_epochs, by_steps) * updates
+        return int(horizon) if math.isfinite(horizon) else 0
+
+    def updates_per_batch(self) -> tuple[int, int]:
+        """(optimizer steps each optimizer makes per training batch, number of optimizers), for manually
+        optimized modules' `schedule_horizon`."""
+        return 1, 1
 
     def configure_optimizers(self):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
@@ -485,6 +538,26 @@ class PolicyModuleBase(L.LightningModule):
         if getattr(self, "_pending_rng_states", None) is not None:
             restore_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
+
+
+def check_manual_optimization_flags(module: L.LightningModule, trainer: L.Trainer) -> None:
+    """Refuse, when fitting, the Trainer flags a manually optimized module cannot honour (Lightning's own error
+    says "switch to automatic optimization", which a GRPO/PPO user cannot do), naming the module's setting."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    if trainer.state.fn != TrainerFn.FITTING:
+        return
+    name = type(module).__name__
+    why = f"does not apply to {name}, which optimizes manually (its own optimizer steps per rollout)"
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} {why}; set "
+                         f"model.micro_batch_size instead: gradients of micro-batches accumulate within each step")
+    if trainer.gradient_clip_val not in (None, 0):
+        raise ValueError(f"trainer.gradient_clip_val={trainer.gradient_clip_val} {why}; set "
+                         f"model.max_grad_norm={trainer.gradient_clip_val} instead")
+    if trainer.gradient_clip_algorithm is not None:
+        raise ValueError(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm.value!r} {why}; it clips "
+                         f"by norm with model.max_grad_norm (null = off): remove the trainer flag")
 
 
 def reduce_step_metrics(keys: list[str], values: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,8 @@ class GRPOModule(PolicyModuleBase):
             token sum is divided by max_new_tokens). Normalised over the whole optimizer step.
         importance_sampling: `token` (PPO-style per-token ratio) or `sequence` (GSPO length-normalised ratio).
         num_iterations: μ, optimizer passes over one rollout (old log-probs are cached once per rollout).
-        minibatches: optimizer steps per pass; the rollout's groups are split evenly among them.
+        minibatches: optimizer steps per pass; the rollout's groups are split among them (whole groups, sizes
+            differing by at most one; more minibatches than groups is refused).
         micro_batch_size: rows per forward/backward (gradient accumulation inside an optimizer step; the loss is
             normalised by the whole step's count, so it does not change the result). None = the minibatch.
         max_new_tokens / min_new_tokens / temperature / top_p / top_k: sampling. The temperature also divides
@@ -96,6 +97,8 @@ class GRPOModule(PolicyModuleBase):
         lora, lora_export, gradient_checkpointing, rollout_engine: see `PolicyModuleBase` (with LoRA, π_ref =
             adapter disabled).
     """
+
+    minibatch_unit = "groups"  # minibatches hold whole groups (a group's advantages are relative to each other)
 
     def __init__(
         self,
@@ -187,12 +190,9 @@ class GRPOModule(PolicyModuleBase):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
         return [opt], [sched]
 
-    def schedule_horizon(self) -> int:
-        """Optimizer steps of the run: max_steps when set (it counts optimizer steps), else batches x updates."""
-        if self.trainer.max_steps and self.trainer.max_steps > 0:
-            return self.trainer.max_steps
-        rollouts = super().schedule_horizon()
-        return rollouts * self.hparams.num_iterations * self.hparams.minibatches if rollouts else 0
+    def updates_per_batch(self) -> tuple[int, int]:
+        """num_iterations x minibatches steps of the one optimizer per rollout (see `schedule_horizon`)."""
+        return self.hparams.num_iterations * self.hparams.minibatches, 1
 
     # ------------------------------------------------------------------------------------------ hooks
     def rollout(self, batch: dict[str, Any]) -> Rollout:
@@ -379,6 +379,7 @@ class GRPOModule(PolicyModuleBase):
         sched = self.lr_schedulers()
         N = loss_mask.shape[0]
         n_groups = N // hp.group_size
+        self.check_minibatches(n_groups)
         world = self.trainer.world_size
         sums: dict[str, float] = {}
         count = 0
@@ -387,7 +388,8 @@ class GRPOModule(PolicyModuleBase):
         self.policy.train()
         for _ in range(hp.num_iterations):
             group_order = torch.arange(n_groups, device=self.device)
-            for mb_groups in group_order.chunk(hp.minibatches):
+            # exactly `minibatches` steps (chunk() would make fewer when they do not divide the groups)
+            for mb_groups in group_order.tensor_split(hp.minibatches):
                 rows = (mb_groups.unsqueeze(-1) * hp.group_size +
                         torch.arange(hp.group_size, device=self.device)).flatten()  # [rows in minibatch]
                 normalizer = self._global_count(self._normalizer(loss_mask[rows]))
@@ -512,6 +514,8 @@ def _validate_grpo_args(hp) -> None:
         (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
          f"{hp.max_grad_norm}"),
         (hp.log_samples_every_n_steps >= 0, "log_samples_every_n_steps must be >= 0"),
+        (not hp.normalize_reward_model or hp.reward_model is not None, "normalize_reward_model applies to "
+         "model.reward_model, which is not set (it would be silently ignored)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -257,7 +257,7 @@ class PPOModule(PolicyModuleBase):
                              "hf_model export directory (written by save_pretrained at the end of its fit)")
         hp = self.hparams
         rm = load_sequence_classifier(name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
-                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed, require_trained_head=True)
         if not isinstance(getattr(rm, "score", None), nn.Linear) or rm.score.out_features != 1:
             raise ValueError(f"reward_model {name_or_path!r} ({type(rm).__name__}) has no scalar `score` head "
                              "(Linear(hidden, 1)); use a sequence classifier with num_labels=1")
@@ -336,17 +336,9 @@ class PPOModule(PolicyModuleBase):
         critic, critic_sched = self.build_optimizer(self.critic_parameters(), hp.critic_lr or hp.lr)
         return [actor, critic], [actor_sched, critic_sched]
 
-    def schedule_horizon(self) -> int:
-        """Updates each optimizer makes over the run: rollouts x ppo_epochs x minibatches.
-
-        `estimated_stepping_batches` is min(batches, max_steps); max_steps counts both optimizers' steps.
-        """
-        estimate = super().schedule_horizon()
-        if not estimate:
-            return 0
-        updates = estimate * self.hparams.ppo_epochs * self.hparams.minibatches
-        max_steps = self.trainer.max_steps
-        return min(updates, max_steps // 2) if max_steps not in (-1, None) else updates
+    def updates_per_batch(self) -> tuple[int, int]:
+        """ppo_epochs x minibatches steps of each of the two optimizers per rollout (see `schedule_horizon`)."""
+        return self.hparams.ppo_epochs * self.hparams.minibatches, 2
 
     # ------------------------------------------------------------------------------------------ hooks
     def rollout(self, batch: dict[str, Any]) -> Rollout:
@@ -498,9 +490,7 @@ class PPOModule(PolicyModuleBase):
         t_gen = time.perf_counter() - t0
         s = rollout.samples
         N = s.completion_ids.shape[0]
-        if N < hp.minibatches:
-            raise ValueError(f"minibatches={hp.minibatches} is more than the {N} completions of a rollout; raise "
-                             "data.batch_size or lower minibatches")
+        self.check_minibatches(N)
 
         t1 = time.perf_counter()
         ctx = _ctx(s)
@@ -584,7 +574,7 @@ class PPOModule(PolicyModuleBase):
         self.value_model.train()
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(N, device=self.device, generator=self._generator())  # shuffle rows per epoch
-            for rows in order.chunk(hp.minibatches):
+            for rows in order.tensor_split(hp.minibatches):  # exactly `minibatches` steps, as counted
                 normalizer = self._global_count(mask[rows].sum())  # tokens of this minibatch on all ranks
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)

@@ -184,6 +184,14 @@ class RewardModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimizer
     def setup(self, stage: str) -> None:
+        from ..data import PromptDataModule
+        from ..preference import PreferenceDataModule
+
+        data = getattr(self.trainer, "datamodule", None)
+        if isinstance(data, PromptDataModule) and not isinstance(data, PreferenceDataModule):
+            # its batches have no chosen/rejected halves: the loss would compare unrelated rows, silently
+            raise ValueError(f"RewardModel trains on preference pairs, but the data is a {type(data).__name__}; use "
+                             "data: rlhf_lightning.PreferenceDataModule (prompt, chosen, rejected)")
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/cpu_allocator.py
 
     def configure_optimizers(self):
@@ -272,7 +280,7 @@ class RewardModelScorer:
             self.model, tok = source, None
         elif isinstance(source, (str, os.PathLike)):
             tok = load_tokenizer(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else os.fspath(source))
-            self.model = load_sequence_classifier(os.fspath(source), tok)
+            self.model = load_sequence_classifier(os.fspath(source), tok, require_trained_head=True)
         else:
             raise ValueError(f"model_dir_or_module must be a directory, a RewardModel or a model, "  # noqa: TRY004
                              f"got {type(source).__name__}")
