@@ -26,7 +26,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -194,19 +195,87 @@ class GracefulShutdown(L.Callback):
 
 
 class CheckpointOnError(L.Callback):
-    """When a reward function fails during fit, save `<checkpoint dir>/error.ckpt` before the run stops.
+    """When anything fails once training runs (a reward function, a bad row, a bug, also in the validation of a
+    fit), save `<checkpoint dir>/error.ckpt` before the run stops; the exception gets `checkpoint_path` (or
+    `checkpoint_error` when the save failed too), which `cli_main` prints.
 
-    The checkpoint holds the weights and optimizer state of the last completed step, so after fixing the
-    function the run continues with `--ckpt_path .../error.ckpt` (the failing batch counts as seen).
+    The checkpoint holds the state when the failure happened: the weights and optimizer state of the last
+    completed optimizer step, the failing batch counted as seen (after fixing the cause the run continues with
+    `--ckpt_path .../error.ckpt`). Not written for signals (`GracefulShutdown` saves those) nor a second Ctrl+C,
+    and not under several processes: an exception may be one rank's own, and a save is a collective the other
+    ranks, waiting in another one, would never join (a hang instead of an exit); `last.ckpt` is the resume point.
     """
 
     def __init__(self) -> None:
         self.saved_path: Path | None = None
+        self._running = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._running, self.saved_path = True, None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._running = False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, RewardFunctionError) or not trainer.training:
+        running, self._running = self._running, False
+        if not running or not isinstance(exception, Exception) or trainer.world_size > 1:
             return
         path = last_checkpoint_path(trainer).with_name("error.ckpt")
-        trainer.save_checkpoint(path)
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 - e.g. a full disk: report it beside the original error
+            exception.checkpoint_error = f"{path} could not be written: {err}"  # type: ignore[attr-defined]
+            return
         self.saved_path = path
         exception.checkpoint_path = path  # type: ignore[attr-defined] - read by cli_main's message
+
+
+# ---------------------------------------------------------------------------------------- periodic last.ckpt
+class LastCheckpoint(ModelCheckpoint):
+    """The CLI's default checkpointing: `<checkpoint dir>/last.ckpt` every `every_n_batches` training batches
+    (rollouts for GRPO/PPO, optimizer steps for SFT/RewardModel), at every epoch end and when fit ends, and no
+    other file. A late failure loses at most `every_n_batches` batches.
+
+    Configuring any `ModelCheckpoint` (this one with another `every_n_batches`, e.g.
+    `--trainer.callbacks+=rlhf_lightning.reliability.LastCheckpoint --trainer.callbacks.every_n_batches 20`)
+    replaces the default. If the final save fails (a full disk), fit still ends and exports `hf_model/`; the
+    error is kept in `final_save_error` (the CLI then exits with status 1 naming it).
+    """
+
+    def __init__(self, dirpath: str | Path | None = None, every_n_batches: int = 50):
+        if not isinstance(every_n_batches, int) or every_n_batches < 0:
+            raise ConfigError(f"every_n_batches must be an integer >= 0 (0: only at epoch and fit ends), got "
+                              f"{every_n_batches!r}")
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
+        self.every_n_batches = every_n_batches
+        self.save_error: str | None = None  # why the latest save failed
+        self.final_save_error: str | None = None  # why the save at the end of fit failed
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        if self.every_n_batches and done % self.every_n_batches == 0 and not self._should_skip_saving_checkpoint(
+                trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skipped: this step's save already succeeded
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.final_save_error = self.save_error
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        """Every save of last.ckpt. A failed one (a full disk) is warned about, not raised: training and the
+        final export go on, `save_error` says why the file is missing, and the next save tries again."""
+        error = None
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        except Exception as err:  # noqa: BLE001 - whatever the filesystem raises
+            if trainer.world_size > 1:
+                # the ranks whose part succeeded wait in the save's closing barrier: join it
+                trainer.strategy.barrier("Trainer.save_checkpoint")
+            error = f"{self.last_model_path} could not be written: {err}"
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            error = error or f"{self.last_model_path} could not be written on another rank"
+        self.save_error = error
+        if error is not None:
+            rank_zero_warn(f"[rlhf_lightning] {error}")

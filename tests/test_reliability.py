@@ -300,3 +300,66 @@ def test_cpu_allocator_bad_setting_is_one_line(monkeypatch):
     monkeypatch.setenv("RLHF_LIGHTNING_CPU_ALLOCATOR", "jemalloc")
     with pytest.raises(ValueError, match="RLHF_LIGHTNING_CPU_ALLOCATOR must be 'cache'.*got 'jemalloc'"):
         allocator_setting()
+
+
+# --------------------------------------------------------------------------- checkpoints that survive late failures
+from test_resume import GRPO, TINY_RUN, script  # noqa: E402 - the console-script runner of the resume tests
+
+
+def test_the_cli_writes_last_ckpt_every_50_batches_and_at_the_end_of_fit(tmp_path, monkeypatch):
+    """Checkpoints were written at epoch ends only (none at all when max_steps stops a run mid-epoch before
+    validation): the CLI's default is a LastCheckpoint every 50 batches and at the end of fit."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["rlhf-lightning"])
+    cli = cli_main(["--model", "rlhf_lightning.GRPOModule", "--data", "rlhf_lightning.PromptDataModule",
+                    "--data.task", "addition", "--trainer.logger", "false"], run=False)
+    assert [cb.every_n_batches for cb in cli.trainer.checkpoint_callbacks] == [50]
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--trainer.max_steps", "3")  # 4 batches per epoch: ends mid-epoch
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+class FailsAtThirdRollout(GRPOModule):
+    """A module with a bug that shows at the third rollout (not a reward function: any failure counts)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.rollouts == 2:
+            raise RuntimeError("something broke in rollout 3")
+        return super().training_step(batch, batch_idx)
+
+
+def test_any_failure_once_training_runs_leaves_error_ckpt_and_the_periodic_last_ckpt(tmp_path):
+    """error.ckpt was written for RewardFunctionError only; now for any exception, the CLI naming it last, and
+    the periodic last.ckpt (every_n_batches configured to 2) is there too."""
+    done = script(tmp_path, "--model", "test_reliability.FailsAtThirdRollout", *GRPO[2:], *TINY_RUN,
+                  "--trainer.max_steps", "8", "--trainer.callbacks+=rlhf_lightning.reliability.LastCheckpoint",
+                  "--trainer.callbacks.every_n_batches", "2")
+    assert done.returncode == 1, done.stderr[-3000:]
+    ckpt = Path("checkpoints") / "error.ckpt"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"rlhf-lightning: error: training stopped by RuntimeError: something broke in rollout 3 (checkpoint saved "
+        f"to {ckpt})")
+    assert torch.load(tmp_path / ckpt, weights_only=True)["global_step"] == 2
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+class FullDiskIO(AtomicCheckpointIO):
+    """A checkpoint IO on a full disk: every save fails as a real one would (ENOSPC)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_a_full_disk_at_the_final_save_still_exports_hf_model_and_exits_1(tmp_path):
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--trainer.max_steps", "2",
+                  "--trainer.plugins", "test_reliability.FullDiskIO")
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf-lightning:")]
+    last = os.path.join(".", "checkpoints", "last.ckpt")  # under --trainer.default_root_dir .
+    assert errors == [f"rlhf-lightning: error: training finished but the final checkpoint {last} could not be "
+                      f"written: [Errno 28] No space left on device: '{last}'; the model was exported to hf_model"]
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()

@@ -162,3 +162,59 @@ def test_signal_saves_last_ckpt_at_a_step_boundary_and_resume_is_exact(tmp_path,
     resume(tmp_path)
     diff = max_abs_diff(final_weights(tmp_path), straight)
     assert diff <= 1e-6, diff
+
+
+# ------------------------------------------------------------------------------ resuming with other settings
+SCRIPT = Path(sys.executable).parent / "rlhf-lightning"
+TINY_RUN = ["--data", "rlhf_lightning.PromptDataModule", "--data.task", "addition", "--data.num_train", "16",
+            "--data.num_val", "0", "--data.batch_size", "4", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "."]
+GRPO = ["--model", "rlhf_lightning.GRPOModule", "--model.group_size", "4", "--model.max_new_tokens", "2"]
+
+
+def script(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(SCRIPT), "fit", *args], cwd=run_dir, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def grpo_checkpoint(tmp_path_factory) -> Path:
+    """A 2-step GRPO run (group_size 4, tiny, batch_size 4) through the console script; its last.ckpt."""
+    run_dir = tmp_path_factory.mktemp("grpo_ckpt")
+    done = script(run_dir, *GRPO, *TINY_RUN, "--trainer.max_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("changed, listed", [
+    (["--model.group_size", "8"], "model.group_size: 4 (checkpoint) vs 8 (given)"),
+    (["--model.model_name_or_path", "small", "--data.batch_size", "8"],
+     "model.model_name_or_path: tiny (checkpoint) vs small (given); data.batch_size: 4 (checkpoint) vs 8 (given)"),
+    (["--model", "rlhf_lightning.PPOModule"], "model: rlhf_lightning.GRPOModule (checkpoint) vs "
+                                              "rlhf_lightning.PPOModule (given)"),
+], ids=["group_size", "preset_and_batch_size", "module_class"])
+def test_resuming_with_other_settings_is_refused_with_one_line_listing_them(tmp_path, grpo_checkpoint, changed,
+                                                                              listed):
+    """LightningCLI let the checkpoint's hyperparameters silently replace the command line's (a PPO checkpoint
+    resumed as PPO under --model GRPOModule); now each differing setting is named, before anything runs."""
+    done = script(tmp_path, *GRPO, *TINY_RUN, *changed, "--trainer.max_steps", "4", "--ckpt_path",
+                  str(grpo_checkpoint))
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf-lightning: error: --ckpt_path "), done.stderr[-3000:]
+    assert f"other settings than the ones given: {listed}." in lines[0]
+    assert not (tmp_path / "hf_model").exists()
+
+
+def test_settings_left_out_on_resume_come_from_the_checkpoint(tmp_path, grpo_checkpoint):
+    """Only the module class and a longer max_steps given: group_size 4, max_new_tokens 2 and batch_size 4 are
+    the checkpoint's (the defaults are 8, 32 and 8), and the run continues from step 2 to 3."""
+    done = script(tmp_path, "--model", "rlhf_lightning.GRPOModule", "--data", "rlhf_lightning.PromptDataModule",
+                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", ".", "--trainer.max_steps", "3", "--ckpt_path", str(grpo_checkpoint))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert (ckpt["hyper_parameters"]["group_size"], ckpt["hyper_parameters"]["max_new_tokens"]) == (4, 2)
+    assert ckpt["datamodule_hyper_parameters"]["batch_size"] == 4
