@@ -63,18 +63,30 @@ trainer:
 """
 
 
+CALLS = {"n": 0}
+
+
 def slow_first_digit(prompts, completions, **kwargs):
     """1.0 when the completion starts with a digit (a random tiny policy: ~10%), after a short sleep, plus noise
-    from the global torch / python / numpy RNGs (so their states must be resumed too)."""
+    from the global torch / python / numpy RNGs (so their states must be resumed too).
+
+    With RLHF_TEST_STALL=<file>, from the RLHF_TEST_STALL_AT-th call on (default 1) it touches <file> and
+    sleeps a minute first: a deliberately slow step (reward model, judge, sandbox) to signal in the middle of."""
+    CALLS["n"] += 1
+    stall = os.environ.get("RLHF_TEST_STALL")
+    if stall and CALLS["n"] >= int(os.environ.get("RLHF_TEST_STALL_AT", "1")):
+        Path(stall).touch()
+        time.sleep(60)
     time.sleep(0.1)
     return [float(c[:1].isdigit()) + 0.1 * (float(torch.rand(())) + random.random() + float(np.random.rand()))
             for c in completions]
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def start(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(CONFIG.format(max_steps=MAX_STEPS))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1",
+           **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "rlhf_lightning", "fit", "--config", "config.yaml",
                              "--trainer.default_root_dir", ".", *extra], cwd=run_dir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -218,3 +230,53 @@ def test_settings_left_out_on_resume_come_from_the_checkpoint(tmp_path, grpo_che
     assert ckpt["global_step"] == 3
     assert (ckpt["hyper_parameters"]["group_size"], ckpt["hyper_parameters"]["max_new_tokens"]) == (4, 2)
     assert ckpt["datamodule_hyper_parameters"]["batch_size"] == 4
+
+
+# --------------------------------------------------------------------------------- signals at any phase
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_middle_of_a_slow_step_saves_within_seconds_and_resumes_exactly(tmp_path, straight):
+    """The third rollout's reward call stalls for a minute; SIGTERM then used to wait for the step to end (~35 s
+    in the reported case, past a scheduler's grace period). Now the step is dropped at once and last.ckpt holds
+    the state after rollout 2 (step 4), from which the resume ends with the uninterrupted run's weights."""
+    stalled = tmp_path / "stalled"
+    proc = start(tmp_path, env={"RLHF_TEST_STALL": str(stalled), "RLHF_TEST_STALL_AT": "3"})
+    wait_for(stalled, proc)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.stat().st_mtime - signalled < 5, "last.ckpt was not written within 5 s of the signal"
+    assert f"SIGTERM: saved {last} at step 4 (dropped the unfinished work of training)" in out
+    ckpt = torch.load(last, weights_only=True)
+    assert (ckpt["global_step"], ckpt["rlhf_counters"]["rollouts"]) == (4, 2)
+    resume(tmp_path)
+    diff = max_abs_diff(final_weights(tmp_path), straight)
+    assert diff <= 1e-6, diff
+
+
+SANITY = ["--data.init_args.num_val", "8", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps",
+          "1"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_sanity_check_exits_143_saying_nothing_was_saved(tmp_path):
+    """It exited 0 with nothing saved (Lightning's own SIGTERM flag ends the sanity check "successfully"), so a
+    scheduler recorded a success and did not requeue."""
+    stalled = tmp_path / "stalled"
+    proc = start(tmp_path, *SANITY, env={"RLHF_TEST_STALL": str(stalled)})
+    wait_for(stalled, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert ("SIGTERM during the sanity check: nothing saved (no training step completed in this run); exiting "
+            "with status 143") in out
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "hf_model").exists()
