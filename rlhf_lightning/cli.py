@@ -41,9 +41,12 @@ class RLHFLightningCLI(LightningCLI):
     """LightningCLI with any LightningModule / LightningDataModule selectable by class path.
 
     Reliability defaults: checkpoints are written atomically (`AtomicCheckpointIO`, unless a checkpoint plugin
-    is configured), SIGTERM/SIGINT save `last.ckpt` at the next step boundary (`GracefulShutdown`), and a failing
-    reward function leaves `error.ckpt` (`CheckpointOnError`). A ValueError raised while the model, data and
-    trainer are built or set up (before the first step) is a configuration error and becomes a `ConfigError`.
+    is configured), `last.ckpt` every 50 batches and at the end of fit (`LastCheckpoint`, unless a
+    ModelCheckpoint is configured), SIGTERM/SIGINT save the last step boundary within a bounded time and exit
+    128 + signal (`GracefulShutdown`), and any failure once training runs leaves `error.ckpt`
+    (`CheckpointOnError`). `--ckpt_path` resumes with the checkpoint's model and data settings and refuses
+    given ones that differ. A ValueError raised while the model, data and trainer are built or set up (before
+    the first step) is a configuration error and becomes a `ConfigError`.
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any):
@@ -95,7 +98,7 @@ class RLHFLightningCLI(LightningCLI):
         (LightningCLI would silently let the checkpoint's model hyperparameters win over the command line)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not os.path.isfile(ckpt_path):
+        if not ckpt_path or not os.path.exists(_checkpoint_meta(ckpt_path)):
             return
         try:
             saved = _checkpoint_hparams(ckpt_path)
@@ -142,13 +145,19 @@ def _checkpoint_hparams(path: str) -> dict[str, dict[str, Any]]:
     are not read)."""
     import torch
 
-    ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    ckpt = torch.load(_checkpoint_meta(path), weights_only=True, map_location="cpu", mmap=True)
     out = {}
     for key, field in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
         hparams = {k: v for k, v in ckpt.get(field, {}).items() if k != "_instantiator"}
         if "_class_path" in hparams:  # written by LightningCLI's instantiator
             out[key] = {"class_path": hparams.pop("_class_path"), "init_args": hparams}
     return out
+
+
+def _checkpoint_meta(path: str) -> str:
+    """The file holding a checkpoint's hyperparameters: the checkpoint, or a distributed (FSDP2) checkpoint
+    folder's `meta.pt`."""
+    return os.path.join(path, "meta.pt") if os.path.isdir(path) else path
 
 
 def _resume_differences(key: str, saved: dict[str, Any], given: dict[str, Any] | None) -> list[str]:
@@ -244,7 +253,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCL
     "both args and command line arguments" on every command-line run).
     User errors end the process with one line on stderr instead of a traceback: a `ConfigError` (exit status 2,
     like argparse's own errors) or a failing reward function (status 1, naming the function and the checkpoint
-    written before stopping). SIGTERM/SIGINT exit with 128 + the signal after saving `last.ckpt`.
+    written before stopping). Any other failure once training ran keeps its traceback, followed by one line
+    naming its `error.ckpt` (status 1); a final checkpoint that could not be written is one line (status 1,
+    after the export). SIGTERM/SIGINT exit with 128 + the signal (`GracefulShutdown`).
     """
     try:
         check_config_files(sys.argv[1:] if args is None else args)

@@ -1,15 +1,18 @@
-"""Reliability: one-line user errors, atomic checkpoints, a checkpoint on SIGTERM/SIGINT and on reward errors,
-and the global RNG streams in checkpoints (exact resume).
+"""Reliability: one-line user errors, atomic checkpoints, a periodic `last.ckpt`, a checkpoint on SIGTERM/SIGINT
+and on any failure, and the global RNG streams in checkpoints (exact resume).
 
 - `ConfigError`: a user mistake (bad argument, missing file). `cli_main` prints its message as one line and exits
   with status 2; any other exception is a bug and keeps its traceback.
 - `RewardFunctionError`: a reward function raised or returned the wrong number of values during training.
-  `CheckpointOnError` saves `error.ckpt` first; `cli_main` prints one line naming the function (status 1).
+- `CheckpointOnError`: any exception once training runs saves `error.ckpt` first (one process); `cli_main`
+  prints one line naming it (status 1).
+- `LastCheckpoint`: the CLI's default ModelCheckpoint: `last.ckpt` every N batches, at epoch ends and at the
+  end of fit; a failed save is reported, and a failed final save does not prevent the export.
 - `AtomicCheckpointIO`: writes a checkpoint to a temp file in the same folder, fsyncs it and renames it over the
   target, so a crash during a save never leaves a truncated `last.ckpt` (a killed save leaves a hidden
   `.last.ckpt.*.tmp`, removed by the next save of that file).
-- `GracefulShutdown`: SIGTERM/SIGINT set a flag; at the next step boundary the callback writes `last.ckpt` and
-  stops with exit status 128 + signal (a second SIGINT stops at once, as usual).
+- `GracefulShutdown`: SIGTERM/SIGINT during fit save the last completed step's state to `last.ckpt` within a
+  bounded time (the unfinished step is dropped where that is exact) and stop with exit status 128 + signal.
 - `collect_rng_states` / `restore_rng_states`: torch, CUDA, python and numpy generators as weights_only-safe
   values (the sampling generator of the RL modules is saved by the module itself).
 """
@@ -196,7 +199,7 @@ class GracefulShutdown(L.Callback):
                 previous = signal.signal(sig, self._handler)
                 self._previous.setdefault(sig, previous)
         except ValueError:  # not the main thread (e.g. a notebook worker): keep the default behaviour
-            self._restore()
+            self._restore(trainer)
 
     def _enter(self, trainer: L.Trainer, phase: str, abandonable: bool) -> None:
         self._phase, self._abandonable = phase, abandonable
@@ -254,7 +257,7 @@ class GracefulShutdown(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._abandonable = False
         if not isinstance(exception, StepAbandoned):
-            self._restore()
+            self._restore(trainer)
             return
         if self._boundary is None:
             self._stop_unsaved(trainer, raise_=False)
@@ -263,7 +266,7 @@ class GracefulShutdown(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._abandonable = False
-        self._restore()
+        self._restore(trainer)
         if stage == "fit" and self.received is not None and not trainer.interrupted:
             # a signal during the final checkpoint / export: both completed, but the run was asked to stop
             rank_zero_info(f"[rlhf_lightning] {signal.Signals(self.received).name} during {self._phase}: it "
@@ -283,7 +286,7 @@ class GracefulShutdown(L.Callback):
         dropped = "" if live else f" (dropped the unfinished work of {self._phase})"
         rank_zero_info(f"[rlhf_lightning] {name}: saved {path} at step {step}{dropped}; resume with --ckpt_path "
                        f"{path}")
-        self._restore()
+        self._restore(trainer)
         if raise_:
             raise TrainingInterrupted(128 + (self.received or signal.SIGTERM))
 
@@ -291,13 +294,19 @@ class GracefulShutdown(L.Callback):
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         rank_zero_info(f"[rlhf_lightning] {name} during {self._phase}: nothing saved (no training step completed "
                        f"in this run); exiting with status {128 + (self.received or signal.SIGTERM)}")
-        self._restore()
+        self._restore(trainer)
         if raise_:
             raise TrainingInterrupted(128 + (self.received or signal.SIGTERM))
 
-    def _restore(self) -> None:
+    def _restore(self, trainer: L.Trainer | None = None) -> None:
+        """Put the handlers from before fit back, also in Lightning's record of them: after a failure its
+        teardown re-installs the handler it replaced, which was ours."""
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            previous = previous if previous is not None else signal.SIG_DFL
+            signal.signal(sig, previous)
+            if originals.get(sig) == self._handler:
+                originals[sig] = previous
         self._previous = {}
 
 

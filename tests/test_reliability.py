@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -363,3 +364,44 @@ def test_a_full_disk_at_the_final_save_still_exports_hf_model_and_exits_1(tmp_pa
                       f"written: [Errno 28] No space left on device: '{last}'; the model was exported to hf_model"]
     assert "Traceback" not in done.stderr
     assert (tmp_path / "hf_model" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------ signals at each phase
+class SignalAt(L.Callback):
+    """Sends this process SIGTERM from inside one hook, as a scheduler would at that moment."""
+
+    def __init__(self, hook: str):
+        self.hook = hook
+        setattr(self, hook, self._send)
+
+    def _send(self, trainer, *args):
+        if self.hook != "on_validation_batch_start" or not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _signalled_fit(tmp_path, hook: str):
+    module = GRPOModule("tiny", reward_fns=[constant], group_size=2, beta=0.0, max_new_tokens=2)
+    data = PromptDataModule(task="addition", num_train=16, num_val=4, batch_size=4)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, val_check_interval=2, check_val_every_n_epoch=None,
+                        limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=False,
+                        callbacks=[GracefulShutdown(), SignalAt(hook)])
+    with pytest.raises(SystemExit) as exit_:
+        trainer.fit(module, data)
+    return exit_.value.code, module
+
+
+def test_sigterm_during_validation_saves_the_last_step_and_exits_143(tmp_path):
+    """Validation after step 2 is dropped at once; last.ckpt holds step 2 (it used to wait for the end)."""
+    code, module = _signalled_fit(tmp_path, "on_validation_batch_start")
+    assert code == 143
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (ckpt["global_step"], ckpt["rlhf_counters"]["rollouts"]) == (2, 2)
+
+
+def test_sigterm_during_the_final_export_lets_it_finish_then_exits_143(tmp_path):
+    """The run's last work completes (hf_model/ is whole), but the exit status says a signal stopped it."""
+    code, module = _signalled_fit(tmp_path, "on_train_end")
+    assert code == 143
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
