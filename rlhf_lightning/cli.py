@@ -145,7 +145,14 @@ def _checkpoint_hparams(path: str) -> dict[str, dict[str, Any]]:
     are not read)."""
     import torch
 
-    ckpt = torch.load(_checkpoint_meta(path), weights_only=True, map_location="cpu", mmap=True)
+    try:
+        ckpt = torch.load(_checkpoint_meta(path), weights_only=True, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, EOFError, OSError) as err:  # truncated, not a torch file, or too old to mmap
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise ConfigError(f"checkpoint {path!r} could not be read: {first} (a truncated or partly copied "
+                          f"file?)") from err
     out = {}
     for key, field in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
         hparams = {k: v for k, v in ckpt.get(field, {}).items() if k != "_instantiator"}

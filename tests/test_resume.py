@@ -280,3 +280,13 @@ def test_sigterm_during_the_sanity_check_exits_143_saying_nothing_was_saved(tmp_
     assert ("SIGTERM during the sanity check: nothing saved (no training step completed in this run); exiting "
             "with status 143") in out
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "hf_model").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path, grpo_checkpoint):
+    """A checkpoint cut short (a copy interrupted, a full disk outside AtomicCheckpointIO) was a traceback."""
+    (tmp_path / "cut.ckpt").write_bytes(grpo_checkpoint.read_bytes()[:4096])
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--ckpt_path", "cut.ckpt")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "rlhf-lightning: error: checkpoint 'cut.ckpt' could not be read: PytorchStreamReader failed reading zip "
+        "archive: failed finding central directory (a truncated or partly copied file?)"]
