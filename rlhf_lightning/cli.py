@@ -208,10 +208,14 @@ class FinalCheckpointError(RuntimeError):
 
 
 def _raise_if_final_save_failed(trainer: L.Trainer) -> None:
+    """Exit status 1 on every rank when `LastCheckpoint`'s final save failed (the ranks agreed on it); rank 0
+    says why."""
     for cb in trainer.callbacks:
         if isinstance(cb, LastCheckpoint) and cb.final_save_error:
             export = getattr(trainer.lightning_module, "export_dir", None)
             exported = f"; the model was exported to {export()}" if callable(export) else ""
+            if trainer.global_rank != 0:
+                raise SystemExit(1)
             raise FinalCheckpointError(f"training finished but the final checkpoint {cb.final_save_error}"
                                        f"{exported}")
 

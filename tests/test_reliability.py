@@ -405,3 +405,18 @@ def test_sigterm_during_the_final_export_lets_it_finish_then_exits_143(tmp_path)
     assert code == 143
     assert (tmp_path / "hf_model" / "model.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_final_save_under_ddp_exports_and_every_rank_exits_1(tmp_path):
+    """Under DDP only rank 0 writes, so only rank 0 fails while rank 1 waits in the save's closing barrier: the
+    failing rank joins it, the ranks agree the save failed, the export still runs, and nothing hangs."""
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--trainer.max_steps", "2", "--trainer.strategy", "ddp",
+                  "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                  "--trainer.plugins", "test_reliability.FullDiskIO")
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf-lightning:")]
+    last = os.path.join(".", "checkpoints", "last.ckpt")
+    assert errors == [f"rlhf-lightning: error: training finished but the final checkpoint {last} could not be "
+                      f"written: [Errno 28] No space left on device: '{last}'; the model was exported to hf_model"]
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()
