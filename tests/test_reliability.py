@@ -374,7 +374,7 @@ class SignalAt(L.Callback):
         self.hook = hook
         setattr(self, hook, self._send)
 
-    def _send(self, trainer, *args):
+    def _send(self, trainer, *args, **kwargs):
         if self.hook != "on_validation_batch_start" or not trainer.sanity_checking:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -420,3 +420,23 @@ def test_a_full_disk_at_the_final_save_under_ddp_exports_and_every_rank_exits_1(
     assert errors == [f"rlhf-lightning: error: training finished but the final checkpoint {last} could not be "
                       f"written: [Errno 28] No space left on device: '{last}'; the model was exported to hf_model"]
     assert (tmp_path / "hf_model" / "model.safetensors").exists()
+
+
+class Unhandled(Exception):
+    pass
+
+
+def test_sigterm_during_setup_exits_143_and_saves_nothing(tmp_path):
+    """The handlers used to be installed when training started: a signal in setup met whatever handler the
+    process had (here one raising `Unhandled`; by default the process died without a word)."""
+    def outside_fit(signum, frame):
+        raise Unhandled
+
+    before = signal.signal(signal.SIGTERM, outside_fit)
+    try:
+        code, module = _signalled_fit(tmp_path, "setup")
+        assert signal.getsignal(signal.SIGTERM) is outside_fit  # put back after fit
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143
+    assert not (tmp_path / "checkpoints").exists() and module.rollouts == 0

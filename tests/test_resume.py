@@ -192,11 +192,12 @@ def script(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def grpo_checkpoint(tmp_path_factory) -> Path:
-    """A 2-step GRPO run (group_size 4, tiny, batch_size 4) through the console script; its last.ckpt."""
+    """A 2-step GRPO run (group_size 4, tiny, batch_size 4) through the console script; its checkpoint."""
     run_dir = tmp_path_factory.mktemp("grpo_ckpt")
     done = script(run_dir, *GRPO, *TINY_RUN, "--trainer.max_steps", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir / "checkpoints" / "last.ckpt"
+    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    return ckpt
 
 
 @pytest.mark.parametrize("changed, listed", [
