@@ -157,12 +157,18 @@ def test_the_real_process_prints_one_line_without_traceback(tmp_path):
                                                     "(advantages are relative within a group), got 1")
 
 
-def test_a_bug_keeps_its_traceback(in_tmp):
-    """Only configuration errors are shortened: an error raised inside a training step propagates as it is."""
-    with pytest.raises(ZeroDivisionError):
+def test_a_bug_keeps_its_traceback(in_tmp, capsys):
+    """Only configuration errors are shortened: an error raised inside a training step keeps its traceback,
+    followed by one line saying where its error.ckpt is (exit status 1)."""
+    with pytest.raises(SystemExit) as exit_:
         cli_main(["fit", "--model", "test_errors.BuggyGRPO", "--data", "rlhf_lightning.PromptDataModule",
                   *GRPO[4:], *TASK, "--model.group_size", "2", "--model.max_new_tokens", "2",
                   "--data.batch_size", "2"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "Traceback" in err and "return 1 / 0" in err
+    assert err.strip().splitlines()[-1].startswith(
+        "rlhf-lightning: error: training stopped by ZeroDivisionError: division by zero (checkpoint saved to ")
 
 
 from rlhf_lightning import GRPOModule  # noqa: E402
