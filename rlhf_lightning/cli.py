@@ -22,7 +22,7 @@ from .reliability import (  # noqa: E402
     CheckpointOnError,
     ConfigError,
     GracefulShutdown,
-    RewardFunctionError,
+    TrainingFailure,
     use_atomic_checkpoints,
 )
 
@@ -140,7 +140,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCL
         return RLHFLightningCLI(args=args, run=run)
     except ConfigError as err:
         _fail(f"error: {err}", 2)
-    except RewardFunctionError as err:
+    except TrainingFailure as err:  # a reward function, a non-finite loss / gradient / weight
         saved = getattr(err, "checkpoint_path", None)
         _fail(f"error: {err}" + (f" (checkpoint saved to {saved})" if saved else ""), 1)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 
+from conftest import run_script, tensorboard_scalars
 from rlhf_lightning import GRPOModule, PromptDataModule
 from rlhf_lightning.cli import cli_main
 
@@ -260,3 +263,21 @@ def test_rollout_engine_fast_names_why_it_cannot_apply(tmp_path):
                    lora={"r": 4})
     with pytest.raises(ValueError, match="engine='fast' cannot decode this model: .*peft"):
         _trainer(tmp_path, 1).fit(m, _data())
+
+
+def test_shipped_process_config_validates_with_outcome_accuracy_and_step_reward(tmp_path):
+    """configs/grpo_process.yaml as shipped, shrunk, from the console script: its validations (sanity check, then
+    after each of the two rollouts) score the step rewards through compute_rewards (`val/reward` = mean step
+    reward) and the task's outcome verifier (`val/accuracy`). It used to stop in the sanity check:
+    "reward function 'chain_step_rewards' returned a non-number [0.0] at row 0"."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "grpo_process.yaml"
+    proc = run_script(["fit", "--config", str(config), "--trainer.max_steps", "2", "--trainer.val_check_interval",
+                       "1", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
+                       "--data.init_args.batch_size", "2", "--data.init_args.val_batch_size", "4",
+                       "--model.init_args.group_size", "2", "--model.init_args.max_new_tokens", "8",
+                       "--model.init_args.val_max_new_tokens", "8", "--trainer.enable_checkpointing", "false",
+                       "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tensorboard_scalars(tmp_path)
+    assert len(scalars.get("val/reward", [])) == 2 and len(scalars.get("val/accuracy", [])) == 2, sorted(scalars)
+    assert all(0 <= v <= 1 for v in scalars["val/reward"] + scalars["val/accuracy"])

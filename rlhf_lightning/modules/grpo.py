@@ -84,8 +84,8 @@ class GRPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank).
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
             N rollouts (0 = off).
-        lora, lora_export, gradient_checkpointing, rollout_engine: see `PolicyModuleBase` (with LoRA, π_ref =
-            adapter disabled).
+        lora, lora_export, gradient_checkpointing, rollout_engine, nonfinite_rewards, max_nonfinite_steps: see
+            `PolicyModuleBase` (with LoRA, π_ref = adapter disabled).
     """
 
     def __init__(
@@ -133,6 +133,8 @@ class GRPOModule(PolicyModuleBase):
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
         rollout_engine: str = "auto",
+        nonfinite_rewards: str = "error",
+        max_nonfinite_steps: int = 3,
     ):
         self.save_hyperparameters()
         _validate_grpo_args(self.hparams)
@@ -140,7 +142,8 @@ class GRPOModule(PolicyModuleBase):
                          reward_weights if reward_model is None else None, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine)
+                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
+                         nonfinite_rewards=nonfinite_rewards, max_nonfinite_steps=max_nonfinite_steps)
         self.apply_lora()
         self.automatic_optimization = False
         if reward_model is not None:
@@ -149,10 +152,12 @@ class GRPOModule(PolicyModuleBase):
             # the scorer is a plain attribute (not a submodule): the RM is frozen and not part of checkpoints
             self.reward_funcs.append(RewardModelScorer(reward_model, normalize=normalize_reward_model))
             if reward_weights is not None:
+                from ..rewards import check_reward_weights
+
                 if len(reward_weights) != len(self.reward_funcs):
                     raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
                                      f"entry and one (last) for reward_model")
-                self.reward_weights = list(reward_weights)
+                self.reward_weights = check_reward_weights(reward_weights, len(self.reward_funcs))
         self.ref_policy = self._make_reference() if beta > 0 else None
         self.step_separator = step_separator
 
@@ -160,7 +165,7 @@ class GRPOModule(PolicyModuleBase):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.step_separator is None:
-            task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
+            task = self.data_task()
             self.step_separator = getattr(task, "step_separator", None) or "\n"
         if self.hparams.supervision == "process" and not self.reward_funcs:
             raise ValueError("supervision=process needs reward_fns that return step rewards "
@@ -171,6 +176,13 @@ class GRPOModule(PolicyModuleBase):
 
     def default_reward_fns(self, task):
         return task.process_reward_fns if self.hparams.supervision == "process" else task.reward_fns
+
+    def validation_verifier(self):
+        """Process supervision: the task's outcome verifier (the reward functions give step rewards), if any."""
+        if self.hparams.supervision != "process":
+            return super().validation_verifier()
+        task = self.data_task()
+        return task.reward_fns[0] if task is not None and task.reward_fns else None
 
     def configure_optimizers(self):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
@@ -208,10 +220,8 @@ class GRPOModule(PolicyModuleBase):
             from ..rewards import call_step_reward_fns
 
             return call_step_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions,
-                                        batch["columns"])
-        total, per_fn = self.score(prompts, completions, batch["columns"])
-        self._per_fn_rewards = per_fn
-        return total
+                                        batch["columns"], self.nonfinite_rewards, self._reward_stats)
+        return super().compute_rewards(prompts, completions, batch)
 
     def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
         """Outcome: [N] group-relative advantages. Process: [N, T] per-token sums of normalised step rewards."""
@@ -272,9 +282,9 @@ class GRPOModule(PolicyModuleBase):
         s = rollout.samples
         N, T = s.completion_ids.shape
         reward_batch = {"columns": rollout.columns, **batch}
-        raw_rewards = self.compute_rewards(rollout.prompts, rollout.completions, reward_batch)
+        raw_rewards = self.score_rollout(rollout.prompts, rollout.completions, reward_batch)
         advantages = self.compute_advantages(raw_rewards, rollout).to(self.device).float()  # [N] or [N, T]
-        rewards = self._outcome_view(raw_rewards)  # [N] for logging / group statistics
+        rewards = self.outcome_rewards(raw_rewards)  # [N] for logging / group statistics
 
         loss_mask = s.completion_mask.float()  # [N, T]
         if hp.mask_truncated:
@@ -296,14 +306,6 @@ class GRPOModule(PolicyModuleBase):
         t_train = time.perf_counter() - t1
         self.rollouts += 1
         self._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, update_stats, t_gen, t_train)
-
-    def _outcome_view(self, rewards) -> Tensor:
-        if isinstance(rewards, Tensor):
-            return rewards.float().to(self.device)
-        # process supervision: the mean step reward of a completion summarises it
-        vals = [float("nan") if not r or all(v is None for v in r) else
-                sum(v for v in r if v is not None) / sum(v is not None for v in r) for r in rewards]
-        return torch.tensor(vals, device=self.device)
 
     def _zero_std_groups(self, rewards: Tensor) -> Tensor:
         grouped = rewards.view(-1, self.hparams.group_size)  # [N/G, G]
@@ -409,6 +411,7 @@ class GRPOModule(PolicyModuleBase):
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
         metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
+        metrics.update(self.guard_metrics())
         for k, v in stats.items():
             key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "policy/loss"}.get(k, f"policy/{k}")
             metrics[key] = torch.tensor(v)
