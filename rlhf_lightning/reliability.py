@@ -95,22 +95,28 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.skipped = 0  # optimizer steps skipped so far (all optimizers)
         self._consecutive: dict[int, int] = {}  # per optimizer
-        self._bad_loss: float | None = None  # a non-finite loss since the last optimizer step
+        self._loss_sum: torch.Tensor | None = None  # the losses since the last optimizer step, summed
         self._stepped = False  # an optimizer step ran since the last backward
 
     def see_loss(self, loss: torch.Tensor) -> None:
+        """Every backward. The losses are summed as tensors (NaN/inf propagate), read once at the step: no
+        device sync per micro-batch."""
         if self._stepped:  # a new step's first backward: the previous step's losses no longer matter
-            self._bad_loss, self._stepped = None, False
-        value = float(loss.detach().float().sum())
-        if not math.isfinite(value) and self._bad_loss is None:
-            self._bad_loss = value
+            self._loss_sum, self._stepped = None, False
+        loss = loss.detach().float().sum()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def _bad_loss(self) -> float | None:
+        value = None if self._loss_sum is None else float(self._loss_sum)
+        return value if value is not None and not math.isfinite(value) else None
 
     def before_step(self, optimizer: torch.optim.Optimizer, trainer: L.Trainer | None, what: str) -> bool:
         """True: the step goes ahead. False: the gradients were dropped (the step changes nothing)."""
         self._stepped = True
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads_ok = all_finite([p.grad for p in params if p.grad is not None])
-        ok = self._bad_loss is None and grads_ok
+        bad_loss = self._bad_loss()
+        ok = bad_loss is None and grads_ok
         if trainer is not None and trainer.world_size > 1:
             ok = bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
         key = id(optimizer)
@@ -121,7 +127,7 @@ class NonFiniteGuard:
             p.grad = None
         self.skipped += 1
         self._consecutive[key] = self._consecutive.get(key, 0) + 1
-        cause = (f"the loss is {self._bad_loss}" if self._bad_loss is not None else
+        cause = (f"the loss is {bad_loss}" if bad_loss is not None else
                  "the gradients hold NaN/inf" if not grads_ok else "another rank saw a NaN/inf loss or gradient")
         step = f"step {trainer.global_step}" if trainer is not None else "a step"
         rank_zero_warn(f"[rlhf_lightning] skipped {what} optimizer {step}: {cause} "

@@ -21,6 +21,7 @@ import inspect
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -287,6 +288,9 @@ def _to_float(fn: Callable | str, value: Any, where: str, nonfinite: str = "erro
             raise RewardFunctionError(f"{name} returned {value!r} at {where}: rewards must be finite float32 "
                                       "numbers (None = no reward; model.nonfinite_rewards=missing treats such "
                                       "values as missing)")
+        # once per source (Python shows a warning text once): the run goes on, but the user is told
+        warnings.warn(f"{name} returned ±inf or a float32-overflowing reward; nonfinite_rewards=missing treats such "
+                      "values as no reward (counted in reward/nonfinite_count)", RuntimeWarning, stacklevel=2)
         if stats is not None:
             stats["nonfinite"] = stats.get("nonfinite", 0) + 1
         return math.nan

@@ -586,6 +586,7 @@ class PolicyModuleBase(L.LightningModule):
         self.nonfinite_guard.before_step(optimizer, self.trainer, name)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After every training step: NaN/inf weights stop the run (`NonFiniteWeightsError`)."""
         self.nonfinite_guard.check_weights((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
     def guard_metrics(self) -> dict[str, torch.Tensor]:

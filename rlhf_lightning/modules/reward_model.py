@@ -243,7 +243,7 @@ class RewardModel(L.LightningModule):
             rank_zero_info(f"[rlhf_lightning] exported reward model and tokenizer to {out}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.nonfinite_guard.check_weights((n, p) for n, p in self.named_parameters() if p.requires_grad)
+        PolicyModuleBase.on_train_batch_end(self, outputs, batch, batch_idx)  # the non-finite weights check
         self.log("train/skipped_steps", float(self.nonfinite_guard.skipped), batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
