@@ -302,7 +302,7 @@ def check_finite_rewards(rewards: Any, source: str, nonfinite: str = "error",
     """What `compute_rewards` returned (Tensor [N] or per-completion step lists), with ±inf / float32-overflowing
     values handled as `_to_float` does (`source` names the hook in the error)."""
     if isinstance(rewards, torch.Tensor):
-        bad = torch.isinf(rewards)
+        bad = torch.isinf(rewards) | (rewards.abs() > _FLOAT32_MAX)  # a float64 1e300 is finite until .float()
         if bool(bad.any()):
             row = int(bad.flatten().nonzero()[0])
             _to_float(source, float(rewards.flatten()[row]), f"row {row}", nonfinite, stats)  # raises in error mode

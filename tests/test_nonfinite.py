@@ -101,6 +101,29 @@ def test_a_reward_function_without_kwargs_is_told_to_add_them():
                               "(reward functions receive prompts, completions and every dataset column by name)")
 
 
+class InfRewardGRPO(GRPOModule):
+    """A subclass whose own reward overflows on the second completion of every rollout."""
+
+    def compute_rewards(self, prompts, completions, batch):
+        return torch.tensor([1.0 if i != 1 else 1e39 for i in range(len(completions))], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["error", "missing"])
+def test_a_subclass_reward_that_overflows_is_named_or_counted(mode, trainer_kwargs):
+    model = InfRewardGRPO(group_size=2, max_new_tokens=4, log_samples_every_n_steps=0, nonfinite_rewards=mode)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, **trainer_kwargs)
+    data = PromptDataModule(task="addition", num_train=32, num_val=0, batch_size=2)
+    if mode == "error":
+        with pytest.raises(RewardFunctionError, match=r"^InfRewardGRPO.compute_rewards returned 1e\+39 at row 1: "):
+            trainer.fit(model, datamodule=data)
+        return
+    with pytest.warns(RuntimeWarning, match="InfRewardGRPO.compute_rewards returned ±inf"):
+        trainer.fit(model, datamodule=data)
+    assert float(trainer.callback_metrics["reward/nonfinite_count"]) == 1.0  # one row of the last rollout
+    assert float(trainer.callback_metrics["reward/missing_frac"]) == 0.25
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 # -------------------------------------------------------------------------------------------- the CLI
 BAD_REWARDS = '''
 import math

@@ -170,7 +170,7 @@ class GRPOModule(PolicyModuleBase):
         if self.hparams.supervision == "process" and not self.reward_funcs:
             raise ValueError("supervision=process needs reward_fns that return step rewards "
                              "(e.g. rlhf_lightning.rewards.chain_step_rewards)")
-        if stage == "fit" and not self.reward_funcs and type(self).compute_rewards is GRPOModule.compute_rewards:
+        if stage == "fit" and not self.has_reward():
             raise ValueError("GRPOModule has no reward: set model.reward_fns, use a built-in data.task, or override "
                              "compute_rewards")
 

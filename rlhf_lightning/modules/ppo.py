@@ -317,8 +317,7 @@ class PPOModule(PolicyModuleBase):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if (stage == "fit" and not self.reward_funcs and self.reward_model is None
-                and type(self).compute_rewards is PPOModule.compute_rewards):
+        if stage == "fit" and not self.has_reward():
             raise ValueError("PPOModule has no reward: set model.reward_model or model.reward_fns, use a built-in "
                              "data.task, or override compute_rewards")
 
