@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script, tensorboard_scalars
 
 import rlhf_lightning
-from conftest import run_script, tensorboard_scalars
 from rlhf_lightning.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import run_script, tensorboard_scalars
+
 from rlhf_lightning import GRPOModule, PromptDataModule
 from rlhf_lightning.cli import cli_main
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import run_script, tensorboard_scalars
+
 from rlhf_lightning import GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModel, SFTModule
 from rlhf_lightning.reliability import NonFiniteError, NonFiniteWeightsError, RewardFunctionError
 from rlhf_lightning.rewards import call_reward_fns, call_step_reward_fns
@@ -137,7 +137,8 @@ def no_kwargs(prompts, completions):
     return [0.0] * len(completions)
 '''
 
-TINY = ["--data", "rlhf_lightning.PromptDataModule", "--data.task", "addition", "--data.num_train", "32", "--data.num_val", "4", "--data.batch_size", "2",
+TINY = ["--data", "rlhf_lightning.PromptDataModule", "--data.task", "addition", "--data.num_train", "32",
+        "--data.num_val", "4", "--data.batch_size", "2",
         "--model.group_size", "2", "--model.max_new_tokens", "4", "--model.log_samples_every_n_steps", "0",
         "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
