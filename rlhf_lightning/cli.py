@@ -25,7 +25,7 @@ from .reliability import (  # noqa: E402
     ConfigError,
     GracefulShutdown,
     LastCheckpoint,
-    RewardFunctionError,
+    TrainingFailure,
     use_atomic_checkpoints,
 )
 
@@ -273,7 +273,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RLHFLightningCL
         return RLHFLightningCLI(args=args, run=run)
     except ConfigError as err:
         _fail(f"error: {err}", 2)
-    except RewardFunctionError as err:
+    except TrainingFailure as err:  # a reward function, a non-finite loss / gradient / weight: one line
         _fail(f"error: {err}{_checkpoint_note(err)}", 1)
     except FinalCheckpointError as err:
         _fail(f"error: {err}", 1)

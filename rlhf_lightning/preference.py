@@ -23,8 +23,16 @@ from typing import Any
 
 import torch
 
-from .data import (PromptDataModule, UnknownCharacters, check_columns, check_each_row, check_prompt, check_response,
-                   response_text, row_where)
+from .data import (
+    PromptDataModule,
+    UnknownCharacters,
+    check_columns,
+    check_each_row,
+    check_prompt,
+    check_response,
+    response_text,
+    row_where,
+)
 from .rewards import apply_op, parse_chain
 from .tasks import AdditionTask, ChainArithmeticTask, Task
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import run_script, tensorboard_scalars
 
 from rlhf_lightning import GRPOModule, PromptDataModule
 from rlhf_lightning.cli import cli_main
@@ -324,3 +326,19 @@ def test_trainer_flags_manual_optimization_cannot_honour_are_refused(tmp_path, f
 def test_normalize_reward_model_without_a_reward_model_is_refused():
     with pytest.raises(ValueError, match="normalize_reward_model applies to model.reward_model, which is not set"):
         GRPOModule("tiny", normalize_reward_model=True)  # was: silently ignored
+def test_shipped_process_config_validates_with_outcome_accuracy_and_step_reward(tmp_path):
+    """configs/grpo_process.yaml as shipped, shrunk, from the console script: its validations (sanity check, then
+    after each of the two rollouts) score the step rewards through compute_rewards (`val/reward` = mean step
+    reward) and the task's outcome verifier (`val/accuracy`). It used to stop in the sanity check:
+    "reward function 'chain_step_rewards' returned a non-number [0.0] at row 0"."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "grpo_process.yaml"
+    proc = run_script(["fit", "--config", str(config), "--trainer.max_steps", "2", "--trainer.val_check_interval",
+                       "1", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
+                       "--data.init_args.batch_size", "2", "--data.init_args.val_batch_size", "4",
+                       "--model.init_args.group_size", "2", "--model.init_args.max_new_tokens", "8",
+                       "--model.init_args.val_max_new_tokens", "8", "--trainer.enable_checkpointing", "false",
+                       "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tensorboard_scalars(tmp_path)
+    assert len(scalars.get("val/reward", [])) == 2 and len(scalars.get("val/accuracy", [])) == 2, sorted(scalars)
+    assert all(0 <= v <= 1 for v in scalars["val/reward"] + scalars["val/accuracy"])

@@ -94,8 +94,8 @@ class GRPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank).
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
             N rollouts (0 = off).
-        lora, lora_export, gradient_checkpointing, rollout_engine: see `PolicyModuleBase` (with LoRA, π_ref =
-            adapter disabled).
+        lora, lora_export, gradient_checkpointing, rollout_engine, nonfinite_rewards, max_nonfinite_steps: see
+            `PolicyModuleBase` (with LoRA, π_ref = adapter disabled).
     """
 
     minibatch_unit = "groups"  # minibatches hold whole groups (a group's advantages are relative to each other)
@@ -146,6 +146,8 @@ class GRPOModule(PolicyModuleBase):
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
         rollout_engine: str = "auto",
+        nonfinite_rewards: str = "error",
+        max_nonfinite_steps: int = 3,
     ):
         self.save_hyperparameters()
         _validate_grpo_args(self.hparams)
@@ -154,7 +156,8 @@ class GRPOModule(PolicyModuleBase):
                          reward_weights if reward_model is None else None, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine)
+                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
+                         nonfinite_rewards=nonfinite_rewards, max_nonfinite_steps=max_nonfinite_steps)
         self.apply_lora()
         self.automatic_optimization = False
         if reward_model is not None:
@@ -163,10 +166,12 @@ class GRPOModule(PolicyModuleBase):
             # the scorer is a plain attribute (not a submodule): the RM is frozen and not part of checkpoints
             self.reward_funcs.append(RewardModelScorer(reward_model, normalize=normalize_reward_model))
             if reward_weights is not None:
+                from ..rewards import check_reward_weights
+
                 if len(reward_weights) != len(self.reward_funcs):
                     raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
                                      f"entry and one (last) for reward_model")
-                self.reward_weights = list(reward_weights)
+                self.reward_weights = check_reward_weights(reward_weights, len(self.reward_funcs))
         self.ref_policy = self._make_reference() if beta > 0 else None
         self.step_separator = step_separator
 
@@ -174,17 +179,24 @@ class GRPOModule(PolicyModuleBase):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.step_separator is None:
-            task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
+            task = self.data_task()
             self.step_separator = getattr(task, "step_separator", None) or "\n"
         if self.hparams.supervision == "process" and not self.reward_funcs:
             raise ValueError("supervision=process needs reward_fns that return step rewards "
                              "(e.g. rlhf_lightning.rewards.chain_step_rewards)")
-        if stage == "fit" and not self.reward_funcs and type(self).compute_rewards is GRPOModule.compute_rewards:
+        if stage == "fit" and not self.has_reward():
             raise ValueError("GRPOModule has no reward: set model.reward_fns, use a built-in data.task, or override "
                              "compute_rewards")
 
     def default_reward_fns(self, task):
         return task.process_reward_fns if self.hparams.supervision == "process" else task.reward_fns
+
+    def validation_verifier(self):
+        """Process supervision: the task's outcome verifier (the reward functions give step rewards), if any."""
+        if self.hparams.supervision != "process":
+            return super().validation_verifier()
+        task = self.data_task()
+        return task.reward_fns[0] if task is not None and task.reward_fns else None
 
     def configure_optimizers(self):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
@@ -217,8 +229,8 @@ class GRPOModule(PolicyModuleBase):
         """ReMax's baseline: the reward of each prompt's greedy completion, repeated for its G rows. [N]"""
         greedy = self.greedy_samples(batch, self.hparams.max_new_tokens)
         completions = decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask)
-        scores = self.compute_rewards(list(batch["prompts"]), completions,
-                                      {"columns": self.reward_columns(batch), **batch})
+        scores = self.score_rollout(list(batch["prompts"]), completions,
+                                    {"columns": self.reward_columns(batch), **batch})
         return torch.as_tensor(scores, dtype=torch.float32).to(self.device).repeat_interleave(self.hparams.group_size)
 
     def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
@@ -230,10 +242,8 @@ class GRPOModule(PolicyModuleBase):
             from ..rewards import call_step_reward_fns
 
             return call_step_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions,
-                                        batch["columns"])
-        total, per_fn = self.score(prompts, completions, batch["columns"])
-        self._per_fn_rewards = per_fn
-        return total
+                                        batch["columns"], self.nonfinite_rewards, self._reward_stats)
+        return super().compute_rewards(prompts, completions, batch)
 
     def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
         """Outcome: the `advantage_estimator`'s, [N] (one per completion) or [N, T] (token-level: reinforce_pp).
@@ -298,7 +308,7 @@ class GRPOModule(PolicyModuleBase):
         t_gen = time.perf_counter() - t0
         s = rollout.samples
         reward_batch = {"columns": rollout.columns, **batch}
-        raw_rewards = self.compute_rewards(rollout.prompts, rollout.completions, reward_batch)
+        raw_rewards = self.score_rollout(rollout.prompts, rollout.completions, reward_batch)
         ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
                    completion_mask=s.completion_mask)
         t1 = time.perf_counter()
@@ -308,7 +318,7 @@ class GRPOModule(PolicyModuleBase):
             rollout.kl = losses.kl_estimate(old_logp, ref_logp, hp.kl_estimator)  # [N, T]
             ref_logp = None
         advantages = self.compute_advantages(raw_rewards, rollout).to(self.device).float()  # [N] or [N, T]
-        rewards = self._outcome_view(raw_rewards)  # [N] for logging / group statistics
+        rewards = self.outcome_rewards(raw_rewards)  # [N] for logging / group statistics
 
         loss_mask = s.completion_mask.float()  # [N, T]
         if hp.mask_truncated:
@@ -324,14 +334,6 @@ class GRPOModule(PolicyModuleBase):
         t_train = time.perf_counter() - t1
         self.rollouts += 1
         self._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, update_stats, t_gen, t_train)
-
-    def _outcome_view(self, rewards) -> Tensor:
-        if isinstance(rewards, Tensor):
-            return rewards.float().to(self.device)
-        # process supervision: the mean step reward of a completion summarises it
-        vals = [float("nan") if not r or all(v is None for v in r) else
-                sum(v for v in r if v is not None) / sum(v is not None for v in r) for r in rewards]
-        return torch.tensor(vals, device=self.device)
 
     def _zero_std_groups(self, rewards: Tensor) -> Tensor:
         grouped = rewards.view(-1, self.hparams.group_size)  # [N/G, G]
@@ -453,6 +455,7 @@ class GRPOModule(PolicyModuleBase):
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
         metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
+        metrics.update(self.guard_metrics())
         for k, v in stats.items():
             key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "policy/loss"}.get(k, f"policy/{k}")
             metrics[key] = torch.tensor(v)

@@ -37,6 +37,7 @@ from .. import parallel
 from ..cpu_allocator import keep_freed_memory
 from ..models import load_sequence_classifier
 from ..preference import appends_eos, response_text, reward_input_ids, right_pad
+from ..reliability import NonFiniteGuard, check_finite_model
 from ..tokenizer import load_tokenizer
 from .base import PolicyModuleBase
 
@@ -70,6 +71,8 @@ class RewardModel(L.LightningModule):
         lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio: AdamW and its schedule, as in
             `PolicyModuleBase` (lr 1e-3 + cosine: the measured recipe of configs/rm_arithmetic.yaml).
         torch_dtype / trust_remote_code / seed: as in `PolicyModuleBase`.
+        max_nonfinite_steps: as in `PolicyModuleBase`: optimizer steps with a NaN/inf loss or gradient are
+            skipped (counted in `train/skipped_steps`); this many in a row stop the run with a message.
     """
 
     # The policy modules' AdamW + warmup/cosine builder and export location, shared rather than copied
@@ -77,6 +80,10 @@ class RewardModel(L.LightningModule):
     build_optimizer = PolicyModuleBase.build_optimizer
     schedule_horizon = PolicyModuleBase.schedule_horizon
     export_dir = PolicyModuleBase.export_dir
+    # the non-finite guard: a step with a NaN/inf loss or gradient is skipped (`train/skipped_steps`)
+    optimizer_names = ("the reward model",)
+    on_before_backward = PolicyModuleBase.on_before_backward
+    on_before_optimizer_step = PolicyModuleBase.on_before_optimizer_step
 
     def __init__(
         self,
@@ -92,6 +99,7 @@ class RewardModel(L.LightningModule):
         torch_dtype: str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
+        max_nonfinite_steps: int = 3,
     ):
         super().__init__()
         if not (isinstance(lr, (int, float)) and 0 < lr < 1):
@@ -105,6 +113,7 @@ class RewardModel(L.LightningModule):
         if center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         self.save_hyperparameters()
+        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                         trust_remote_code=trust_remote_code)
         self.model = load_sequence_classifier(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
@@ -224,8 +233,9 @@ class RewardModel(L.LightningModule):
         """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer).
         `model`: the unsharded classifier when the caller gathered it (`_full_model`); default `self.model`."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         model = self.model if model is None else model
+        check_finite_model(model, out)  # never write NaN/inf weights where a user would load them
+        out.mkdir(parents=True, exist_ok=True)
         config = model.config
         config.pad_token_id = self.tokenizer.pad_token_id
         config.reward_append_eos = appends_eos(self.tokenizer)
@@ -240,12 +250,18 @@ class RewardModel(L.LightningModule):
             out = self.export(self.export_dir(), model)
             rank_zero_info(f"[rlhf_lightning] exported reward model and tokenizer to {out}")
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        PolicyModuleBase.on_train_batch_end(self, outputs, batch, batch_idx)  # the non-finite weights check
+        self.log("train/skipped_steps", float(self.nonfinite_guard.skipped), batch_size=1)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reward_stats"] = {"mean": self.reward_mean, "std": self.reward_std}
+        checkpoint["nonfinite_guard"] = self.nonfinite_guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stats = checkpoint.get("reward_stats", {})
         self.reward_mean, self.reward_std = stats.get("mean"), stats.get("std")
+        self.nonfinite_guard.load_state_dict(checkpoint.get("nonfinite_guard", {}))
 
 
 class RewardModelScorer:
