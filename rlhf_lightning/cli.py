@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from .loggers import root_loggers  # noqa: E402
 from .reliability import (  # noqa: E402
     CheckpointOnError,
     ConfigError,
@@ -27,9 +28,9 @@ from .reliability import (  # noqa: E402
 )
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    # TensorBoard is the default logger; runs land in runs/<name>/version_<n>/ with hf_model/ beside the events
-    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-               "init_args": {"save_dir": "runs", "name": "rlhf"}},
+    # TensorBoard is the default logger; runs land in <default_root_dir>/runs/<name>/version_<n>/ with hf_model/
+    # beside the events (RunLogger: no save_dir, so the folder follows --trainer.default_root_dir)
+    "logger": {"class_path": "rlhf_lightning.loggers.RunLogger", "init_args": {"name": "rlhf"}},
     "log_every_n_steps": 1,
 }
 
@@ -59,12 +60,15 @@ class RLHFLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Refuse Lightning's FSDPStrategy for manually optimized modules before the Trainer exists (on a CPU
-        machine Lightning would otherwise stop first with an unrelated "requires a GPU" message), then make
-        checkpoint writes atomic."""
+        machine Lightning would otherwise stop first with an unrelated "requires a GPU" message), root a
+        `RunLogger` without `save_dir` at `default_root_dir`, then make checkpoint writes atomic."""
         from .parallel import check_strategy
 
-        strategy = {**self._get(self.config_init, "trainer", default={}), **kwargs}.get("strategy")
-        check_strategy(self.model, strategy)
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        check_strategy(self.model, config.get("strategy"))
+        # a RunLogger without save_dir writes under default_root_dir (Lightning's own default: the cwd)
+        root = config.get("default_root_dir") or os.getcwd()
+        kwargs["logger"] = root_loggers(config.get("logger"), root)
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
         return trainer
