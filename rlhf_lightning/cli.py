@@ -19,6 +19,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from .loggers import root_loggers  # noqa: E402
+from .messages import OneLineErrorParser, check_checkpoint_file, check_writable  # noqa: E402
 from .reliability import (  # noqa: E402
     CheckpointOnError,
     ConfigError,
@@ -49,6 +50,7 @@ class RLHFLightningCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {**TRAINER_DEFAULTS,
                                                "callbacks": [GracefulShutdown(), CheckpointOnError(), _RunStarted()]})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", OneLineErrorParser)  # parse errors: one line, not a screen of usage
         super().__init__(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                          subclass_mode_data=True, args=args, run=run, **kwargs)
 
@@ -61,7 +63,8 @@ class RLHFLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Refuse Lightning's FSDPStrategy for manually optimized modules before the Trainer exists (on a CPU
         machine Lightning would otherwise stop first with an unrelated "requires a GPU" message), root a
-        `RunLogger` without `save_dir` at `default_root_dir`, then make checkpoint writes atomic."""
+        `RunLogger` without `save_dir` at `default_root_dir`, check that the output folders accept files (before
+        any work is done), then make checkpoint writes atomic."""
         from .parallel import check_strategy
 
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -70,11 +73,15 @@ class RLHFLightningCLI(LightningCLI):
         root = config.get("default_root_dir") or os.getcwd()
         kwargs["logger"] = root_loggers(config.get("logger"), root)
         trainer = super().instantiate_trainer(**kwargs)
+        for folder in output_folders(trainer):
+            check_writable(folder)
         use_atomic_checkpoints(trainer)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters before building anything
+        subcommand = self.config.get("subcommand")
+        check_checkpoint_file((self.config.get(subcommand) or {}).get("ckpt_path") if subcommand else None)
         try:
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as err:
@@ -91,6 +98,14 @@ class RLHFLightningCLI(LightningCLI):
             if isinstance(err, ConfigError) or not started:
                 raise _as_config_error(err) from err
             raise  # a ValueError in the middle of training is a bug: keep its traceback
+
+
+def output_folders(trainer: L.Trainer) -> list[str]:
+    """Where the run will write: default_root_dir, each logger's save_dir, each ModelCheckpoint's dirpath."""
+    folders = [trainer.default_root_dir]
+    folders += [lg.save_dir for lg in trainer.loggers if isinstance(getattr(lg, "save_dir", None), str)]
+    folders += [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return [f for f in dict.fromkeys(folders) if "://" not in f]  # remote filesystems: left to fsspec
 
 
 def _unsafe_checkpoint(err: Exception, path: str | None) -> ConfigError:
