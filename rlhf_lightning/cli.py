@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from .loggers import root_loggers  # noqa: E402
 from .messages import OneLineErrorParser, check_checkpoint_file, check_writable  # noqa: E402
@@ -72,7 +73,10 @@ class RLHFLightningCLI(LightningCLI):
         # a RunLogger without save_dir writes under default_root_dir (Lightning's own default: the cwd)
         root = config.get("default_root_dir") or os.getcwd()
         kwargs["logger"] = root_loggers(config.get("logger"), root)
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (TypeError, MisconfigurationException) as err:  # Lightning's checks of the Trainer's arguments
+            raise ConfigError(f"trainer: {err}") from err
         for folder in output_folders(trainer):
             check_writable(folder)
         use_atomic_checkpoints(trainer)
@@ -182,12 +186,15 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(f"config file {path!r} does not exist")
         try:
             with open(path, encoding="utf-8") as f:
-                yaml.safe_load(f)
+                loaded = yaml.safe_load(f)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from err
+        if not isinstance(loaded, (dict, type(None))):  # jsonargparse would say only "Unexpected config"
+            raise ConfigError(f"config file {path!r} holds a {type(loaded).__name__}, not a mapping of sections "
+                              "(seed_everything:, trainer:, model:, data:)")
 
 
 def _fail(message: str, status: int) -> None:

@@ -118,7 +118,7 @@ def _wrong_type(message: str, parser: Any) -> str:
     if not keys or not types or not got:
         return ""
     key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"
-    return f"{key} expects a value of type {types[0]}, got {got.group(1).strip()!r}"
+    return f"{key} expects a value of type {' or '.join(dict.fromkeys(types))}, got {got.group(1).strip()!r}"
 
 
 def _bad_subcommand(message: str, parser: Any) -> str:
@@ -134,6 +134,8 @@ def _innermost(message: str) -> str:
     """The deepest informative line of a nested message (the rest is jsonargparse's Union bookkeeping)."""
     noise = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
              "Problem with given class_path", "Parser key")
+    if 'Parser key "' not in message:  # not nested: the whole message is the culprit
+        return " ".join(message.split())
     lines = [line.strip(" -") for line in message.splitlines()]
     useful = [line for line in lines if line and not line.startswith(noise)]
     key = _parser_key(message)

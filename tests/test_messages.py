@@ -69,6 +69,12 @@ PARSE_CASES = [
      "trainer.max_steps expects a value of type int, got 'many'"),
     ("wrong_type_nested", ["fit", "--config", GRPO_CONFIG, "--data.init_args.task_kwargs", "3"], {},
      "data.init_args.task_kwargs expects a value of type dict, got '3'"),
+    ("wrong_type_union", ["fit", "--config", GRPO_CONFIG, "--seed_everything", "abc"], {},
+     "seed_everything expects a value of type bool or int, got 'abc'"),
+    ("yaml_not_a_mapping", ["fit", "--config", GRPO_CONFIG, "--config", "list.yaml"], {"list.yaml": "- a\n- b\n"},
+     "config file 'list.yaml' holds a list, not a mapping of sections (seed_everything:, trainer:, model:, data:)"),
+    ("trainer_argument_lightning_refuses", ["fit", *TINY_RUN, "--trainer.devices", "-5"], {},
+     "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
 ]
 
 
