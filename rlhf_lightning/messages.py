@@ -4,6 +4,10 @@ jsonargparse answers a misspelled key (`--model.init_args.group_sise`), a TRL na
 an unknown class path, a wrong value type or a misspelled subcommand with ~60 lines: the usage of every option,
 then the error nested in "Does not validate against any of the Union subtypes" blocks. `OneLineErrorParser`
 prints `rlhf-lightning: error: <the culprit>[; did you mean <closest valid name>?]` instead, exit status 2.
+
+The checks at the end run before any work for inputs that otherwise fail with a traceback once the run is set up,
+or after training: a truncated or corrupt `--ckpt_path` (`check_checkpoint_file`) and an output folder that does
+not accept files (`check_writable`). Both raise `ConfigError`, which the CLI prints as one line.
 """
 
 from __future__ import annotations
