@@ -19,7 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 
+from .loggers import root_loggers  # noqa: E402
+from .messages import OneLineErrorParser, check_checkpoint_file, check_writable  # noqa: E402
 from .reliability import (  # noqa: E402
     CheckpointOnError,
     ConfigError,
@@ -30,9 +33,9 @@ from .reliability import (  # noqa: E402
 )
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    # TensorBoard is the default logger; runs land in runs/<name>/version_<n>/ with hf_model/ beside the events
-    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-               "init_args": {"save_dir": "runs", "name": "rlhf"}},
+    # TensorBoard is the default logger; runs land in <default_root_dir>/runs/<name>/version_<n>/ with hf_model/
+    # beside the events (RunLogger: no save_dir, so the folder follows --trainer.default_root_dir)
+    "logger": {"class_path": "rlhf_lightning.loggers.RunLogger", "init_args": {"name": "rlhf"}},
     "log_every_n_steps": 1,
 }
 
@@ -55,6 +58,7 @@ class RLHFLightningCLI(LightningCLI):
                                                "callbacks": [GracefulShutdown(), CheckpointOnError(), _RunStarted(),
                                                              LastCheckpoint()]})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", OneLineErrorParser)  # parse errors: one line, not a screen of usage
         super().__init__(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                          subclass_mode_data=True, args=args, run=run, **kwargs)
 
@@ -66,14 +70,23 @@ class RLHFLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Refuse Lightning's FSDPStrategy for manually optimized modules before the Trainer exists (on a CPU
-        machine Lightning would otherwise stop first with an unrelated "requires a GPU" message), then make
-        checkpoint writes atomic."""
+        machine Lightning would otherwise stop first with an unrelated "requires a GPU" message), root a
+        `RunLogger` without `save_dir` at `default_root_dir`, check that the output folders accept files (before
+        any work is done), then make checkpoint writes atomic."""
         from .parallel import check_strategy
 
-        strategy = {**self._get(self.config_init, "trainer", default={}), **kwargs}.get("strategy")
-        check_strategy(self.model, strategy)
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        check_strategy(self.model, config.get("strategy"))
+        # a RunLogger without save_dir writes under default_root_dir (Lightning's own default: the cwd)
+        root = config.get("default_root_dir") or os.getcwd()
+        kwargs["logger"] = root_loggers(config.get("logger"), root)
         self._drop_default_checkpointing(kwargs)
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (TypeError, MisconfigurationException) as err:  # Lightning's checks of the Trainer's arguments
+            raise ConfigError(f"trainer: {err}") from err
+        for folder in output_folders(trainer):
+            check_writable(folder)
         use_atomic_checkpoints(trainer)
         return trainer
 
@@ -98,6 +111,7 @@ class RLHFLightningCLI(LightningCLI):
         (LightningCLI would silently let the checkpoint's model hyperparameters win over the command line)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        check_checkpoint_file(ckpt_path)  # truncated, corrupt, not a checkpoint: one line
         if not ckpt_path or not os.path.exists(_checkpoint_meta(ckpt_path)):
             return
         try:
@@ -212,12 +226,20 @@ def _raise_if_final_save_failed(trainer: L.Trainer) -> None:
     says why."""
     for cb in trainer.callbacks:
         if isinstance(cb, LastCheckpoint) and cb.final_save_error:
-            export = getattr(trainer.lightning_module, "export_dir", None)
+            export = getattr(trainer.lightning_module, "export_dir", None)  # a collective: on every rank
             exported = f"; the model was exported to {export()}" if callable(export) else ""
             if trainer.global_rank != 0:
                 raise SystemExit(1)
             raise FinalCheckpointError(f"training finished but the final checkpoint {cb.final_save_error}"
                                        f"{exported}")
+
+
+def output_folders(trainer: L.Trainer) -> list[str]:
+    """Where the run will write: default_root_dir, each logger's save_dir, each ModelCheckpoint's dirpath."""
+    folders = [trainer.default_root_dir]
+    folders += [lg.save_dir for lg in trainer.loggers if isinstance(getattr(lg, "save_dir", None), str)]
+    folders += [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return [f for f in dict.fromkeys(folders) if "://" not in f]  # remote filesystems: left to fsspec
 
 
 def _unsafe_checkpoint(err: Exception, path: str | None) -> ConfigError:
@@ -311,12 +333,15 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(f"config file {path!r} does not exist")
         try:
             with open(path, encoding="utf-8") as f:
-                yaml.safe_load(f)
+                loaded = yaml.safe_load(f)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from err
+        if not isinstance(loaded, (dict, type(None))):  # jsonargparse would say only "Unexpected config"
+            raise ConfigError(f"config file {path!r} holds a {type(loaded).__name__}, not a mapping of sections "
+                              "(seed_everything:, trainer:, model:, data:)")
 
 
 def _fail(message: str, status: int) -> None:

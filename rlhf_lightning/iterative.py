@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -43,6 +42,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .modules.reward_model import RewardModelScorer, bradley_terry_loss
+from .parallel import run_dir
 from .preference import reward_input_ids, right_pad
 from .rewards import resolve_reward_fn
 
@@ -296,10 +296,9 @@ class IterativeRewardModelCallback(L.Callback):
         return correct / len(pairs)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out = run_dir(trainer) / "reward_model"  # on every rank: the run dir is broadcast from rank 0
         if trainer.global_rank != 0 or self.scorer is None or not self.rm_updates:
             return
-        base = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
-        out = Path(base) / "reward_model"
         out.mkdir(parents=True, exist_ok=True)
         self.scorer.model.save_pretrained(out, safe_serialization=True)
         self.scorer.tokenizer.save_pretrained(out)

@@ -88,6 +88,19 @@ def _hub_error(kind: str, name_or_path: str, err: Exception) -> ValueError:
                       f"({type(err).__name__}: {str(err).splitlines()[0]})")
 
 
+def check_vocab_fits(model: nn.Module, tokenizer, name_or_path: str) -> None:
+    """A tokenizer with more tokens than the model's input embedding has rows would feed ids past its end (an
+    index error at the first such token, or silently wrong embeddings on some devices): refuse it at load time."""
+    if tokenizer is None or model.get_input_embeddings() is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ValueError(f"tokenizer {name!r} has {len(tokenizer)} tokens but model {name_or_path!r} embeds only "
+                         f"{rows}: token ids >= {rows} have no embedding; use the model's own tokenizer or one "
+                         f"it was trained with (tokenizer_name_or_path)")
+
+
 def load_causal_lm(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,
                    trust_remote_code: bool = False, seed: int = 0) -> nn.Module:
     """An `AutoModelForCausalLM`-compatible policy from a preset, a local directory or a hub id."""
@@ -109,12 +122,14 @@ def load_causal_lm(name_or_path: str, tokenizer=None, torch_dtype: str | torch.d
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised as one clear line
         if source == "local":
             raise ValueError(f"could not load causal LM from {name_or_path!r}: {type(err).__name__}: "
                              f"{str(err).splitlines()[0]}") from err
         raise _hub_error("model", name_or_path, err) from err
+    check_vocab_fits(model, tokenizer, name_or_path)
+    return model
 
 
 def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,
@@ -153,6 +168,7 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
         raise _hub_error("reward model", name_or_path, err) from err
     if require_trained_head:
         _check_trained_head(model, info, name_or_path)
+    check_vocab_fits(model, tokenizer, name_or_path)
     if tokenizer is not None and model.config.pad_token_id is None:
         # the classifier finds the last real token through pad_token_id; without it batched scoring is wrong
         model.config.pad_token_id = tokenizer.pad_token_id

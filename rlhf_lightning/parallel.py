@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -136,6 +137,14 @@ def full_model(module: nn.Module, rank: int, build: Callable[[], nn.Module]) -> 
     model = build()
     model.load_state_dict(full)
     return model
+
+
+def run_dir(trainer: Any) -> Path:
+    """The run's output folder: the first logger's `log_dir` (TensorBoard: `<save_dir>/<name>/version_<n>/`), else
+    `default_root_dir`. A collective under DDP / FSDP2 (Lightning broadcasts rank 0's `trainer.log_dir`): call it
+    on EVERY rank, also when only rank 0 writes there; a rank-0-only call waits for a peer that has moved on and
+    the run dies at its end with "Connection closed by peer"."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def is_sharded(module: nn.Module) -> bool:

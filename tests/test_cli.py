@@ -124,7 +124,9 @@ def test_tensorboard_is_the_default_logger(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["fit", *SFT_ARGS, "--trainer.max_steps", "3", "--trainer.enable_checkpointing", "false",
                     "--trainer.limit_val_batches", "0"])
-    assert type(cli.trainer.logger).__name__ == "TensorBoardLogger"
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    assert isinstance(cli.trainer.logger, TensorBoardLogger)  # RunLogger: TensorBoard rooted at default_root_dir
     run_dir = tmp_path / "runs" / "rlhf" / "version_0"
     assert Path(cli.trainer.log_dir).resolve() == run_dir.resolve()
     assert list(run_dir.glob("events.out.tfevents.*")), sorted(p.name for p in run_dir.iterdir())

@@ -126,6 +126,75 @@ def test_sft_and_reward_model_train_under_fsdp2_and_export_full_weights(tmp_path
     assert max(float((got[k] - init[k]).abs().max()) for k in got) > 1e-3  # trained, and the full tensors came back
 
 
+SCRIPT = Path(sys.executable).parent / "rlhf-lightning"  # the console script users run
+# the README's scaling commands (task config + layer), with the CLI's default TensorBoard logger left ON
+GRPO_CONFIG, RM_CONFIG, FSDP_LAYER = (str(REPO / "configs" / f) for f in ("grpo_arithmetic.yaml", "rm_arithmetic.yaml",
+                                                                          "fsdp.yaml"))
+README_SCALING = {
+    "grpo-fsdp2": ["--config", GRPO_CONFIG, "--config", FSDP_LAYER, "--trainer.devices", "2"],
+    "grpo-ddp": ["--config", GRPO_CONFIG, "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+    "rm-ddp": ["--config", RM_CONFIG, "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+}
+SHRINK = {  # a few steps; one validation batch
+    "grpo": ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--model.init_args.group_size", "4",
+             "--model.init_args.reward_fns", "[digit_reward.digit_reward]", "--data.init_args.batch_size", "4"],
+    "rm": ["--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--data.init_args.batch_size", "8"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(README_SCALING))
+def test_readme_scaling_commands_with_the_default_logger_exit_0_and_export(tmp_path, command):
+    """Through the console script with the logger on, as users run them: the run dir (`trainer.log_dir`) is a
+    collective under DDP / FSDP2, and reading it on rank 0 only at the end of fit crashed the run ("Connection
+    closed by peer") before `hf_model/` was written."""
+    (tmp_path / "digit_reward.py").write_text(DIGIT_REWARD)
+    root = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(tmp_path)]),
+           "OMP_NUM_THREADS": "1"}
+    task = command.split("-")[0]
+    args = [*README_SCALING[command], *SHRINK[task], "--trainer.accelerator", "cpu",
+            "--trainer.limit_val_batches", "1", "--data.init_args.num_train", "64", "--data.init_args.num_val", "8",
+            "--data.init_args.val_batch_size", "4", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root)]
+    out = subprocess.run([str(SCRIPT), "fit", *args], check=False, capture_output=True, text=True, env=env,
+                         timeout=400, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    name = {"grpo": "grpo_arithmetic", "rm": "rm_arithmetic"}[task]
+    run = root / "runs" / name / "version_0"
+    assert (run / "hf_model" / "config.json").exists(), sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert list(run.glob("events.out.tfevents.*"))  # rank 0 logged; no other rank opened a second version
+    assert sorted(p.name for p in (root / "runs" / name).iterdir()) == ["version_0"]
+
+
+PARITY_LABEL = "def parity(prompts, completions, **kwargs):\n" \
+               "    return [float(ord(c[0]) % 2) if c else 0.0 for c in completions]\n"
+
+
+@pytest.mark.slow
+def test_iterative_rl_under_ddp_with_the_default_logger_exports_policy_and_reward_model(tmp_path):
+    """IterativeRewardModelCallback's end-of-fit export reads the run dir (a collective) on every rank too."""
+    (tmp_path / "parity_label.py").write_text(PARITY_LABEL)
+    RewardModel("tiny").export(tmp_path / "rm")
+    root = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(tmp_path)]),
+           "OMP_NUM_THREADS": "1"}
+    args = ["--config", str(REPO / "configs" / "grpo_iterative.yaml"), "--trainer.strategy", "ddp",
+            "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--model.init_args.reward_model", str(tmp_path / "rm"),
+            "--model.init_args.group_size", "2", "--model.init_args.max_new_tokens", "4",
+            "--trainer.callbacks.init_args.every_n_steps", "1", "--trainer.callbacks.init_args.samples_per_iteration",
+            "16", "--trainer.callbacks.init_args.labeler", "parity_label.parity", "--data.init_args.batch_size", "4",
+            "--data.init_args.num_train", "64", "--data.init_args.num_val", "8", "--data.init_args.val_batch_size",
+            "4", "--trainer.default_root_dir", str(root)]
+    out = subprocess.run([str(SCRIPT), "fit", *args], check=False, capture_output=True, text=True, env=env,
+                         timeout=400, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = root / "runs" / "grpo_iterative" / "version_0"
+    assert (run / "hf_model" / "config.json").exists() and (run / "reward_model" / "config.json").exists()
+
+
 # ------------------------------------------------------------------------------------------- strategy misuse
 def test_fsdp_strategy_with_manual_optimization_fails_at_start_naming_fsdp2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["rlhf-lightning"])

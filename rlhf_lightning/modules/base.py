@@ -553,9 +553,8 @@ class PolicyModuleBase(L.LightningModule):
 
     # --------------------------------------------------------------------------------------------- export
     def export_dir(self) -> Path:
-        trainer = self.trainer
-        base = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
-        return Path(base) / "hf_model"
+        """`<run dir>/hf_model` (`parallel.run_dir`: a collective under DDP / FSDP2, call it on every rank)."""
+        return parallel.run_dir(self.trainer) / "hf_model"
 
     def export_model(self, policy: torch.nn.Module | None = None) -> torch.nn.Module:
         """The model written to `hf_model/`: the policy, its LoRA adapter alone (`lora_export: adapter`), or the
@@ -583,10 +582,10 @@ class PolicyModuleBase(L.LightningModule):
 
     def on_fit_end(self) -> None:
         policy = self._full_policy()  # on every rank: gathering sharded weights is a collective
+        out = self.export_dir()  # on every rank too: the run dir is broadcast from rank 0
         if self.trainer.global_rank != 0:
             return
         model = self.export_model(policy)
-        out = self.export_dir()
         check_finite_model(model, out)  # never write NaN/inf weights where a user would load them
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)

@@ -246,8 +246,9 @@ class RewardModel(L.LightningModule):
 
     def on_fit_end(self) -> None:
         model = self._full_model()  # on every rank: gathering sharded weights is a collective
+        out = self.export_dir()  # on every rank too: the run dir is broadcast from rank 0
         if self.trainer.global_rank == 0:
-            out = self.export(self.export_dir(), model)
+            out = self.export(out, model)
             rank_zero_info(f"[rlhf_lightning] exported reward model and tokenizer to {out}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
