@@ -289,5 +289,5 @@ def test_a_truncated_checkpoint_is_one_line(tmp_path, grpo_checkpoint):
     done = script(tmp_path, *GRPO, *TINY_RUN, "--ckpt_path", "cut.ckpt")
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines() == [
-        "rlhf-lightning: error: checkpoint 'cut.ckpt' could not be read: PytorchStreamReader failed reading zip "
-        "archive: failed finding central directory (a truncated or partly copied file?)"]
+        "rlhf-lightning: error: checkpoint 'cut.ckpt' is truncated or corrupt (File is not a zip file; 4096 bytes): "
+        "use a complete copy, or an earlier checkpoint"]
