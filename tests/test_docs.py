@@ -60,3 +60,21 @@ def test_config_reference_lists_every_argument(name):
     params = [p for p in inspect.signature(getattr(rlhf_lightning, name).__init__).parameters if p != "self"]
     missing = [p for p in params if f"`{p}`" not in reference]
     assert not missing, f"docs/configs.md does not document {name}'s {missing}"
+
+
+def test_ppo_rollout_count_matches_the_config():
+    """docs/ppo.md's worked example of the step count is the shipped config's: max_steps counts the actor's and the
+    critic's optimizer steps, so rollouts = max_steps / (2 x ppo_epochs x minibatches)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "ppo_arithmetic.yaml").read_text())
+    max_steps, hp = config["trainer"]["max_steps"], config["model"]["init_args"]
+    rollouts = max_steps // (2 * hp["ppo_epochs"] * hp["minibatches"])
+    text = re.sub(r"\s+", " ", (REPO / "docs" / "ppo.md").read_text())
+    found = re.search(r"`configs/ppo_arithmetic.yaml`: max_steps (\d+) = 2 × (\d+) rollouts × (\d+) epochs? × "
+                      r"(\d+) minibatches", text)
+    assert found, "docs/ppo.md lost its worked step count for configs/ppo_arithmetic.yaml"
+    assert tuple(map(int, found.groups())) == (max_steps, rollouts, hp["ppo_epochs"], hp["minibatches"])
+    readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
+    said = re.search(r"`configs/ppo_arithmetic.yaml`:[^)]*?([\d,]+) rollouts of (\d+) prompts", readme)
+    assert said and (int(said[1].replace(",", "")), int(said[2])) == (rollouts, config["data"]["init_args"]["batch_size"])
