@@ -247,6 +247,31 @@ def test_lora_run_exports_a_model_that_reloads_with_the_trained_behaviour(tmp_pa
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_lora_adapter_export_of_a_local_base_loads_from_another_folder(tmp_path, monkeypatch):
+    """A base given as a relative folder is recorded by absolute path, so peft finds it from any working
+    directory (a relative `base_model_name_or_path` resolves against the loader's cwd and fails)."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    load_causal_lm("tiny", seed=0).save_pretrained("base")
+    SFTModule("tiny").tokenizer.save_pretrained("base")
+    m = SFTModule("base", lr=1e-2, lora=LORA, lora_export="adapter")
+    _trainer(tmp_path / "project" / "run", 2).fit(m, _prompts(completion_column="completion"))
+    out = tmp_path / "project" / "run" / "hf_model"
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tmp_path / "project" / "base")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, m.policy.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_lora_ppo_critic_has_no_adapter_and_trains(tmp_path):
     m = PPOModule("tiny", reward_fns=[digit_reward], ppo_epochs=1, max_new_tokens=4, lr=1e-3, lora=LORA)
     assert m.ref_policy is None

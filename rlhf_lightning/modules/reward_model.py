@@ -35,7 +35,8 @@ from torchmetrics.classification import BinaryAccuracy
 
 from .. import parallel
 from ..cpu_allocator import keep_freed_memory
-from ..models import load_sequence_classifier
+from ..models import (add_lora, check_lora_export, enable_gradient_checkpointing, export_view, load_sequence_classifier,
+                      lora_config, save_export)
 from ..preference import appends_eos, response_text, reward_input_ids, right_pad
 from ..tokenizer import load_tokenizer
 from .base import PolicyModuleBase
@@ -70,6 +71,12 @@ class RewardModel(L.LightningModule):
         lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio: AdamW and its schedule, as in
             `PolicyModuleBase` (lr 1e-3 + cosine: the measured recipe of configs/rm_arithmetic.yaml).
         torch_dtype / trust_remote_code / seed: as in `PolicyModuleBase`.
+        lora: train a LoRA adapter (peft) on the backbone instead of every weight, `{r, alpha, dropout,
+            target_modules}` as in `PolicyModuleBase`; the `score` head trains in full beside it (peft's
+            `modules_to_save`). `lora_export`: `merged` (a plain `AutoModelForSequenceClassification` in
+            `hf_model/`, what `RewardModelScorer`, GRPO's and PPO's `reward_model` load) or `adapter` (adapter +
+            head, reloaded with `peft.PeftModel.from_pretrained(base classifier, dir)`).
+        gradient_checkpointing: recompute each decoder layer's activations in backward (less memory).
     """
 
     # The policy modules' AdamW + warmup/cosine builder and export location, shared rather than copied
@@ -92,6 +99,10 @@ class RewardModel(L.LightningModule):
         torch_dtype: str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
+        *,
+        lora: dict[str, Any] | None = None,
+        lora_export: str = "merged",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if not (isinstance(lr, (int, float)) and 0 < lr < 1):
@@ -104,6 +115,8 @@ class RewardModel(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+        self.lora_config = lora_config(lora, task="seq_cls") if lora is not None else None
+        self.lora_export = check_lora_export(lora_export)
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                         trust_remote_code=trust_remote_code)
@@ -111,6 +124,10 @@ class RewardModel(L.LightningModule):
                                               trust_remote_code=trust_remote_code, seed=seed)
         # the classifier scores the last token that is not pad_token_id: it must be the tokenizer's pad
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        if self.lora_config is not None:
+            self.model = add_lora(self.model, self.lora_config, seed)
         self.model.train()  # from_pretrained returns eval mode
         self.train_accuracy, self.val_accuracy = BinaryAccuracy(), BinaryAccuracy()
         self.train_margin, self.val_margin = MeanMetric(), MeanMetric()
@@ -208,21 +225,22 @@ class RewardModel(L.LightningModule):
             model = load_sequence_classifier(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
                                              trust_remote_code=hp.trust_remote_code, seed=hp.seed)
             model.config.pad_token_id = self.tokenizer.pad_token_id
-            return model
+            return model if self.lora_config is None else add_lora(model, self.lora_config, hp.seed)
 
         return parallel.full_model(self.model, self.trainer.global_rank, build)
 
     def export(self, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
-        """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer).
+        """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer; with
+        LoRA as `lora_export` says: merged, or the adapter + head for peft).
         `model`: the unsharded classifier when the caller gathered it (`_full_model`); default `self.model`."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        model = self.model if model is None else model
+        model = export_view(self.model if model is None else model, self.lora_export)
         config = model.config
         config.pad_token_id = self.tokenizer.pad_token_id
         config.reward_append_eos = appends_eos(self.tokenizer)
         config.reward_mean, config.reward_std = self.reward_mean, self.reward_std
-        model.save_pretrained(out, safe_serialization=True)
+        save_export(model, out, self.hparams.model_name_or_path)
         self.tokenizer.save_pretrained(out)
         return out
 
