@@ -77,7 +77,8 @@ def test_ppo_rollout_count_matches_the_config():
     assert tuple(map(int, found.groups())) == (max_steps, rollouts, hp["ppo_epochs"], hp["minibatches"])
     readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
     said = re.search(r"`configs/ppo_arithmetic.yaml`:[^)]*?([\d,]+) rollouts of (\d+) prompts", readme)
-    assert said and (int(said[1].replace(",", "")), int(said[2])) == (rollouts, config["data"]["init_args"]["batch_size"])
+    batch_size = config["data"]["init_args"]["batch_size"]
+    assert said and (int(said[1].replace(",", "")), int(said[2])) == (rollouts, batch_size)
 
 
 def _export_dir(config_paths: list[Path]) -> str:

@@ -260,3 +260,57 @@ def test_rollout_engine_fast_names_why_it_cannot_apply(tmp_path):
                    lora={"r": 4})
     with pytest.raises(ValueError, match="engine='fast' cannot decode this model: .*peft"):
         _trainer(tmp_path, 1).fit(m, _data())
+
+
+DDP_BATCH_SCALE = """
+import json, sys, torch, lightning as L
+from rlhf_lightning import GRPOModule, PromptDataModule
+torch.set_num_threads(1)
+
+def length_reward(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]  # spread differs from rank to rank
+
+class Recording(GRPOModule):
+    def compute_advantages(self, rewards, rollout):
+        adv = super().compute_advantages(rewards, rollout)
+        with open(f"{sys.argv[1]}/adv_{self.global_rank}.jsonl", "a") as f:  # one file per rank: no interleaving
+            f.write(json.dumps([self.global_rank, self.rollouts, rewards.tolist(), adv.tolist()]) + "\\n")
+        return adv
+
+m = Recording("tiny", reward_fns=[length_reward], group_size=4, beta=0.0, max_new_tokens=6, scale_rewards="batch")
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=sys.argv[1], limit_val_batches=0)
+trainer.fit(m, PromptDataModule(task="addition", num_train=64, num_val=0, batch_size=4))
+"""
+
+
+@pytest.mark.slow
+def test_batch_scaled_advantages_under_ddp_are_those_of_one_process_on_the_whole_batch(tmp_path):
+    """scale_rewards=batch on 2 gloo processes: each rank divides by the std of both ranks' rewards together."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rlhf_lightning.losses import group_advantages
+
+    script = tmp_path / "ddp_batch_scale.py"
+    script.write_text(DDP_BATCH_SCALE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, capture_output=True, text=True,
+                         env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps: dict[int, dict[int, tuple]] = {}
+    lines = [line for rank in (0, 1) for line in (tmp_path / f"adv_{rank}.jsonl").read_text().splitlines()]
+    for line in lines:
+        rank, step, rewards, adv = json.loads(line)
+        steps.setdefault(step, {})[rank] = (torch.tensor(rewards), torch.tensor(adv))
+    assert sorted(steps) == [0, 1] and all(sorted(ranks) == [0, 1] for ranks in steps.values())
+    for ranks in steps.values():
+        (r0, a0), (r1, a1) = ranks[0], ranks[1]
+        whole = group_advantages(torch.cat([r0, r1]), 4, scale="batch")
+        torch.testing.assert_close(torch.cat([a0, a1]), whole, atol=1e-5, rtol=1e-5)
+    (r0, a0), (r1, _) = steps[0][0], steps[0][1]
+    assert r0.std() != r1.std() and not torch.allclose(group_advantages(r0, 4, scale="batch"), a0)

@@ -363,8 +363,8 @@ def test_lora_reward_model_exports_merged_and_adapter(lora_trained, tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
     reloaded = PeftModel.from_pretrained(load_sequence_classifier("tiny", seed=0), out)
     torch.testing.assert_close(_scores(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
-    assert RewardModelScorer(rm)(["7+5="], ["12"]) == pytest.approx(RewardModelScorer(root / "hf_model")(["7+5="], ["12"]),
-                                                                     abs=1e-5)
+    from_dir = RewardModelScorer(root / "hf_model")(["7+5="], ["12"])
+    assert RewardModelScorer(rm)(["7+5="], ["12"]) == pytest.approx(from_dir, abs=1e-5)
 
 
 def test_reward_model_gradient_checkpointing_gives_the_same_gradient():

@@ -321,10 +321,16 @@ class PolicyModuleBase(L.LightningModule):
 
     def _global_count(self, value: torch.Tensor) -> float:
         """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
-        value = value.detach().float().clone()
+        return float(self._global_sum(value.float()))
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over all ranks (a copy, on value's device and dtype; itself with one process)."""
+        value = value.detach().clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            torch.distributed.all_reduce(value)
-        return float(value)
+            summed = value.to(self.device)  # NCCL reduces device tensors only
+            torch.distributed.all_reduce(summed)
+            value = summed.to(value.device)
+        return value
 
     # --------------------------------------------------------------------------------------- validation
     @torch.no_grad()

@@ -65,7 +65,8 @@ class GRPOModule(PolicyModuleBase):
         beta: weight of the KL(π_θ‖π_ref) penalty in the loss; 0 loads no reference model.
         kl_estimator: `k3` (unbiased, always ≥ 0; the paper's eq. 4), `k1`, or `k2`.
         clip_low / clip_high: ε of the clipped surrogate below / above 1 (clip-higher, DAPO: clip_high > clip_low).
-        scale_rewards: `group` (paper: divide by the group std), `batch` (batch std), `none` (Dr. GRPO).
+        scale_rewards: `group` (paper: divide by the group std), `batch` (the std of the whole batch, all ranks
+            together), `none` (Dr. GRPO).
         loss_agg: `seq-mean-token-mean` (paper), `token-mean` (DAPO), `seq-mean-token-sum-norm` (Dr. GRPO; the
             token sum is divided by max_new_tokens). Normalised over the whole optimizer step.
         importance_sampling: `token` (PPO-style per-token ratio) or `sequence` (GSPO length-normalised ratio).
@@ -220,7 +221,8 @@ class GRPOModule(PolicyModuleBase):
             T = rollout.samples.completion_ids.shape[1]
             step_rewards, step_ends = self.step_boundaries(rewards, rollout)
             return losses.process_advantages(step_rewards, step_ends, hp.group_size, num_tokens=T)
-        return losses.group_advantages(rewards, hp.group_size, scale=hp.scale_rewards)
+        # scale_rewards=batch: the std of the whole batch over all ranks, as one process would see it
+        return losses.group_advantages(rewards, hp.group_size, scale=hp.scale_rewards, all_reduce=self._global_sum)
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                     normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:

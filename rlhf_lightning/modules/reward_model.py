@@ -35,8 +35,15 @@ from torchmetrics.classification import BinaryAccuracy
 
 from .. import parallel
 from ..cpu_allocator import keep_freed_memory
-from ..models import (add_lora, check_lora_export, enable_gradient_checkpointing, export_view, load_sequence_classifier,
-                      lora_config, save_export)
+from ..models import (
+    add_lora,
+    check_lora_export,
+    enable_gradient_checkpointing,
+    export_view,
+    load_sequence_classifier,
+    lora_config,
+    save_export,
+)
 from ..preference import appends_eos, response_text, reward_input_ids, right_pad
 from ..tokenizer import load_tokenizer
 from .base import PolicyModuleBase
