@@ -332,6 +332,18 @@ class RewardModelScorer:
         return self._module.reward_std if self._module is not None else getattr(self.model.config, "reward_std",
                                                                                  None)
 
+    def statistics(self) -> tuple[float | None, float | None]:
+        return self.mean, self.std
+
+    def set_statistics(self, mean: float, std: float) -> None:
+        """New score statistics (e.g. after the reward model was retrained: iterative RL), stored where `mean` and
+        `std` read them: the live `RewardModel`, else the model's config (so an export carries them). Explicit
+        `mean` / `std` given to the constructor still take precedence."""
+        if self._module is not None:
+            self._module.reward_mean, self._module.reward_std = mean, std
+        else:
+            self.model.config.reward_mean, self.model.config.reward_std = mean, std
+
     def _prompt_text(self, prompt: Any) -> str:
         from ..data import prompt_text
 
