@@ -24,6 +24,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .rewards import CHAT_PROMPTS
+
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -329,6 +331,7 @@ class PromptDataModule(L.LightningDataModule):
     def _tokenize(self, rows: list[dict], where: str) -> list[dict]:
         hp, tok = self.hparams, self.tokenizer
         out, truncated, dropped = [], 0, 0
+        chat = any(isinstance(row[hp.prompt_column], list) for row in rows)
         for row in rows:
             text = self._prompt_text(row[hp.prompt_column])
             ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -336,6 +339,8 @@ class PromptDataModule(L.LightningDataModule):
                 ids, truncated = ids[-hp.max_prompt_length:], truncated + 1
             item = {k: v for k, v in row.items() if k != hp.prompt_column}
             item["prompts"], item["_prompt_ids"] = text, ids
+            if chat:  # the messages themselves: reward functions get them as TRL passes them (rewards.trl_inputs)
+                item[CHAT_PROMPTS] = row[hp.prompt_column] if isinstance(row[hp.prompt_column], list) else None
             if hp.completion_column:
                 target = tok(str(row[hp.completion_column]), add_special_tokens=False)["input_ids"]
                 target = target + [tok.eos_token_id]
