@@ -367,11 +367,12 @@ def test_trl_conversational_reward_function_trains_and_validates_on_chat_prompts
     rows = [{"prompt": [{"role": "user", "content": f"{i}+{i % 7}="}], "answer": str(i + i % 7)} for i in range(40)]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     CALLS.clear()
-    kw = dict(group_size=4, beta=0.0) if module_class == "GRPOModule" else dict(kl_coef=0.0, ppo_epochs=1, minibatches=1)
+    grpo = module_class == "GRPOModule"
+    kw = dict(group_size=4, beta=0.0) if grpo else dict(kl_coef=0.0, ppo_epochs=1, minibatches=1)
     module = getattr(rlhf_lightning, module_class)("tiny", reward_fns=[trl_conversational_reward], max_new_tokens=4,
                                                   val_max_new_tokens=4, **kw)
     data = PromptDataModule(path=str(tmp_path / "chat.jsonl"), val_split=0.2, batch_size=4, val_batch_size=4)
-    steps = 2 if module_class == "GRPOModule" else 4  # PPO: actor + critic steps, 2 rollouts
+    steps = 2 if grpo else 4  # PPO: actor + critic steps, 2 rollouts
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
                         val_check_interval=2, check_val_every_n_epoch=None, default_root_dir=tmp_path)
