@@ -288,6 +288,39 @@ def test_scorer_ranks_correct_above_wrong_and_normalises(trained):
     assert bare(["7+5="], ["12"]) == scorer(["7+5="], ["12"]) and bare([], []) == []
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_grpo_normalize_reward_model_standardises_with_the_exported_statistics(trained, tmp_path, normalize):
+    """GRPO's rewards from `reward_model` are the RM's raw scores, or with normalize_reward_model
+    (score - reward_mean) / reward_std with the statistics in the export's config; scored here by hand with the
+    documented recipe (prompt + completion, then EOS, through AutoModelForSequenceClassification)."""
+    from rlhf_lightning import GRPOModule, PromptDataModule
+
+    _, _, trainer, _ = trained
+    out = Path(trainer.log_dir) / "hf_model"
+    module = GRPOModule("tiny", reward_model=str(out), normalize_reward_model=normalize, group_size=2, beta=0.0,
+                        max_new_tokens=4, log_samples_every_n_steps=0)
+    seen, advantages = [], module.compute_advantages
+
+    def recording(rewards, rollout):
+        seen.append((rewards.clone(), rollout.prompts, rollout.completions))
+        return advantages(rewards, rollout)
+
+    module.compute_advantages = recording
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(
+        module, PromptDataModule(task="addition", num_train=16, num_val=0, batch_size=4))
+    (rewards, prompts, completions), = seen
+    config = json.loads((out / "config.json").read_text())
+    model, tok = AutoModelForSequenceClassification.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        raw = [float(model(torch.tensor([tok(p + c, add_special_tokens=False).input_ids + [tok.eos_token_id]]))
+                     .logits[0, 0]) for p, c in zip(prompts, completions)]
+    mean, std = config["reward_mean"], config["reward_std"]
+    assert std > 0 and mean is not None
+    expected = [(r - mean) / std for r in raw] if normalize else raw
+    torch.testing.assert_close(rewards, torch.tensor(expected), atol=1e-4, rtol=1e-4)
+
+
 def test_rm_from_sft_export_directory(tmp_path):
     """An SFT (causal-LM) export loads as the backbone; the scalar head starts fresh."""
     from rlhf_lightning.models import load_causal_lm
