@@ -101,9 +101,10 @@ def test_fsdp2_run_resumes_from_its_distributed_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["sft", "rm"])
+@pytest.mark.parametrize("task", ["sft", "rm", "rm-lora"])
 def test_sft_and_reward_model_train_under_fsdp2_and_export_full_weights(tmp_path, task):
-    """The automatically optimized modules under the same layer config; the export gathers the shards."""
+    """The automatically optimized modules under the same layer config; the export gathers the shards (with LoRA:
+    the gathered adapter and head merged into a plain classifier)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     common = ["--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -118,7 +119,8 @@ def test_sft_and_reward_model_train_under_fsdp2_and_export_full_weights(tmp_path
     else:
         from rlhf_lightning.models import load_sequence_classifier
 
-        root = run_cli_processes(tmp_path, task, ["--config", "configs/rm_arithmetic.yaml", *common])
+        lora = ["--model.init_args.lora", "{r: 4, alpha: 8}"] if task == "rm-lora" else []
+        root = run_cli_processes(tmp_path, task, ["--config", "configs/rm_arithmetic.yaml", *common, *lora])
         got = AutoModelForSequenceClassification.from_pretrained(root / "hf_model").state_dict()
         init = load_sequence_classifier("tiny", seed=0).state_dict()
     assert got.keys() == init.keys()
