@@ -38,18 +38,23 @@ def load_rows(path: str, split: str = "train", subset: str | None = None) -> lis
     import datasets
 
     local = Path(os.path.expanduser(path))
+    name = f"{path} (split {split!r})"  # how its rows are named in messages: "<name> row <index>"
     try:
         if local.is_file():
+            name = path
             fmt = _FILE_FORMATS.get(local.suffix.lower())
             if fmt is None:
                 raise ValueError(f"data file {path!r} has unsupported extension {local.suffix!r}; "
                                  f"use one of {sorted(_FILE_FORMATS)}")
             if fmt == "json":
-                return _read_json_rows(local)
+                return _read_json_rows(local, path)
             ds = datasets.load_dataset(fmt, data_files=str(local), split="train")
+            if fmt == "csv":
+                return _label_rows(ds, path, _csv_record_lines(local), "line")
         elif local.is_dir():
             if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
                 ds = datasets.load_from_disk(str(local))
+                name = path if isinstance(ds, datasets.Dataset) else name  # one saved Dataset: no split to name
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
                         raise ValueError(f"dataset folder {path!r} has splits {list(ds)}, not {split!r}")
@@ -65,11 +70,45 @@ def load_rows(path: str, split: str = "train", subset: str | None = None) -> lis
     except Exception as err:  # noqa: BLE001 - one clear line instead of a library traceback
         msg = str(err).splitlines()[0] if str(err) else ""
         raise ValueError(f"could not load data {path!r} (split {split!r}): {type(err).__name__}: {msg}") from err
-    return [dict(row) for row in ds]
+    return _label_rows(ds, name, range(len(ds)), "row")
 
 
-def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    """jsonl (one object per line) or a json list; errors name the line."""
+class Row(dict):
+    """One data row: a plain dict of its columns that also remembers where it came from (`where`, e.g.
+    "data.jsonl line 7"), so a bad value found at load time is reported with its file and line."""
+
+    def __init__(self, values: dict[str, Any], where: str):
+        super().__init__(values)
+        self.where = where
+
+
+def _label_rows(records, name: str, positions, unit: str) -> list[Row]:
+    """Rows labelled "<name> <unit> <position>"; when the positions do not match the records (a file the line
+    scan reads differently), "<name> row <index>" (0-based, as `dataset[index]`)."""
+    records, positions = list(records), list(positions)
+    if len(positions) != len(records):
+        positions, unit = range(len(records)), "row"
+    return [Row(dict(r), f"{name} {unit} {n}") for r, n in zip(records, positions)]
+
+
+def _csv_record_lines(path: Path) -> list[int]:
+    """The line each csv record starts on (the header is line 1; blank lines are skipped, as the loader does)."""
+    import csv
+
+    starts: list[int] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        previous = reader.line_num
+        for record in reader:
+            if record:
+                starts.append(previous + 1)
+            previous = reader.line_num
+    return starts
+
+
+def _read_json_rows(path: Path, name: str) -> list[Row]:
+    """jsonl (one object per line) or a json list; errors name the line, rows remember it."""
     import json
 
     text = path.read_text(encoding="utf-8")
@@ -78,8 +117,9 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        positions, unit = range(len(rows)), "record"
     else:
-        rows = []
+        rows, positions, unit = [], [], "line"
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -87,9 +127,161 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from err
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: every record must be a JSON object")
-    return rows
+            positions.append(lineno)
+    for row, n in zip(rows, positions):
+        if not isinstance(row, dict):
+            raise ValueError(f"{name} {unit} {n}: every record must be a JSON object, got {type(row).__name__}")
+    return _label_rows(rows, name, positions, unit)
+
+
+# --------------------------------------------------------------------------------------- row validation
+# Every row is checked when the data is loaded, so a bad row deep in a file stops the run before it starts,
+# with its file and line, instead of crashing a late batch (an empty prompt in sampling, a missing column in
+# collate, a None in a reward function).
+def is_missing(value: Any) -> bool:
+    """None, or a float NaN (how parquet/csv readers mark an empty cell)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def row_where(row: dict, index: int, source: str) -> str:
+    """Where a row came from: its file and line when loaded from one, else "<source> row <index>"."""
+    return getattr(row, "where", None) or f"{source} row {index}"
+
+
+def check_columns(rows: list[dict], required: list[str], source: str, hint: str) -> None:
+    """Each `required` column, and each column any row has a value in, is present and not null in every row
+    (reward functions read columns by name; a row without one would fail in a late batch). Raises ConfigError."""
+    from .reliability import ConfigError
+
+    first: dict[str, int] = {}  # column -> index of the first row with a value in it
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if key not in first and not is_missing(value):
+                first[key] = i
+    for col in required:
+        if col not in first:
+            columns = sorted({k for row in rows for k in row})
+            detail = " (it is empty in every row)" if col in columns else f"; columns are {columns}"
+            raise ConfigError(f"{source} has no column {col!r}{detail} ({hint})")
+    for i, row in enumerate(rows):
+        for col, j in first.items():
+            if col not in row or is_missing(row[col]):
+                state = "has no" if col not in row else f"has a null ({row[col]!r})"
+                raise ConfigError(f"{row_where(row, i, source)}: {state} value in column {col!r}, which other rows "
+                                  f"fill (e.g. {row_where(rows[j], j, source)}); reward functions read columns by "
+                                  f"name: fill it in or drop the column")
+
+
+def check_reserved_columns(rows: list[dict], reserved: set[str], source: str) -> None:
+    """No data column may be named like a key the batches (or the reward functions' arguments) already use: it
+    would silently replace that key, or collide with it in the reward call. Raises ConfigError."""
+    from .reliability import ConfigError
+
+    clashes = sorted(reserved & {k for row in rows for k in row})
+    if clashes:
+        raise ConfigError(f"{source} has a column named {clashes[0]!r}, a name the batches and reward functions "
+                          f"already use ({', '.join(sorted(reserved))}); rename that column")
+
+
+def check_each_row(rows: list[dict], check: Any, source: str) -> None:
+    """`check(row)` on every row; its ValueError becomes a ConfigError naming the row's file and line."""
+    from .reliability import ConfigError
+
+    for i, row in enumerate(rows):
+        try:
+            check(row)
+        except ValueError as err:
+            raise ConfigError(f"{row_where(row, i, source)}: {err}") from err
+
+
+def check_prompt(prompt: Any, allow_empty: bool = False) -> None:
+    """A prompt is a non-empty string or a non-empty list of chat messages `{role: str, content: str}`."""
+    if isinstance(prompt, str):
+        if not allow_empty and not prompt.strip():
+            raise ValueError(f"the prompt is empty{' (whitespace only)' if prompt else ''}; every prompt needs text")
+        return
+    if not isinstance(prompt, list):
+        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("the prompt is an empty list of chat messages")
+    for k, message in enumerate(prompt):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), (str, list))):
+            raise ValueError(f"prompt message {k} is not a chat message {{role: str, content: str}}: "
+                             f"{_short(message)}")
+    if not allow_empty and not any(str(m["content"]).strip() for m in prompt):
+        raise ValueError("every message of the prompt has empty content")
+
+
+def response_text(response: Any, where: str = "response") -> str:
+    """A response as text: a string as is (a number as its str), or the content of chat messages that are all the
+    assistant's (TRL's conversational format puts the conversation in `prompt` and only the reply in `chosen`)."""
+    if isinstance(response, str):
+        return response
+    if isinstance(response, (int, float)) and not isinstance(response, bool):
+        return str(response)  # csv/json loaders turn "42" into 42
+    if isinstance(response, list) and all(isinstance(m, dict) and "content" in m for m in response):
+        roles = {m.get("role", "assistant") for m in response}
+        if roles != {"assistant"}:
+            raise ValueError(f"{where} messages must be assistant replies only (got roles {sorted(roles)}); "
+                             f"put the conversation in the prompt column")
+        return "".join(str(m["content"]) for m in response)
+    raise ValueError(f"{where} must be a string or a list of chat messages, got {type(response).__name__}")
+
+
+def check_response(response: Any, where: str) -> str:
+    """`response_text` of a response that must not be empty (an empty target teaches nothing); returns it."""
+    text = response_text(response, where)
+    if not text.strip():
+        raise ValueError(f"{where} is empty{' (whitespace only)' if text else ''}")
+    return text
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class UnknownCharacters:
+    """Collects the characters a tokenizer maps to its unknown token while rows are tokenized, to warn once.
+
+    Only the tokenizer's `unk_token_id` is looked for (byte-level tokenizers have none and know every
+    character); the characters are found through the fast tokenizer's offsets.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.unk_id = getattr(tokenizer, "unk_token_id", None)
+        self.chars: set[str] = set()
+        self.rows = 0
+        self.first: str | None = None
+
+    def add(self, text: str, ids: list[int], where: str) -> None:
+        if self.unk_id is None or self.unk_id not in ids:
+            return
+        found = self._characters(text)
+        if not found:  # the text spells the unknown token itself (e.g. "<unk>"): nothing was lost
+            return
+        self.chars |= found
+        self.rows += 1
+        self.first = self.first or where
+
+    def _characters(self, text: str) -> set[str]:
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
+            return {"?"}
+        unk_text = self.tokenizer.unk_token
+        spans = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == self.unk_id]
+        return {c for span in spans if span != unk_text for c in (span or "?")}
+
+    def warn(self, split: str) -> None:
+        if not self.rows:
+            return
+        shown = ", ".join(repr(c) for c in sorted(self.chars)[:20]) + (", ..." if len(self.chars) > 20 else "")
+        warnings.warn(f"{self.rows} {split} row(s) contain characters the tokenizer does not know, which become "
+                      f"{self.tokenizer.unk_token!r} (the model cannot read or write them): {shown} (first: "
+                      f"{self.first}); use a tokenizer that covers them or clean the data", stacklevel=3)
 
 
 def prompt_text(tokenizer, prompt: Any) -> str:
@@ -169,6 +361,18 @@ class _ListDataset(Dataset):
         return self.rows[i]
 
 
+def _refuse_task_only_arguments(cls: type, **given: Any) -> None:
+    """`num_train`, `num_val`, `task_kwargs` shape a built-in task's generated examples; with `path` data they would be
+    silently ignored (every row of the data is used), so a value other than the class's default is refused."""
+    import inspect
+
+    defaults = inspect.signature(cls.__init__).parameters
+    for name, value in given.items():
+        if name in defaults and value != defaults[name].default:
+            raise ValueError(f"data.{name}={value!r} applies to built-in tasks (`task`) only; with `path` every row "
+                             f"of the data is used (val_fraction / val_path / val_split choose the validation rows)")
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts (+ every other column) for RL, or prompt/completion pairs for SFT.
 
@@ -228,6 +432,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"val_batch_size must be a positive integer, got {val_batch_size!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if path is not None:
+            _refuse_task_only_arguments(type(self), num_train=num_train, num_val=num_val, task_kwargs=task_kwargs)
         if path is not None and _looks_like_path(path) and not Path(os.path.expanduser(path)).exists():
             raise ValueError(f"data path {path!r} does not exist")
         if val_path is not None and not Path(os.path.expanduser(val_path)).exists():
@@ -248,17 +454,17 @@ class PromptDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------- loading
     def _read_local_file(self) -> list[dict] | None:
-        """A local data file is read and checked (parse errors, emptiness, columns) here, in __init__, so a bad
-        file fails before any model is loaded; folders and hub ids are read in `setup`."""
+        """A local data file is read and every row checked (parse errors, emptiness, columns, values) here, in
+        __init__, so a bad file fails before any model is loaded; folders and hub ids are read in `setup`."""
         hp = self.hparams
         if hp.path is None or not Path(os.path.expanduser(hp.path)).is_file():
             return None
         rows = load_rows(hp.path)
         if not rows:
             raise ValueError(f"data {hp.path!r} is empty")
-        self._check_columns(rows, f"data {hp.path!r}")
+        self._check_rows(rows, f"data {hp.path!r}")
         if hp.val_path is not None and Path(os.path.expanduser(hp.val_path)).is_file():
-            self._check_columns(load_rows(hp.val_path), f"val_path {hp.val_path!r}")
+            self._check_rows(load_rows(hp.val_path), f"val_path {hp.val_path!r}")
         return rows
 
     def _load_all_rows(self) -> tuple[list[dict], list[dict]]:
@@ -267,16 +473,25 @@ class PromptDataModule(L.LightningDataModule):
             train = self.task.make_examples(hp.num_train, seed=hp.seed)
             val = self.task.make_examples(hp.num_val, seed=hp.seed + 1_000_003) if hp.num_val else []
             return train, val
-        rows = self._file_rows if self._file_rows is not None else load_rows(hp.path, split=hp.split,
-                                                                             subset=hp.subset)
-        if not rows:
-            raise ValueError(f"data {hp.path!r} is empty")
+        rows = self._file_rows
+        if rows is None:  # a folder or hub id: read (and checked) now
+            rows = load_rows(hp.path, split=hp.split, subset=hp.subset)
+            if not rows:
+                raise ValueError(f"data {hp.path!r} is empty")
+            self._check_rows(rows, f"data {hp.path!r}")
         if hp.val_path is not None:
             val = load_rows(hp.val_path)
+            self._check_rows(val, f"val_path {hp.val_path!r}")
         elif hp.val_split is not None:
             val = load_rows(hp.path, split=hp.val_split, subset=hp.subset)
+            self._check_rows(val, f"data {hp.path!r} split {hp.val_split!r}")
         elif hp.val_fraction > 0 and len(rows) > 1:
             n_val = max(1, int(round(len(rows) * hp.val_fraction)))
+            if n_val >= len(rows):
+                from .reliability import ConfigError
+
+                raise ConfigError(f"data.val_fraction={hp.val_fraction} holds out {n_val} of the {len(rows)} rows of "
+                                  f"{hp.path!r}, leaving none to train on; lower val_fraction or add rows")
             gen = torch.Generator().manual_seed(hp.seed)
             order = torch.randperm(len(rows), generator=gen).tolist()
             val = [rows[i] for i in order[:n_val]]
@@ -285,15 +500,29 @@ class PromptDataModule(L.LightningDataModule):
             val = []
         return rows, val
 
-    def _check_columns(self, rows: list[dict], where: str) -> None:
+    # keys of a batch (collate), of the reward batch (GRPO/PPO add `columns`, `samples`) and the reward functions'
+    # own arguments: a data column with one of these names would replace it or collide with it
+    RESERVED_COLUMNS = frozenset({"prompts", "completions", "prompt_ids", "prompt_mask", "input_ids", "attention_mask",
+                                  "labels", "columns", "samples"})
+
+    def _check_rows(self, rows: list[dict], source: str) -> None:
+        """Every row of a data source, before any is used: the prompt (and SFT completion) columns exist, no row
+        lacks a column the others fill, each prompt is non-empty text or chat messages, each completion non-empty.
+        Raises a ConfigError naming the file and line of the first bad row."""
         if not rows:
             return
-        needed = [self.hparams.prompt_column] + ([self.hparams.completion_column] if self.hparams.completion_column
-                                                 else [])
-        for col in needed:
-            if col not in rows[0]:
-                raise ValueError(f"{where} has no column {col!r}; columns are {sorted(rows[0])} "
-                                 f"(set prompt_column/completion_column)")
+        hp = self.hparams
+        needed = [hp.prompt_column] + ([hp.completion_column] if hp.completion_column else [])
+        check_columns(rows, needed, source, "set prompt_column/completion_column")
+        check_reserved_columns(rows, self.RESERVED_COLUMNS - {hp.prompt_column}, source)
+        check_each_row(rows, self._check_row, source)
+
+    def _check_row(self, row: dict) -> None:
+        """One row's values (ValueError with the problem; the caller adds where the row is)."""
+        hp = self.hparams
+        check_prompt(row[hp.prompt_column])
+        if hp.completion_column:
+            check_response(row[hp.completion_column], f"the completion (column {hp.completion_column!r})")
 
     def _resolve_tokenizer(self):
         if self.hparams.tokenizer is not None:
@@ -310,8 +539,9 @@ class PromptDataModule(L.LightningDataModule):
         """Load, validate and tokenize train/val rows (callable without a Trainer, e.g. in notebooks)."""
         self.tokenizer = tokenizer
         train, val = self._load_all_rows()
-        self._check_columns(train, "the training data")
-        self._check_columns(val, "the validation data")
+        if self.task is not None:  # generated rows: only the configured columns can be wrong
+            self._check_rows(train, "the training data")
+            self._check_rows(val, "the validation data")
         self.train_rows = self._tokenize(train, "train")
         self.val_rows = self._tokenize(val, "validation")
         if not self.train_rows:
@@ -328,30 +558,52 @@ class PromptDataModule(L.LightningDataModule):
     def _prompt_text(self, prompt: Any) -> str:
         return prompt_text(self.tokenizer, prompt)
 
+    def _rendered_prompt(self, row: dict, index: int, split: str) -> str:
+        """The row's prompt as text (chat messages through the chat template); errors name the row."""
+        try:
+            return self._prompt_text(row[self.hparams.prompt_column])
+        except Exception as err:  # noqa: BLE001 - e.g. a tokenizer without a chat template: one line naming the row
+            from .reliability import ConfigError
+
+            raise ConfigError(f"{row_where(row, index, split)}: could not render the prompt: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
     def _tokenize(self, rows: list[dict], where: str) -> list[dict]:
+        from .reliability import ConfigError
+
         hp, tok = self.hparams, self.tokenizer
-        out, truncated, dropped = [], 0, 0
+        out, truncated, dropped = [], [], 0
+        unknown = UnknownCharacters(tok)
         chat = any(isinstance(row[hp.prompt_column], list) for row in rows)
-        for row in rows:
-            text = self._prompt_text(row[hp.prompt_column])
+        for i, row in enumerate(rows):
+            text = self._rendered_prompt(row, i, where)
             ids = tok(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ConfigError(f"{row_where(row, i, where)}: the prompt {_short(text)} has no tokens")
+            unknown.add(text, ids, row_where(row, i, where))
             if len(ids) > hp.max_prompt_length:
-                ids, truncated = ids[-hp.max_prompt_length:], truncated + 1
+                truncated.append((len(ids), row_where(row, i, where)))
+                ids = ids[-hp.max_prompt_length:]
             item = {k: v for k, v in row.items() if k != hp.prompt_column}
             item["prompts"], item["_prompt_ids"] = text, ids
             if chat:  # the messages themselves: reward functions get them as TRL passes them (rewards.trl_inputs)
                 item[CHAT_PROMPTS] = row[hp.prompt_column] if isinstance(row[hp.prompt_column], list) else None
             if hp.completion_column:
-                target = tok(str(row[hp.completion_column]), add_special_tokens=False)["input_ids"]
+                completion = response_text(row[hp.completion_column])
+                target = tok(completion, add_special_tokens=False)["input_ids"]
+                unknown.add(completion, target, row_where(row, i, where))
                 target = target + [tok.eos_token_id]
                 if len(ids) + len(target) > hp.max_length:
                     dropped += 1
                     continue
                 item["_target_ids"] = target
             out.append(item)
+        unknown.warn(where)
         if truncated:
-            warnings.warn(f"{truncated} {where} prompt(s) longer than max_prompt_length={hp.max_prompt_length} "
-                          f"tokens were left-truncated", stacklevel=2)
+            longest, at = max(truncated)
+            warnings.warn(f"{len(truncated)} {where} prompt(s) longer than max_prompt_length={hp.max_prompt_length} "
+                          f"tokens were left-truncated (the longest, {at}, has {longest}); raise "
+                          f"data.max_prompt_length to keep them whole", stacklevel=2)
         if dropped:
             warnings.warn(f"dropped {dropped} {where} pair(s) longer than max_length={hp.max_length} tokens",
                           stacklevel=2)

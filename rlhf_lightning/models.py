@@ -119,11 +119,14 @@ def load_causal_lm(name_or_path: str, tokenizer=None, torch_dtype: str | torch.d
 
 
 def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,
-                             trust_remote_code: bool = False, seed: int = 0) -> nn.Module:
+                             trust_remote_code: bool = False, seed: int = 0,
+                             require_trained_head: bool = False) -> nn.Module:
     """A scalar-head `AutoModelForSequenceClassification` (num_labels=1) from a preset, local dir or hub id.
 
     A causal-LM checkpoint (e.g. an SFT export) loads too: transformers keeps the backbone and initialises the
-    `score` head fresh.
+    `score` head fresh. That is right for a model about to be trained (`RewardModel`), and wrong for one used as
+    a reward (random scores): `require_trained_head=True` refuses a folder or hub id whose head weights are
+    missing (presets are random by construction and pass).
     """
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
@@ -139,20 +142,33 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
             torch.manual_seed(seed)
             model = LlamaForSequenceClassification(config)
         return model.to(dtype) if dtype is not None else model
-    kwargs = dict(trust_remote_code=trust_remote_code, num_labels=1)
+    kwargs = dict(trust_remote_code=trust_remote_code, num_labels=1, output_loading_info=True)
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
     except Exception as err:  # noqa: BLE001
         if source == "local":
             raise ValueError(f"could not load sequence classifier from {name_or_path!r}: {type(err).__name__}: "
                              f"{str(err).splitlines()[0]}") from err
         raise _hub_error("reward model", name_or_path, err) from err
+    if require_trained_head:
+        _check_trained_head(model, info, name_or_path)
     if tokenizer is not None and model.config.pad_token_id is None:
         # the classifier finds the last real token through pad_token_id; without it batched scoring is wrong
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _check_trained_head(model: nn.Module, info: dict[str, Any], name_or_path: str) -> None:
+    """Refuse a classifier whose head weights were missing from the checkpoint (transformers initialised them at
+    random and only says so in a load report)."""
+    backbone = f"{model.base_model_prefix}."
+    fresh = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(backbone))
+    if fresh:
+        raise ValueError(f"reward model {name_or_path!r} is not a reward model: it has no trained score head "
+                         f"({', '.join(fresh)} missing, so it would score at random; a causal-LM folder such as an "
+                         f"SFT export?); train one with RewardModel and pass its hf_model export")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -16,13 +16,23 @@ Built-in pairs (`task: addition | chain`): chosen = the task's correct completio
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from typing import Any
 
 import torch
 
-from .data import PromptDataModule
+from .data import (
+    PromptDataModule,
+    UnknownCharacters,
+    check_columns,
+    check_each_row,
+    check_prompt,
+    check_response,
+    response_text,
+    row_where,
+)
 from .rewards import apply_op, parse_chain
 from .tasks import AdditionTask, ChainArithmeticTask, Task
 
@@ -37,22 +47,6 @@ def reward_input_ids(tokenizer, prompt: str, response: str) -> list[int]:
     """Token ids the reward model scores: tokens of the text `prompt + response`, then EOS (see module doc)."""
     ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if appends_eos(tokenizer) else ids
-
-
-def response_text(response: Any, where: str = "response") -> str:
-    """A response as text: a string as is (a number as its str), or the content of chat messages that are all the
-    assistant's (TRL's conversational format puts the conversation in `prompt` and only the reply in `chosen`)."""
-    if isinstance(response, str):
-        return response
-    if isinstance(response, (int, float)) and not isinstance(response, bool):
-        return str(response)  # csv/json loaders turn "42" into 42
-    if isinstance(response, list) and all(isinstance(m, dict) and "content" in m for m in response):
-        roles = {m.get("role", "assistant") for m in response}
-        if roles != {"assistant"}:
-            raise ValueError(f"{where} messages must be assistant replies only (got roles {sorted(roles)}); "
-                             f"put the conversation in the prompt column")
-        return "".join(str(m["content"]) for m in response)
-    raise ValueError(f"{where} must be a string or a list of chat messages, got {type(response).__name__}")
 
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,26 +230,41 @@ class PreferenceDataModule(PromptDataModule):
         return (make_preference_pairs(self.task, train, hp.negatives, seed=hp.seed),
                 make_preference_pairs(self.task, val, hp.negatives, seed=hp.seed + 1))
 
-    def _check_columns(self, rows: list[dict], where: str) -> None:
+    def _check_rows(self, rows: list[dict], source: str) -> None:
+        """Every pair, before any is used: the columns exist and are filled, the prompt is text or chat messages
+        (it may be empty: the pair then compares the bare responses), chosen and rejected are non-empty and
+        differ, the margin is a finite number. Raises a ConfigError naming the file and line of the first bad row."""
         if not rows:
             return
         hp = self.hparams
         needed = [hp.prompt_column, hp.chosen_column, hp.rejected_column] + ([hp.margin_column] if hp.margin_column
                                                                               else [])
-        for col in needed:
-            if col not in rows[0]:
-                raise ValueError(f"{where} has no column {col!r}; columns are {sorted(rows[0])} "
-                                 f"(set prompt_column/chosen_column/rejected_column/margin_column)")
+        check_columns(rows, needed, source, "set prompt_column/chosen_column/rejected_column/margin_column")
+        check_each_row(rows, self._check_row, source)
+
+    def _check_row(self, row: dict) -> None:
+        hp = self.hparams
+        check_prompt(row[hp.prompt_column], allow_empty=True)
+        chosen = check_response(row[hp.chosen_column], f"chosen (column {hp.chosen_column!r})")
+        rejected = check_response(row[hp.rejected_column], f"rejected (column {hp.rejected_column!r})")
+        if chosen == rejected:
+            raise ValueError(f"chosen and rejected are the same text ({chosen[:40]!r}): the pair teaches nothing")
+        if hp.margin_column:
+            m = row[hp.margin_column]
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+                raise ValueError(f"margin column {hp.margin_column!r} must be a finite number, got {m!r}")
 
     def _tokenize(self, rows: list[dict], where: str) -> list[dict]:
         hp, tok = self.hparams, self.tokenizer
         own = {hp.prompt_column, hp.chosen_column, hp.rejected_column, hp.margin_column}
         out, dropped = [], 0
-        for i, row in enumerate(rows):
-            prompt = self._prompt_text(row[hp.prompt_column])
-            chosen = response_text(row[hp.chosen_column], f"{where} row {i} column {hp.chosen_column!r}")
-            rejected = response_text(row[hp.rejected_column], f"{where} row {i} column {hp.rejected_column!r}")
+        unknown = UnknownCharacters(tok)
+        for i, row in enumerate(rows):  # the values were checked when the rows were loaded (`_check_rows`)
+            prompt = self._rendered_prompt(row, i, where)
+            chosen, rejected = response_text(row[hp.chosen_column]), response_text(row[hp.rejected_column])
             chosen_ids, rejected_ids = reward_input_ids(tok, prompt, chosen), reward_input_ids(tok, prompt, rejected)
+            for text, ids in ((prompt + chosen, chosen_ids), (prompt + rejected, rejected_ids)):
+                unknown.add(text, ids, row_where(row, i, where))
             if max(len(chosen_ids), len(rejected_ids)) > hp.max_length:
                 dropped += 1
                 continue
@@ -263,12 +272,9 @@ class PreferenceDataModule(PromptDataModule):
             item.update(prompts=prompt, chosen=chosen, rejected=rejected, _chosen_ids=chosen_ids,
                         _rejected_ids=rejected_ids)
             if hp.margin_column:
-                m = row[hp.margin_column]
-                if isinstance(m, bool) or not isinstance(m, (int, float)):
-                    raise ValueError(f"{where} row {i}: margin column {hp.margin_column!r} must be a number, "
-                                     f"got {m!r}")
-                item["_margin"] = float(m)
+                item["_margin"] = float(row[hp.margin_column])
             out.append(item)
+        unknown.warn(where)
         self.dropped[where] = dropped
         if dropped:
             warnings.warn(f"dropped {dropped} of {len(rows)} {where} pair(s) longer than max_length={hp.max_length} "

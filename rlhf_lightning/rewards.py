@@ -19,10 +19,14 @@ completion, where the steps are `completion.split(task.step_separator)`.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
+import inspect
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -30,6 +34,10 @@ from typing import Any
 import torch
 
 from .reliability import RewardFunctionError
+
+# The largest float32: rewards are stored as float32, so a larger float (1e300) would become inf.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+NONFINITE_MODES = ("error", "missing")
 
 # A number, optionally negative, with optional thousands commas and decimals. The sign counts only when
 # the '-' does not follow a digit, so the last number of "12-3" is 3, not -3.
@@ -207,36 +215,120 @@ def reward_fn_name(fn: Callable) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ combining
+def check_reward_weights(weights: Sequence[float] | None, n_fns: int) -> list[float] | None:
+    """The weights as floats, or a one-line ValueError: one per function, each a finite number (a NaN weight
+    would silently zero its function's reward, an infinite one would make every reward inf or NaN)."""
+    if weights is None:
+        return None
+    weights = list(weights)
+    if len(weights) != n_fns:
+        raise ValueError(f"reward_weights has {len(weights)} entries but there are {n_fns} reward functions")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise ValueError(f"reward_weights[{i}] is {w!r}; every reward weight must be a finite number")
+    return [float(w) for w in weights]
+
+
 def _weights_tensor(fns: Sequence[Callable], weights: Sequence[float] | torch.Tensor | None) -> torch.Tensor:
     if len(fns) == 0:
         raise ValueError("reward_fns is empty; give at least one reward function")
     if weights is None:
         return torch.ones(len(fns), dtype=torch.float32)
-    w = torch.as_tensor(weights, dtype=torch.float32).flatten()
-    if w.numel() != len(fns):
-        raise ValueError(f"reward_weights has {w.numel()} entries but there are {len(fns)} reward functions")
-    return w
+    if isinstance(weights, torch.Tensor):
+        weights = weights.flatten().tolist()
+    return torch.tensor(check_reward_weights(weights, len(fns)), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted_keywords(fn: Callable) -> frozenset[str] | None:
+    """The keyword names fn accepts, or None when it takes **kwargs (or its signature cannot be read)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins and C callables have no readable signature
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_signature(fn: Callable, columns: Sequence[str]) -> None:
+    """A RewardFunctionError telling the user to add `**kwargs` when fn cannot take the dataset's columns."""
+    try:
+        accepted = _accepted_keywords(fn)
+    except TypeError:  # an unhashable callable: checked by the call itself
+        return
+    if accepted is None:
+        return
+    missing = [name for name in ("prompts", "completions", *columns) if name not in accepted]
+    if missing:
+        raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} does not accept {missing}: add **kwargs "
+                                  f"to its signature (reward functions receive prompts, completions and every "
+                                  f"dataset column by name)")
+
+
+def _own_copy(values: Sequence) -> list:
+    """A fresh list for one function: strings and numbers are shared (immutable), anything else (chat messages,
+    nested lists) is deep-copied, so a function that mutates its input cannot change the next one's."""
+    return [v if isinstance(v, (str, bytes, numbers.Number, type(None))) else copy.deepcopy(v) for v in values]
 
 
 def _call(fn: Callable, prompts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
-    """Call fn with TRL keyword arguments; any error becomes a RewardFunctionError naming the function."""
+    """Call fn with TRL keyword arguments, each a copy of its own; any error becomes a RewardFunctionError
+    naming the function."""
+    check_signature(fn, list(columns))
     try:
-        return fn(prompts=prompts, completions=completions, **columns)
+        return fn(prompts=_own_copy(prompts), completions=_own_copy(completions),
+                  **{name: _own_copy(col) for name, col in columns.items()})
     except Exception as err:
         raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} raised {type(err).__name__}: {err}") from err
 
 
-def _to_float(fn: Callable, value: Any, where: str) -> float:
-    """None/NaN -> NaN; a real number (or 1-element tensor) -> float; anything else is the fn's bug."""
+def _to_float(fn: Callable | str, value: Any, where: str, nonfinite: str = "error",
+              stats: dict[str, int] | None = None) -> float:
+    """None/NaN -> NaN; a real number (or 1-element tensor) -> float; anything else is the fn's bug.
+
+    ±inf, or a float too large for float32 (1e300), is an error naming the function, row and value
+    (`nonfinite="error"`), or a missing reward counted in `stats["nonfinite"]` (`nonfinite="missing"`)."""
+    name = fn if isinstance(fn, str) else f"reward function {reward_fn_name(fn)!r}"
     if value is None:
         return math.nan
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     elif getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d numpy array
         value = value.item()
-    if isinstance(value, numbers.Real):
-        return float(value)
-    raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} returned a non-number {value!r} at {where}")
+    if not isinstance(value, numbers.Real):
+        raise RewardFunctionError(f"{name} returned a non-number {value!r} at {where}")
+    value = float(value)
+    if math.isinf(value) or abs(value) > _FLOAT32_MAX:
+        if nonfinite == "error":
+            raise RewardFunctionError(f"{name} returned {value!r} at {where}: rewards must be finite float32 "
+                                      "numbers (None = no reward; model.nonfinite_rewards=missing treats such "
+                                      "values as missing)")
+        # once per source (Python shows a warning text once): the run goes on, but the user is told
+        warnings.warn(f"{name} returned ±inf or a float32-overflowing reward; nonfinite_rewards=missing treats such "
+                      "values as no reward (counted in reward/nonfinite_count)", RuntimeWarning, stacklevel=2)
+        if stats is not None:
+            stats["nonfinite"] = stats.get("nonfinite", 0) + 1
+        return math.nan
+    return value
+
+
+def check_finite_rewards(rewards: Any, source: str, nonfinite: str = "error",
+                         stats: dict[str, int] | None = None) -> Any:
+    """What `compute_rewards` returned (Tensor [N] or per-completion step lists), with ±inf / float32-overflowing
+    values handled as `_to_float` does (`source` names the hook in the error)."""
+    if isinstance(rewards, torch.Tensor):
+        bad = torch.isinf(rewards) | (rewards.abs() > _FLOAT32_MAX)  # a float64 1e300 is finite until .float()
+        if bool(bad.any()):
+            row = int(bad.flatten().nonzero()[0])
+            _to_float(source, float(rewards.flatten()[row]), f"row {row}", nonfinite, stats)  # raises in error mode
+            extra = int(bad.sum()) - 1  # the first one was counted by _to_float
+            if stats is not None and extra:
+                stats["nonfinite"] = stats.get("nonfinite", 0) + extra
+            rewards = rewards.masked_fill(bad, math.nan)
+        return rewards
+    return [[_to_float(source, v, f"completion {j} step {k}", nonfinite, stats) for k, v in enumerate(steps)]
+            for j, steps in enumerate(rewards)]
 
 
 def _check_inputs(prompts: Sequence[str], completions: Sequence[str],
@@ -274,11 +366,16 @@ def call_reward_fns(
     prompts: list[str],
     completions: list[str],
     columns: dict[str, list] | None = None,
+    nonfinite: str = "error",
+    stats: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score completions with every fn; return (total [B] float32, per_fn [n_fns, B] float32).
 
     None/NaN from a fn means "no opinion": it is skipped in the weighted sum, and a row is NaN only when
     every fn abstained on it (TRL's semantics; the caller decides what a NaN row means, e.g. drop it).
+    ±inf or a float32-overflowing value stops with a RewardFunctionError naming the function, row and value, or
+    (`nonfinite="missing"`) counts as no opinion and is counted in `stats["nonfinite"]`. Each function gets its
+    own copies of the inputs, so one that mutates them cannot corrupt the next one's.
     """
     w = _weights_tensor(fns, weights)  # [n_fns]
     prompts, completions, columns = _check_inputs(prompts, completions, columns)
@@ -292,7 +389,8 @@ def call_reward_fns(
             got = len(out) if hasattr(out, "__len__") and not isinstance(out, (str, bytes)) else type(out).__name__
             raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} returned {got} values for {B} "
                                       f"completions")
-        per_fn[i] = torch.tensor([_to_float(fn, v, f"row {j}") for j, v in enumerate(out)], dtype=torch.float32)
+        per_fn[i] = torch.tensor([_to_float(fn, v, f"row {j}", nonfinite, stats) for j, v in enumerate(out)],
+                                 dtype=torch.float32)
     weighted = per_fn * w[:, None]  # [n_fns, B]; NaN stays NaN (even at weight 0)
     total = torch.nansum(weighted, dim=0)  # [B]
     total[torch.isnan(per_fn).all(dim=0)] = math.nan
@@ -305,10 +403,13 @@ def call_step_reward_fns(
     prompts: list[str],
     completions: list[str],
     columns: dict[str, list] | None = None,
+    nonfinite: str = "error",
+    stats: dict[str, int] | None = None,
 ) -> list[list[float]]:
     """Process supervision: each fn returns one list of step rewards per completion; the weighted sum is
     taken step by step. All fns must give the same number of steps for a completion (they must agree on
-    where steps end). None/NaN steps are skipped as in `call_reward_fns` (NaN only if every fn abstains)."""
+    where steps end). None/NaN steps are skipped as in `call_reward_fns` (NaN only if every fn abstains);
+    non-finite steps are handled as there (`nonfinite`, `stats`)."""
     w = _weights_tensor(fns, weights).tolist()
     prompts, completions, columns = _check_inputs(prompts, completions, columns)
     B = len(completions)
@@ -328,7 +429,7 @@ def call_step_reward_fns(
                 raise RewardFunctionError(f"step reward function {reward_fn_name(fn)!r} gave {len(steps)} steps for "
                                    f"completion {j} but {reward_fn_name(fns[0])!r} gave {len(totals[j])}")
             for k, v in enumerate(steps):
-                r = _to_float(fn, v, f"completion {j} step {k}")
+                r = _to_float(fn, v, f"completion {j} step {k}", nonfinite, stats)
                 if not math.isnan(r):
                     totals[j][k] += w[fi] * r
                     counted[j][k] += 1

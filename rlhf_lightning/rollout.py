@@ -90,6 +90,22 @@ def _static_cache(model: torch.nn.Module, max_len: int):
     return StaticCache(config=config, max_cache_len=max_len)
 
 
+def _check_logits(logits: Tensor, t: int) -> None:
+    """A NonFiniteError naming the rows whose logits are NaN/+inf (or all -inf), instead of torch.multinomial's
+    "probability tensor contains either inf, nan or element < 0" or a silent argmax over NaN. One [B] reduction:
+    the row max propagates NaN and is +inf / -inf exactly when softmax would not be a distribution."""
+    row_max = logits.amax(dim=-1)  # [B]
+    bad = ~torch.isfinite(row_max)
+    if bool(bad.any()):
+        from .reliability import NonFiniteError
+
+        rows = bad.nonzero().flatten().tolist()
+        raise NonFiniteError(f"sampling stopped: the policy's logits are NaN/inf at completion token {t} (rows "
+                             f"{rows[:8]}{' ...' if len(rows) > 8 else ''}): its weights or activations are not "
+                             "finite (an overflow in low precision, or weights corrupted outside the training "
+                             "loop)")
+
+
 def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(
@@ -236,6 +252,7 @@ def sample(
             if t < min_new_tokens:
                 filtered = filtered.clone()
                 filtered[:, eos_token_id] = float("-inf")
+            _check_logits(filtered, t)
             if greedy:
                 token = filtered.argmax(dim=-1)  # [B]
             else:

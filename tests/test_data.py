@@ -14,6 +14,7 @@ import torch
 from conftest import char_ids
 
 from rlhf_lightning.data import PromptDataModule, ResumableSampler
+from rlhf_lightning.reliability import ConfigError
 
 ROWS = [
     {"prompt": "1+2=", "answer": "3", "id": 0},
@@ -325,3 +326,144 @@ def test_builtin_tasks(char_tok, task, task_kwargs):
         assert completion.endswith(batch["answer"][i])  # the last line of a chain is its answer
     if task == "chain":
         assert all("\n" in c for c in batch["completion"])  # one line per partial sum (3 terms -> 2 steps)
+
+
+# ------------------------------------------------------------------------------------- every row is checked
+def good_rows(n: int = 12) -> list[dict[str, Any]]:
+    return [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(n)]
+
+
+def with_bad_last_row(bad: dict[str, Any], n: int = 12) -> list[dict[str, Any]]:
+    """n good rows, the last replaced by `bad`: a defect that would only surface in a late batch."""
+    return good_rows(n - 1) + [bad]
+
+
+# (id, the bad last row, what the one-line message says after "<file> line 12: ")
+BAD_ROWS = [
+    ("empty_prompt", {"prompt": "", "answer": "1"}, "the prompt is empty; every prompt needs text"),
+    ("whitespace_prompt", {"prompt": "  \t", "answer": "1"}, "the prompt is empty (whitespace only)"),
+    ("missing_reward_column", {"prompt": "11+1="}, "has no value in column 'answer', which other rows fill"),
+    ("null_reward_column", {"prompt": "11+1=", "answer": None}, "has a null (None) value in column 'answer'"),
+    ("null_prompt", {"prompt": None, "answer": "1"}, "has a null (None) value in column 'prompt'"),
+    ("number_prompt", {"prompt": 12, "answer": "1"}, "prompt must be a string or a list of chat messages, got int"),
+    ("message_without_role", {"prompt": [{"content": "1+1="}], "answer": "2"},
+     "prompt message 0 is not a chat message {role: str, content: str}: {'content': '1+1='}"),
+    ("empty_messages", {"prompt": [], "answer": "2"}, "the prompt is an empty list of chat messages"),
+]
+
+
+@pytest.mark.parametrize("bad, problem", [c[1:] for c in BAD_ROWS], ids=[c[0] for c in BAD_ROWS])
+def test_a_bad_row_near_the_end_fails_at_load_with_its_line(tmp_path, bad, problem):
+    path = write(tmp_path / "d.jsonl", with_bad_last_row(bad))
+    with pytest.raises(ConfigError) as err:
+        PromptDataModule(path=str(path))  # in __init__: before any model is loaded
+    assert str(err.value).startswith(f"{path} line 12: {problem}"), str(err.value)
+
+
+def test_line_numbers_count_blank_lines_and_csv_lines(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text('{"prompt": "1+1="}\n\n\n{"prompt": " "}\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path} line 4: the prompt is empty")):
+        PromptDataModule(path=str(path))
+    csv_path = tmp_path / "d.csv"  # header line 1, then rows 2..; the empty cell is read as a null
+    csv_path.write_text("prompt,answer\n1+1=,2\n2+2=,4\n\n3+3=,\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{csv_path} line 5: has a null (None) value in column "
+                                                    f"'answer'")):
+        PromptDataModule(path=str(csv_path))
+    listed = write(tmp_path / "d.json", good_rows(3) + [{"prompt": ""}])
+    with pytest.raises(ConfigError, match=re.escape(f"{listed} record 3: has no value in column 'answer'")):
+        PromptDataModule(path=str(listed))
+
+
+def test_folders_and_val_files_are_checked_too(tmp_path, char_tok):
+    folder = write(tmp_path / "saved", with_bad_last_row({"prompt": "", "answer": "1"}))
+    dm = PromptDataModule(path=str(folder), val_fraction=0.0)  # folders are read in setup
+    with pytest.raises(ConfigError, match=re.escape(f"{folder} row 11: the prompt is empty")):
+        dm.prepare_rows(char_tok)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(good_rows(3)),
+                          "test": datasets.Dataset.from_list([{"prompt": "1+1=", "answer": "2"}, {"prompt": "\n",
+                                                                                                  "answer": "4"}])
+                          }).save_to_disk(str(tmp_path / "dd"))
+    dm = PromptDataModule(path=str(tmp_path / "dd"), val_split="test")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'dd'} (split 'test') row 1: the prompt is empty")):
+        dm.prepare_rows(char_tok)
+    val = write(tmp_path / "val.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])
+    with pytest.raises(ConfigError, match=re.escape(f"{val} line 2: has no value in column 'answer'")):
+        PromptDataModule(path=str(write(tmp_path / "t.jsonl", good_rows())), val_path=str(val))
+
+
+def test_sft_completions_are_checked(tmp_path, char_tok):
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(11)] + [{"prompt": "x", "completion": " "}]
+    path = write(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(ConfigError, match=re.escape(f"{path} line 12: the completion (column 'completion') is "
+                                                    "empty (whitespace only)")):
+        PromptDataModule(path=str(path), completion_column="completion")
+    # an assistant reply as chat messages is its text (was `str(list)`: the repr became the target)
+    chat = [{"prompt": "1+2=", "completion": [{"role": "assistant", "content": "3"}]}]
+    dm = ready(char_tok, path=str(write(tmp_path / "chat.jsonl", chat)), completion_column="completion", batch_size=1)
+    assert dm.train_rows[0]["_target_ids"] == char_ids("3") + [char_tok.eos_token_id]
+
+
+def test_a_prompt_without_tokens_is_an_error(tmp_path):
+    from rlhf_lightning.tokenizer import build_char_tokenizer
+
+    class DropsEverything:  # a tokenizer that yields no ids for some text (e.g. only characters it strips)
+        def __init__(self):
+            self.inner = build_char_tokenizer()
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [] if text == "~" else self.inner(text, **kw)["input_ids"]}
+
+    dm = PromptDataModule(path=str(write(tmp_path / "d.jsonl", good_rows(3) + [{"prompt": "~", "answer": "1"}])),
+                          val_fraction=0.0, shuffle=False)
+    with pytest.raises(ConfigError, match="line 4: the prompt '~' has no tokens"):
+        dm.prepare_rows(DropsEverything())
+
+
+def test_unknown_characters_warn_once_with_the_characters_and_the_row_count(tmp_path, char_tok):
+    rows = good_rows(10) + [{"prompt": "3\t+4=", "answer": "7"}, {"prompt": "zwölf+1=", "answer": "13"},
+                            {"prompt": "<unk> is spelled, not lost", "answer": "0"}]
+    path = write(tmp_path / "d.jsonl", rows)
+    with pytest.warns(UserWarning) as record:
+        ready(char_tok, path=str(path), shuffle=False)
+    messages = [str(w.message) for w in record if "does not know" in str(w.message)]
+    assert messages == [f"2 train row(s) contain characters the tokenizer does not know, which become '<unk>' (the "
+                        f"model cannot read or write them): '\\t', 'ö' (first: {path} line 11); use a tokenizer "
+                        f"that covers them or clean the data"]
+
+
+def test_truncation_warning_names_the_longest_prompt(tmp_path, char_tok):
+    rows = [{"prompt": "5+6="}, {"prompt": "long context: 12+34="}]
+    path = write(tmp_path / "d.jsonl", rows)
+    with pytest.warns(UserWarning, match=re.escape(f"(the longest, {path} line 2, has 20); raise "
+                                                   "data.max_prompt_length")):
+        ready(char_tok, path=str(path), max_prompt_length=6)
+
+
+def test_val_fraction_that_leaves_no_training_rows_is_refused(tmp_path, char_tok):
+    dm = PromptDataModule(path=str(write(tmp_path / "d.jsonl", good_rows(3))), val_fraction=0.9)
+    with pytest.raises(ConfigError, match=re.escape("data.val_fraction=0.9 holds out 3 of the 3 rows")):
+        dm.prepare_rows(char_tok)
+
+
+@pytest.mark.parametrize("column", ["completions", "columns", "prompt_ids"])
+def test_a_column_named_like_a_batch_key_is_refused(tmp_path, column):
+    """e.g. `completions` would collide with the reward functions' own argument, `columns` would replace the
+    reward batch's columns, `prompt_ids` the token ids."""
+    path = write(tmp_path / "d.jsonl", [{"prompt": "1+1=", column: "2"}])
+    with pytest.raises(ConfigError, match=re.escape(f"has a column named {column!r}, a name the batches and reward "
+                                                    f"functions already use")):
+        PromptDataModule(path=str(path))
+    assert PromptDataModule(path=str(path), prompt_column=column)  # as the prompt column it is not kept: no clash
+
+
+@pytest.mark.parametrize("argument", [dict(num_train=100), dict(num_val=10), dict(task_kwargs={"digits": 3})])
+def test_task_only_arguments_with_path_data_are_refused(tmp_path, argument):
+    path = str(write(tmp_path / "d.jsonl", good_rows(3)))
+    name, value = next(iter(argument.items()))
+    with pytest.raises(ValueError, match=re.escape(f"data.{name}={value!r} applies to built-in tasks (`task`) only")):
+        PromptDataModule(path=path, **argument)  # was: silently ignored, every row used
+    from rlhf_lightning.preference import PreferenceDataModule
+
+    with pytest.raises(ValueError, match=re.escape(f"data.{name}={value!r} applies to built-in tasks")):
+        PreferenceDataModule(path=path, **argument)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script, tensorboard_scalars
 
 import rlhf_lightning
 from rlhf_lightning.cli import cli_main
@@ -113,3 +114,36 @@ def test_readme_commands_run_in_order_from_a_fresh_clone():
         assert not missing, f"README: `{command}` loads {missing}, which no earlier command writes"
         if args[0] == "fit" and configs:
             produced.append(_export_dir(configs))
+
+
+# ----------------------------------------------------------------------------------- the README's subclass snippet
+def readme_python_block(containing: str) -> str:
+    """The README's ```python block that contains `containing`, verbatim."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+              if containing in b]
+    assert len(blocks) == 1, f"expected one README python block with {containing!r}, found {len(blocks)}"
+    return blocks[0]
+
+
+@pytest.mark.parametrize("cls", ["LengthGRPO", "LengthPPO"])
+def test_readme_subclass_snippet_trains_and_validates_through_its_hook(cls, tmp_path):
+    """The snippet pasted verbatim into my_pkg.py trains two rollouts from the console script, and validation
+    scores through its `compute_rewards`: val/reward is the length reward (≤ 0), not a verifier's 0/1 (the data is
+    plain prompts: no task, no reward functions, so before the fix there was no val/* at all)."""
+    (tmp_path / "my_pkg.py").write_text(readme_python_block("class LengthGRPO"))
+    rows = "".join(f'{{"prompt": "{i}+{i}="}}\n' for i in range(16))
+    (tmp_path / "prompts.jsonl").write_text(rows)
+    small = ["--model.max_new_tokens", "6", "--model.log_samples_every_n_steps", "0"]
+    small += ["--model.group_size", "2"] if cls == "LengthGRPO" else ["--model.ppo_epochs", "1"]
+    proc = run_script(["fit", "--model", f"my_pkg.{cls}", "--data", "rlhf_lightning.PromptDataModule",
+                       "--data.path", "prompts.jsonl", "--data.val_path", "prompts.jsonl", "--data.batch_size", "2",
+                       "--data.val_batch_size", "4", *small, "--trainer.max_steps", "2" if cls == "LengthGRPO"
+                       else "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                       "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
+                       "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                       "--trainer.logger.init_args.save_dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tensorboard_scalars(tmp_path)
+    assert "val/reward" in scalars, sorted(scalars)
+    assert all(-1 <= v <= -0.4 for v in scalars["val/reward"]), scalars["val/reward"]  # ≤ 6 characters
+    assert len(scalars["reward/mean"]) == 2  # two rollouts were trained

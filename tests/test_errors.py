@@ -43,6 +43,11 @@ def write_files(root: Path) -> None:
     (root / "no_prompt.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
     (root / "prompts.txt").write_text("1+1=\n")
     torch.save({"state_dict": {}, "payload": RunsCodeWhenUnpickled(str(root / "code_ran"))}, root / "unsafe.ckpt")
+    from rlhf_lightning.models import load_causal_lm
+    from rlhf_lightning.tokenizer import build_char_tokenizer
+
+    load_causal_lm("tiny", build_char_tokenizer()).save_pretrained(root / "sft_export")  # a policy, not an RM
+    build_char_tokenizer().save_pretrained(root / "sft_export")
     (root / "broken.yaml").write_text("model:\n  class_path: rlhf_lightning.GRPOModule\n  init_args: {beta: 0.1\n")
 
 
@@ -84,6 +89,21 @@ CASES = [
      "holds pickled objects that weights_only loading refuses (Trying to load unsupported GLOBAL os.makedirs"),
     ("ppo_gamma", ["--model", "rlhf_lightning.PPOModule", *TASK, "--model.gamma", "1.5"],
      "gamma must be in [0, 1], got 1.5"),
+    ("causal_lm_as_reward_model", [*TASK, "--model.reward_model", "sft_export"],
+     "reward model 'sft_export' is not a reward model: it has no trained score head"),
+    ("ppo_causal_lm_as_reward_model", ["--model", "rlhf_lightning.PPOModule", *TASK, "--model.reward_model",
+                                       "sft_export"], "reward model 'sft_export' is not a reward model"),
+    ("rm_with_prompt_data", ["--model", "rlhf_lightning.RewardModel", *TASK, "--data.completion_column", "completion"],
+     "RewardModel trains on preference pairs, but the data is a PromptDataModule"),
+    ("grpo_with_preference_data", ["--data", "rlhf_lightning.PreferenceDataModule", *TASK],
+     "GRPOModule trains on prompts, but the data is a PreferenceDataModule"),
+    ("grpo_minibatches", [*TASK, "--data.batch_size", "4", "--model.minibatches", "8"],
+     "minibatches=8 is more than the 4 groups of a rollout (data.batch_size=4 per rank)"),
+    ("accumulate_grad_batches", [*TASK, "--trainer.accumulate_grad_batches", "4"],
+     "trainer.accumulate_grad_batches=4 does not apply to GRPOModule, which optimizes manually"),
+    ("ppo_gradient_clip_val", ["--model", "rlhf_lightning.PPOModule", *TASK, "--trainer.gradient_clip_val", "1.0"],
+     "trainer.gradient_clip_val=1.0 does not apply to PPOModule, which optimizes manually (its own optimizer steps "
+     "per rollout); set model.max_grad_norm=1.0 instead"),
 ]
 
 
@@ -137,12 +157,18 @@ def test_the_real_process_prints_one_line_without_traceback(tmp_path):
                                                     "(advantages are relative within a group), got 1")
 
 
-def test_a_bug_keeps_its_traceback(in_tmp):
-    """Only configuration errors are shortened: an error raised inside a training step propagates as it is."""
-    with pytest.raises(ZeroDivisionError):
+def test_a_bug_keeps_its_traceback(in_tmp, capsys):
+    """Only configuration errors are shortened: an error raised inside a training step keeps its traceback,
+    followed by one line saying where its error.ckpt is (exit status 1)."""
+    with pytest.raises(SystemExit) as exit_:
         cli_main(["fit", "--model", "test_errors.BuggyGRPO", "--data", "rlhf_lightning.PromptDataModule",
                   *GRPO[4:], *TASK, "--model.group_size", "2", "--model.max_new_tokens", "2",
                   "--data.batch_size", "2"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "Traceback" in err and "return 1 / 0" in err
+    assert err.strip().splitlines()[-1].startswith(
+        "rlhf-lightning: error: training stopped by ZeroDivisionError: division by zero (checkpoint saved to ")
 
 
 from rlhf_lightning import GRPOModule  # noqa: E402
@@ -151,3 +177,42 @@ from rlhf_lightning import GRPOModule  # noqa: E402
 class BuggyGRPO(GRPOModule):
     def compute_rewards(self, prompts, completions, batch):
         return 1 / 0
+
+
+# ------------------------------------------------------------------------------- bad rows, through the script
+SCRIPT = Path(sys.executable).parent / "rlhf-lightning"  # the console script users run
+RM = ["--model", "rlhf_lightning.RewardModel", "--data", "rlhf_lightning.PreferenceDataModule", *GRPO[4:]]
+SFT = ["--model", "rlhf_lightning.SFTModule", *GRPO[2:], "--data.completion_column", "completion"]
+
+
+def rows_then(bad: str, good: str, n: int = 40) -> str:
+    """n - 1 good jsonl lines then one bad one: the bad row is in the last batch of an epoch."""
+    return "".join(good.format(i=i) + "\n" for i in range(n - 1)) + bad + "\n"
+
+
+# (id, file name, file text, extra CLI arguments, the one line after "rlhf-lightning: error: ")
+SCRIPT_CASES = [
+    ("grpo_empty_prompt", "d.jsonl", rows_then('{"prompt": "", "answer": "1"}', '{{"prompt": "{i}+1=", "answer": '
+                                               '"{i}"}}'), GRPO, "d.jsonl line 40: the prompt is empty; every "
+     "prompt needs text"),
+    ("grpo_empty_reward_cell", "d.csv", "prompt,answer\n" + "".join(f"{i}+1=,{i + 1}\n" for i in range(39)) +
+     "39+1=,\n", GRPO, "d.csv line 41: has a null (None) value in column 'answer', which other rows fill (e.g. "
+     "d.csv line 2); reward functions read columns by name: fill it in or drop the column"),
+    ("sft_empty_completion", "s.jsonl", rows_then('{"prompt": "1+1=", "completion": ""}', '{{"prompt": "{i}+1=", '
+                                                  '"completion": "{i}"}}'), SFT, "s.jsonl line 40: the completion "
+     "(column 'completion') is empty"),
+    ("rm_equal_pair", "p.jsonl", rows_then('{"prompt": "1+1=", "chosen": "2", "rejected": "2"}', '{{"prompt": '
+                                           '"{i}+1=", "chosen": "{i}", "rejected": "x"}}'), RM, "p.jsonl line 40: "
+     "chosen and rejected are the same text ('2'): the pair teaches nothing"),
+]
+
+
+@pytest.mark.slow  # four process starts
+@pytest.mark.parametrize("name, text, args, expected", [c[1:] for c in SCRIPT_CASES], ids=[c[0] for c in SCRIPT_CASES])
+def test_a_bad_row_stops_the_script_before_training_with_its_line(tmp_path, name, text, args, expected):
+    (tmp_path / name).write_text(text)
+    proc = subprocess.run([str(SCRIPT), "fit", *args, "--data.path", name, "--model.model_name_or_path", "tiny"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"rlhf-lightning: error: {expected}"

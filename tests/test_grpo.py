@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
+from conftest import run_script, tensorboard_scalars
 
 from rlhf_lightning import GRPOModule, PromptDataModule
 from rlhf_lightning.cli import cli_main
@@ -382,3 +386,81 @@ def test_trl_conversational_reward_function_trains_and_validates_on_chat_prompts
         assert all(p[-1]["role"] == "user" and p[-1]["content"].endswith("=") for p in prompts)
         assert all(c == [{"role": "assistant", "content": c[0]["content"]}] for c in completions)
     assert "val/reward" in trainer.callback_metrics
+
+
+# ------------------------------------------------------------------------------------------ lr schedule horizon
+@pytest.mark.parametrize("max_epochs, max_steps, num_iterations, rollouts", [
+    (2, 100, 1, 4),  # the epochs end the run first: 2 epochs x 2 batches (was: a 100-step horizon, lr undecayed)
+    (10, 3, 1, 3),  # max_steps ends it first
+    (10, 5, 2, 3),  # 2 optimizer steps a rollout: the fit loop stops after the rollout that passes step 5
+])
+def test_lr_reaches_its_floor_when_the_run_ends(tmp_path, max_epochs, max_steps, num_iterations, rollouts):
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=2, max_new_tokens=2, beta=0.0, lr=1e-3,
+                   lr_schedule="cosine", min_lr_ratio=0.1, num_iterations=num_iterations, log_samples_every_n_steps=0)
+    trainer = _trainer(tmp_path, max_steps, max_epochs=max_epochs)
+    trainer.fit(m, PromptDataModule(task="addition", num_train=8, num_val=0, batch_size=4))
+    assert m.rollouts == rollouts
+    assert m.schedule_horizon() == m.optimizer_steps == rollouts * num_iterations
+    assert m.optimizers().param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)  # the floor, reached at the last step
+
+
+def test_minibatches_that_do_not_divide_the_groups_take_as_many_steps_as_asked(tmp_path):
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=2, max_new_tokens=2, beta=0.0, minibatches=3,
+                   log_samples_every_n_steps=0)
+    _trainer(tmp_path, 3).fit(m, _data(batch_size=4))  # 4 groups in 3 minibatches (2+1+1): 3 steps, not chunk()'s 2
+    assert (m.rollouts, m.optimizer_steps) == (1, 3)
+
+
+def test_more_minibatches_than_groups_is_refused_before_the_first_step(tmp_path):
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=2, max_new_tokens=2, minibatches=5)
+    with pytest.raises(ValueError, match=r"minibatches=5 is more than the 4 groups of a rollout \(data.batch_size=4 "
+                                         r"per rank\); raise data.batch_size or lower minibatches"):
+        _trainer(tmp_path, 1).fit(m, _data(batch_size=4))
+    assert m.rollouts == 0
+
+
+def test_warmup_longer_than_the_run_warns(tmp_path):
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=2, max_new_tokens=2, beta=0.0,
+                   warmup_steps=10, log_samples_every_n_steps=0)
+    with pytest.warns(UserWarning, match=r"warmup_steps=10 is not below the 2 optimizer steps this run takes"):
+        _trainer(tmp_path, 2).fit(m, _data(batch_size=4))
+
+
+@pytest.mark.parametrize("flag, message", [
+    (dict(accumulate_grad_batches=2), "trainer.accumulate_grad_batches=2 does not apply to GRPOModule, which optimizes "
+     "manually (its own optimizer steps per rollout); set model.micro_batch_size instead"),
+    (dict(gradient_clip_val=0.5), "trainer.gradient_clip_val=0.5 does not apply to GRPOModule, which optimizes "
+     "manually (its own optimizer steps per rollout); set model.max_grad_norm=0.5 instead"),
+    (dict(gradient_clip_algorithm="value"), "trainer.gradient_clip_algorithm='value' does not apply to GRPOModule"),
+])
+def test_trainer_flags_manual_optimization_cannot_honour_are_refused(tmp_path, flag, message):
+    m = GRPOModule("tiny", reward_fns=[first_char_is_digit], group_size=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _trainer(tmp_path, 1, **flag).fit(m, _data())
+    assert m.rollouts == 0
+    m.trainer = None  # detaching, and validating with the same trainer flags, are fine
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+              default_root_dir=tmp_path, **flag).validate(m, PromptDataModule(task="addition", num_train=8, num_val=4,
+                                                                              batch_size=4))
+
+
+
+def test_normalize_reward_model_without_a_reward_model_is_refused():
+    with pytest.raises(ValueError, match="normalize_reward_model applies to model.reward_model, which is not set"):
+        GRPOModule("tiny", normalize_reward_model=True)  # was: silently ignored
+def test_shipped_process_config_validates_with_outcome_accuracy_and_step_reward(tmp_path):
+    """configs/grpo_process.yaml as shipped, shrunk, from the console script: its validations (sanity check, then
+    after each of the two rollouts) score the step rewards through compute_rewards (`val/reward` = mean step
+    reward) and the task's outcome verifier (`val/accuracy`). It used to stop in the sanity check:
+    "reward function 'chain_step_rewards' returned a non-number [0.0] at row 0"."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "grpo_process.yaml"
+    proc = run_script(["fit", "--config", str(config), "--trainer.max_steps", "2", "--trainer.val_check_interval",
+                       "1", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
+                       "--data.init_args.batch_size", "2", "--data.init_args.val_batch_size", "4",
+                       "--model.init_args.group_size", "2", "--model.init_args.max_new_tokens", "8",
+                       "--model.init_args.val_max_new_tokens", "8", "--trainer.enable_checkpointing", "false",
+                       "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = tensorboard_scalars(tmp_path)
+    assert len(scalars.get("val/reward", [])) == 2 and len(scalars.get("val/accuracy", [])) == 2, sorted(scalars)
+    assert all(0 <= v <= 1 for v in scalars["val/reward"] + scalars["val/accuracy"])

@@ -153,3 +153,28 @@ def test_sequence_classifier_preset(char_tok):
     assert rm.config.pad_token_id == 0 and rm.config.vocab_size == 99
     # seeded: the same seed gives the same head
     assert torch.equal(rm.score.weight, load_sequence_classifier("tiny", char_tok, seed=0).score.weight)
+
+
+def test_a_causal_lm_folder_is_not_a_reward_model(tiny_export, char_tok, tmp_path):
+    """Used as a reward, a folder without a trained score head would score at random: refused, in every place that
+    takes a reward model (the loader, GRPO's scorer, PPO's reward model, the iterative callback's scorer)."""
+    from rlhf_lightning import GRPOModule, PPOModule
+    from rlhf_lightning.modules.reward_model import RewardModelScorer
+
+    expected = (f"reward model {str(tiny_export)!r} is not a reward model: it has no trained score head (score.weight "
+                f"missing, so it would score at random; a causal-LM folder such as an SFT export?); train one with "
+                f"RewardModel and pass its hf_model export")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_sequence_classifier(str(tiny_export), char_tok, require_trained_head=True)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        RewardModelScorer(str(tiny_export))  # GRPOModule(reward_model=...) and the iterative callback use it
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        GRPOModule("tiny", reward_model=str(tiny_export))
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        PPOModule("tiny", reward_model=str(tiny_export))
+    # a sequence classifier with its head passes, and a causal LM is still a fine start for RewardModel training
+    rm_dir = tmp_path / "rm"
+    load_sequence_classifier("tiny", char_tok).save_pretrained(rm_dir)
+    char_tok.save_pretrained(rm_dir)
+    assert RewardModelScorer(str(rm_dir))(["1+1="], ["2"])
+    assert load_sequence_classifier(str(tiny_export), char_tok).score.weight.shape[0] == 1

@@ -555,3 +555,18 @@ def test_whiten_rewards_scales_the_token_rewards_to_unit_std_keeping_the_mean(tm
     if whiten:  # unit std and the same mean over the real tokens
         got = rewards[mask.bool()]
         assert got.std().item() == pytest.approx(1.0, abs=1e-4) and got.mean().item() == pytest.approx(mean, abs=1e-5)
+
+
+@pytest.mark.parametrize("max_epochs, max_steps, rollouts", [
+    (2, 1000, 4),  # the epochs end the run first: 2 epochs x 2 batches
+    (10, 2 * 3 * 2, 3),  # max_steps (both optimizers' steps) ends it first: 3 rollouts of 2 updates each
+])
+def test_lr_reaches_its_floor_when_the_run_ends(tmp_path, max_epochs, max_steps, rollouts):
+    m = PPOModule("tiny", reward_fns=[digit_fraction], lr=1e-3, critic_lr=2e-3, lr_schedule="cosine",
+                  min_lr_ratio=0.1, ppo_epochs=2, minibatches=1, max_new_tokens=2, log_samples_every_n_steps=0)
+    trainer = make_trainer(tmp_path, max_steps=max_steps, max_epochs=max_epochs)
+    trainer.fit(m, make_data(batch_size=4, num_train=8))
+    assert m.rollouts == rollouts and m.schedule_horizon() == m.optimizer_steps == 2 * rollouts
+    actor, critic = m.optimizers()
+    assert actor.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)
+    assert critic.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.1)

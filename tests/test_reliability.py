@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +301,142 @@ def test_cpu_allocator_bad_setting_is_one_line(monkeypatch):
     monkeypatch.setenv("RLHF_LIGHTNING_CPU_ALLOCATOR", "jemalloc")
     with pytest.raises(ValueError, match="RLHF_LIGHTNING_CPU_ALLOCATOR must be 'cache'.*got 'jemalloc'"):
         allocator_setting()
+
+
+# --------------------------------------------------------------------------- checkpoints that survive late failures
+from test_resume import GRPO, TINY_RUN, script  # noqa: E402 - the console-script runner of the resume tests
+
+
+def test_the_cli_writes_last_ckpt_every_50_batches_and_at_the_end_of_fit(tmp_path, monkeypatch):
+    """Checkpoints were written at epoch ends only (none at all when max_steps stops a run mid-epoch before
+    validation): the CLI's default is a LastCheckpoint every 50 batches and at the end of fit."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["rlhf-lightning"])
+    cli = cli_main(["--model", "rlhf_lightning.GRPOModule", "--data", "rlhf_lightning.PromptDataModule",
+                    "--data.task", "addition", "--trainer.logger", "false"], run=False)
+    assert [cb.every_n_batches for cb in cli.trainer.checkpoint_callbacks] == [50]
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--trainer.max_steps", "3")  # 4 batches per epoch: ends mid-epoch
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+class FailsAtThirdRollout(GRPOModule):
+    """A module with a bug that shows at the third rollout (not a reward function: any failure counts)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.rollouts == 2:
+            raise RuntimeError("something broke in rollout 3")
+        return super().training_step(batch, batch_idx)
+
+
+def test_any_failure_once_training_runs_leaves_error_ckpt_and_the_periodic_last_ckpt(tmp_path):
+    """error.ckpt was written for RewardFunctionError only; now for any exception, the CLI naming it last, and
+    the periodic last.ckpt (every_n_batches configured to 2) is there too."""
+    done = script(tmp_path, "--model", "test_reliability.FailsAtThirdRollout", *GRPO[2:], *TINY_RUN,
+                  "--trainer.max_steps", "8", "--trainer.callbacks+=rlhf_lightning.reliability.LastCheckpoint",
+                  "--trainer.callbacks.every_n_batches", "2")
+    assert done.returncode == 1, done.stderr[-3000:]
+    ckpt = Path("checkpoints") / "error.ckpt"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"rlhf-lightning: error: training stopped by RuntimeError: something broke in rollout 3 (checkpoint saved "
+        f"to {ckpt})")
+    assert torch.load(tmp_path / ckpt, weights_only=True)["global_step"] == 2
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+class FullDiskIO(AtomicCheckpointIO):
+    """A checkpoint IO on a full disk: every save fails as a real one would (ENOSPC)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_a_full_disk_at_the_final_save_still_exports_hf_model_and_exits_1(tmp_path):
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--trainer.max_steps", "2",
+                  "--trainer.plugins", "test_reliability.FullDiskIO")
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf-lightning:")]
+    last = os.path.join(".", "checkpoints", "last.ckpt")  # under --trainer.default_root_dir .
+    assert errors == [f"rlhf-lightning: error: training finished but the final checkpoint {last} could not be "
+                      f"written: [Errno 28] No space left on device: '{last}'; the model was exported to hf_model"]
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------ signals at each phase
+class SignalAt(L.Callback):
+    """Sends this process SIGTERM from inside one hook, as a scheduler would at that moment."""
+
+    def __init__(self, hook: str):
+        self.hook = hook
+        setattr(self, hook, self._send)
+
+    def _send(self, trainer, *args, **kwargs):
+        if self.hook != "on_validation_batch_start" or not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _signalled_fit(tmp_path, hook: str):
+    module = GRPOModule("tiny", reward_fns=[constant], group_size=2, beta=0.0, max_new_tokens=2)
+    data = PromptDataModule(task="addition", num_train=16, num_val=4, batch_size=4)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, val_check_interval=2, check_val_every_n_epoch=None,
+                        limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=False,
+                        callbacks=[GracefulShutdown(), SignalAt(hook)])
+    with pytest.raises(SystemExit) as exit_:
+        trainer.fit(module, data)
+    return exit_.value.code, module
+
+
+def test_sigterm_during_validation_saves_the_last_step_and_exits_143(tmp_path):
+    """Validation after step 2 is dropped at once; last.ckpt holds step 2 (it used to wait for the end)."""
+    code, module = _signalled_fit(tmp_path, "on_validation_batch_start")
+    assert code == 143
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (ckpt["global_step"], ckpt["rlhf_counters"]["rollouts"]) == (2, 2)
+
+
+def test_sigterm_during_the_final_export_lets_it_finish_then_exits_143(tmp_path):
+    """The run's last work completes (hf_model/ is whole), but the exit status says a signal stopped it."""
+    code, module = _signalled_fit(tmp_path, "on_train_end")
+    assert code == 143
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_final_save_under_ddp_exports_and_every_rank_exits_1(tmp_path):
+    """Under DDP only rank 0 writes, so only rank 0 fails while rank 1 waits in the save's closing barrier: the
+    failing rank joins it, the ranks agree the save failed, the export still runs, and nothing hangs."""
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--trainer.max_steps", "2", "--trainer.strategy", "ddp",
+                  "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                  "--trainer.plugins", "test_reliability.FullDiskIO")
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf-lightning:")]
+    last = os.path.join(".", "checkpoints", "last.ckpt")
+    assert errors == [f"rlhf-lightning: error: training finished but the final checkpoint {last} could not be "
+                      f"written: [Errno 28] No space left on device: '{last}'; the model was exported to hf_model"]
+    assert (tmp_path / "hf_model" / "model.safetensors").exists()
+
+
+class Unhandled(Exception):
+    pass
+
+
+def test_sigterm_during_setup_exits_143_and_saves_nothing(tmp_path):
+    """The handlers used to be installed when training started: a signal in setup met whatever handler the
+    process had (here one raising `Unhandled`; by default the process died without a word)."""
+    def outside_fit(signum, frame):
+        raise Unhandled
+
+    before = signal.signal(signal.SIGTERM, outside_fit)
+    try:
+        code, module = _signalled_fit(tmp_path, "setup")
+        assert signal.getsignal(signal.SIGTERM) is outside_fit  # put back after fit
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143
+    assert not (tmp_path / "checkpoints").exists() and module.rollouts == 0

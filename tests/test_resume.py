@@ -63,18 +63,30 @@ trainer:
 """
 
 
+CALLS = {"n": 0}
+
+
 def slow_first_digit(prompts, completions, **kwargs):
     """1.0 when the completion starts with a digit (a random tiny policy: ~10%), after a short sleep, plus noise
-    from the global torch / python / numpy RNGs (so their states must be resumed too)."""
+    from the global torch / python / numpy RNGs (so their states must be resumed too).
+
+    With RLHF_TEST_STALL=<file>, from the RLHF_TEST_STALL_AT-th call on (default 1) it touches <file> and
+    sleeps a minute first: a deliberately slow step (reward model, judge, sandbox) to signal in the middle of."""
+    CALLS["n"] += 1
+    stall = os.environ.get("RLHF_TEST_STALL")
+    if stall and CALLS["n"] >= int(os.environ.get("RLHF_TEST_STALL_AT", "1")):
+        Path(stall).touch()
+        time.sleep(60)
     time.sleep(0.1)
     return [float(c[:1].isdigit()) + 0.1 * (float(torch.rand(())) + random.random() + float(np.random.rand()))
             for c in completions]
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def start(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(CONFIG.format(max_steps=MAX_STEPS))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1",
+           **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "rlhf_lightning", "fit", "--config", "config.yaml",
                              "--trainer.default_root_dir", ".", *extra], cwd=run_dir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -162,3 +174,120 @@ def test_signal_saves_last_ckpt_at_a_step_boundary_and_resume_is_exact(tmp_path,
     resume(tmp_path)
     diff = max_abs_diff(final_weights(tmp_path), straight)
     assert diff <= 1e-6, diff
+
+
+# ------------------------------------------------------------------------------ resuming with other settings
+SCRIPT = Path(sys.executable).parent / "rlhf-lightning"
+TINY_RUN = ["--data", "rlhf_lightning.PromptDataModule", "--data.task", "addition", "--data.num_train", "16",
+            "--data.num_val", "0", "--data.batch_size", "4", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "."]
+GRPO = ["--model", "rlhf_lightning.GRPOModule", "--model.group_size", "4", "--model.max_new_tokens", "2"]
+
+
+def script(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(SCRIPT), "fit", *args], cwd=run_dir, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def grpo_checkpoint(tmp_path_factory) -> Path:
+    """A 2-step GRPO run (group_size 4, tiny, batch_size 4) through the console script; its checkpoint."""
+    run_dir = tmp_path_factory.mktemp("grpo_ckpt")
+    done = script(run_dir, *GRPO, *TINY_RUN, "--trainer.max_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    return ckpt
+
+
+@pytest.mark.parametrize("changed, listed", [
+    (["--model.group_size", "8"], "model.group_size: 4 (checkpoint) vs 8 (given)"),
+    (["--model.model_name_or_path", "small", "--data.batch_size", "8"],
+     "model.model_name_or_path: tiny (checkpoint) vs small (given); data.batch_size: 4 (checkpoint) vs 8 (given)"),
+    (["--model", "rlhf_lightning.PPOModule"], "model: rlhf_lightning.GRPOModule (checkpoint) vs "
+                                              "rlhf_lightning.PPOModule (given)"),
+], ids=["group_size", "preset_and_batch_size", "module_class"])
+def test_resuming_with_other_settings_is_refused_with_one_line_listing_them(tmp_path, grpo_checkpoint, changed,
+                                                                              listed):
+    """LightningCLI let the checkpoint's hyperparameters silently replace the command line's (a PPO checkpoint
+    resumed as PPO under --model GRPOModule); now each differing setting is named, before anything runs."""
+    done = script(tmp_path, *GRPO, *TINY_RUN, *changed, "--trainer.max_steps", "4", "--ckpt_path",
+                  str(grpo_checkpoint))
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlhf-lightning: error: --ckpt_path "), done.stderr[-3000:]
+    assert f"other settings than the ones given: {listed}." in lines[0]
+    assert not (tmp_path / "hf_model").exists()
+
+
+def test_settings_left_out_on_resume_come_from_the_checkpoint(tmp_path, grpo_checkpoint):
+    """Only the module class and a longer max_steps given: group_size 4, max_new_tokens 2 and batch_size 4 are
+    the checkpoint's (the defaults are 8, 32 and 8), and the run continues from step 2 to 3."""
+    done = script(tmp_path, "--model", "rlhf_lightning.GRPOModule", "--data", "rlhf_lightning.PromptDataModule",
+                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", ".", "--trainer.max_steps", "3", "--ckpt_path", str(grpo_checkpoint))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert (ckpt["hyper_parameters"]["group_size"], ckpt["hyper_parameters"]["max_new_tokens"]) == (4, 2)
+    assert ckpt["datamodule_hyper_parameters"]["batch_size"] == 4
+
+
+# --------------------------------------------------------------------------------- signals at any phase
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_middle_of_a_slow_step_saves_within_seconds_and_resumes_exactly(tmp_path, straight):
+    """The third rollout's reward call stalls for a minute; SIGTERM then used to wait for the step to end (~35 s
+    in the reported case, past a scheduler's grace period). Now the step is dropped at once and last.ckpt holds
+    the state after rollout 2 (step 4), from which the resume ends with the uninterrupted run's weights."""
+    stalled = tmp_path / "stalled"
+    proc = start(tmp_path, env={"RLHF_TEST_STALL": str(stalled), "RLHF_TEST_STALL_AT": "3"})
+    wait_for(stalled, proc)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.stat().st_mtime - signalled < 5, "last.ckpt was not written within 5 s of the signal"
+    assert f"SIGTERM: saved {last} at step 4 (dropped the unfinished work of training)" in out
+    ckpt = torch.load(last, weights_only=True)
+    assert (ckpt["global_step"], ckpt["rlhf_counters"]["rollouts"]) == (4, 2)
+    resume(tmp_path)
+    diff = max_abs_diff(final_weights(tmp_path), straight)
+    assert diff <= 1e-6, diff
+
+
+SANITY = ["--data.init_args.num_val", "8", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps",
+          "1"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_sanity_check_exits_143_saying_nothing_was_saved(tmp_path):
+    """It exited 0 with nothing saved (Lightning's own SIGTERM flag ends the sanity check "successfully"), so a
+    scheduler recorded a success and did not requeue."""
+    stalled = tmp_path / "stalled"
+    proc = start(tmp_path, *SANITY, env={"RLHF_TEST_STALL": str(stalled)})
+    wait_for(stalled, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert ("SIGTERM during the sanity check: nothing saved (no training step completed in this run); exiting "
+            "with status 143") in out
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "hf_model").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path, grpo_checkpoint):
+    """A checkpoint cut short (a copy interrupted, a full disk outside AtomicCheckpointIO) was a traceback."""
+    (tmp_path / "cut.ckpt").write_bytes(grpo_checkpoint.read_bytes()[:4096])
+    done = script(tmp_path, *GRPO, *TINY_RUN, "--ckpt_path", "cut.ckpt")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "rlhf-lightning: error: checkpoint 'cut.ckpt' could not be read: PytorchStreamReader failed reading zip "
+        "archive: failed finding central directory (a truncated or partly copied file?)"]

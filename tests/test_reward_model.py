@@ -162,6 +162,38 @@ def test_datamodule_csv_and_chat_messages(tmp_path):
     assert dm.train_rows[0]["_chosen_ids"] == reward_input_ids(tok, "user: 1+1=\nassistant: ", "2")
 
 
+PAIR_DEFECTS = [
+    ("equal", {"prompt": "1+1=", "chosen": "2", "rejected": "2"},
+     "chosen and rejected are the same text ('2'): the pair teaches nothing"),
+    ("empty_chosen", {"prompt": "1+1=", "chosen": "", "rejected": "3"}, "chosen (column 'chosen') is empty"),
+    ("missing_rejected", {"prompt": "1+1=", "chosen": "2"}, "has no value in column 'rejected'"),
+    ("user_reply", {"prompt": "1+1=", "chosen": [{"role": "user", "content": "2"}], "rejected": "3"},
+     "chosen (column 'chosen') messages must be assistant replies only"),
+    ("margin_text", {"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": "big"},
+     "margin column 'margin' must be a finite number, got 'big'"),
+    ("margin_nan", {"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": float("nan")},
+     "has a null (nan) value in column 'margin'"),
+]
+
+
+@pytest.mark.parametrize("bad, problem", [c[1:] for c in PAIR_DEFECTS], ids=[c[0] for c in PAIR_DEFECTS])
+def test_a_bad_pair_near_the_end_fails_at_load_with_its_line(tmp_path, bad, problem):
+    from rlhf_lightning.reliability import ConfigError
+
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2), "margin": 1.0} for i in range(9)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows + [{"margin": 1.0, **bad}])
+    with pytest.raises(ConfigError) as err:
+        PreferenceDataModule(path=str(path), margin_column="margin", val_fraction=0.0)
+    assert str(err.value).startswith(f"{path} line 10: {problem}"), str(err.value)
+
+
+def test_an_empty_preference_prompt_is_allowed(tmp_path):
+    rows = [{"prompt": "", "chosen": "good", "rejected": "bad"}] * 2  # the pair compares the bare responses
+    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), val_fraction=0.0, batch_size=2)
+    dm.prepare_rows(build_char_tokenizer())
+    assert dm.train_rows[0]["_chosen_ids"] == reward_input_ids(build_char_tokenizer(), "", "good")
+
+
 def test_datamodule_missing_column_and_bad_arguments(tmp_path):
     rows = [{"prompt": "1+1=", "chosen": "2", "loser": "3"}] * 2
     # a local file is checked when the data module is built, before any model is loaded

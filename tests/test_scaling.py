@@ -95,7 +95,7 @@ def test_fsdp2_run_resumes_from_its_distributed_checkpoint(tmp_path):
                                                       "--trainer.max_steps", "8", "--ckpt_path", str(ckpt)])
     (last,) = (resumed / "checkpoints").glob("*.ckpt")
     meta = torch.load(last / "meta.pt", weights_only=False)
-    assert meta["rlhf_counters"] == {"optimizer_steps": 8, "rollouts": 4}  # 2 more rollouts on top of the first 2
+    assert meta["rlhf_counters"] == {"optimizer_steps": 8, "rollouts": 4, "skipped_steps": 0}  # 2 more on top of 2
     a, b = load_weights(first / "hf_model"), load_weights(resumed / "hf_model")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 

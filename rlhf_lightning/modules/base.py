@@ -18,12 +18,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .. import parallel
 from ..cpu_allocator import keep_freed_memory
 from ..models import load_causal_lm, model_source, save_export
-from ..reliability import collect_rng_states, restore_rng_states
+from ..reliability import NonFiniteGuard, check_finite_model, collect_rng_states, restore_rng_states
 from ..tokenizer import load_tokenizer
 
 
@@ -51,6 +51,11 @@ class PolicyModuleBase(L.LightningModule):
         rollout_engine: who computes the logits while sampling (`rollout.sample`'s `engine`): `auto` (the lean
             `fast_decode` engine where the policy is a plain HF Llama/Qwen2/Mistral, else the model's own
             forward), `hf` (always the model's forward) or `fast` (fail with the reason if it cannot apply).
+        nonfinite_rewards: a reward that is ±inf or overflows float32 (1e300): `error` (default: the run stops with
+            one line naming the reward function, row and value, after writing error.ckpt) or `missing` (it counts
+            as "no reward", like None, and is counted in `reward/nonfinite_count`).
+        max_nonfinite_steps: optimizer steps with a NaN/inf loss or gradient are skipped (the weights stay as
+            they were; counted in `policy/skipped_steps`); this many in a row stop the run with a message.
     """
 
     def __init__(
@@ -74,6 +79,8 @@ class PolicyModuleBase(L.LightningModule):
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
         rollout_engine: str = "auto",
+        nonfinite_rewards: str = "error",
+        max_nonfinite_steps: int = 3,
     ):
         # subclasses call save_hyperparameters() before this (to validate first); LightningModule.__init__ resets
         # the flag it set, and without it Lightning never writes the hyperparameters to the logger (HParams tab)
@@ -90,16 +97,18 @@ class PolicyModuleBase(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if val_max_new_tokens < 1:
             raise ValueError(f"val_max_new_tokens must be >= 1, got {val_max_new_tokens}")
-        from ..rewards import resolve_reward_fn
+        from ..rewards import NONFINITE_MODES, check_reward_weights, resolve_reward_fn
 
+        if nonfinite_rewards not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite_rewards must be {'|'.join(NONFINITE_MODES)}, got {nonfinite_rewards!r}")
+        self.nonfinite_rewards = nonfinite_rewards
+        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
+        self._reward_stats: dict[str, int] = {}  # the last scoring's counts (non-finite rewards made missing)
         self.reward_funcs: list[Callable] = [resolve_reward_fn(f) for f in (reward_fns or [])]
         if reward_fns and "reward_fns" in self.hparams:
             # checkpoints store import paths, not function objects (weights_only loading refuses pickled code)
             self.hparams["reward_fns"] = [f if isinstance(f, str) else _import_path(f) for f in reward_fns]
-        if reward_weights is not None and len(reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(reward_weights)} entries but there are "
-                             f"{len(self.reward_funcs)} reward_fns")
-        self.reward_weights = list(reward_weights) if reward_weights is not None else None
+        self.reward_weights = check_reward_weights(reward_weights, len(self.reward_funcs))
         model_source(model_name_or_path)  # a missing model path is named as such, not as the tokenizer's
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                         trust_remote_code=trust_remote_code)
@@ -124,16 +133,70 @@ class PolicyModuleBase(L.LightningModule):
         self.sample_generator: torch.Generator | None = None  # RL modules' sampling RNG, see _generator
         self._sample_generator_state: torch.Tensor | None = None
 
+    # ------------------------------------------------------------------------------------------ trainer
+    @property
+    def trainer(self) -> L.Trainer:
+        return L.LightningModule.trainer.fget(self)
+
+    @trainer.setter
+    def trainer(self, trainer: L.Trainer | None) -> None:
+        # Lightning attaches the trainer at the start of fit, before it checks its own configuration: the one
+        # place where a Trainer flag this module cannot honour is refused with the module's own setting named
+        if trainer is not None and not self.automatic_optimization:
+            check_manual_optimization_flags(self, trainer)
+        L.LightningModule.trainer.fset(self, trainer)
+
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
+        from ..preference import PreferenceDataModule
+
+        if isinstance(getattr(self.trainer, "datamodule", None), PreferenceDataModule):
+            raise ValueError(f"{type(self).__name__} trains on prompts, but the data is a PreferenceDataModule (pairs "
+                             "for RewardModel); use data: rlhf_lightning.PromptDataModule")
         parallel.check_strategy(self, self.trainer.strategy)
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: reuse activation memory step to step
+        batch_size = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "batch_size", None)
+        if stage == "fit" and "minibatches" in self.hparams and isinstance(batch_size, int):
+            self.check_minibatches(batch_size)  # the data's batch size is known: refuse before the first step
         if not self.reward_funcs:
-            task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
+            task = self.data_task()
             if task is not None:
                 self.reward_funcs = list(self.default_reward_fns(task))
                 if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
                     self.reward_weights = None
+        self._check_reward_signatures()
+
+    def _check_reward_signatures(self) -> None:
+        """Before the first step: each reward function accepts the columns the data will pass (one collated row
+        shows which), else a config error telling the user to add `**kwargs`."""
+        from ..reliability import ConfigError, RewardFunctionError
+        from ..rewards import check_signature
+
+        datamodule = getattr(self._trainer, "datamodule", None)
+        rows = getattr(datamodule, "train_rows", None)
+        if not self.reward_funcs or not rows or not callable(getattr(datamodule, "collate", None)):
+            return
+        columns = list(self.reward_columns(datamodule.collate(rows[:1])))
+        for fn in self.reward_funcs:
+            try:
+                check_signature(fn, columns)
+            except RewardFunctionError as err:
+                raise ConfigError(str(err)) from err
+
+    def data_task(self):
+        """The datamodule's built-in task (its verifiers), or None."""
+        return getattr(getattr(self._trainer, "datamodule", None), "task", None)
+
+    minibatch_unit = "completions"  # what a rollout's minibatches split (GRPO: whole groups)
+
+    def check_minibatches(self, units: int) -> None:
+        """Refuse `minibatches` larger than the `units` of a rollout (one per prompt of data.batch_size): some
+        minibatch would be empty and the run would quietly take fewer optimizer steps than configured. (Fewer
+        that do not divide evenly are fine: the minibatches then differ in size by at most one unit.)"""
+        mb = self.hparams.minibatches
+        if units < mb:
+            raise ValueError(f"minibatches={mb} is more than the {units} {self.minibatch_unit} of a rollout "
+                             f"(data.batch_size={units} per rank); raise data.batch_size or lower minibatches")
 
     def default_reward_fns(self, task) -> Sequence[Callable]:
         """Reward functions used when none are configured and the data is a built-in task."""
@@ -146,11 +209,50 @@ class PolicyModuleBase(L.LightningModule):
         return {k: [v for v in vals for _ in range(repeat)] for k, vals in batch.items()
                 if k not in skip and isinstance(vals, list)}
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]):
-        """(total [B], per-function [F, B]) rewards; NaN marks 'no reward'."""
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], fns=None):
+        """(total [B], per-function [F, B]) rewards of `fns` (default: the reward functions); NaN = 'no reward'."""
         from ..rewards import call_reward_fns
 
-        return call_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions, columns)
+        fns = self.reward_funcs if fns is None else fns
+        weights = self.reward_weights if fns is self.reward_funcs else None
+        return call_reward_fns(fns, weights, prompts, completions, columns, self.nonfinite_rewards,
+                               self._reward_stats)
+
+    def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
+        """Outcome rewards [N] (NaN = no reward) of the weighted reward functions; `batch["columns"]` holds the
+        dataset columns aligned with completions. The hook training and validation both score through."""
+        total, per_fn = self.score(prompts, completions, batch["columns"])
+        self._per_fn_rewards = per_fn
+        return total
+
+    def score_rollout(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
+        """`compute_rewards` (a subclass's own included), with ±inf / float32-overflowing values stopped or made
+        missing as `nonfinite_rewards` says. The one scoring path of training and validation."""
+        from ..rewards import check_finite_rewards
+
+        self._reward_stats = {}
+        self._per_fn_rewards = None
+        rewards = self.compute_rewards(prompts, completions, batch)
+        if isinstance(rewards, torch.Tensor):  # a subclass may build it on the CPU
+            rewards = rewards.to(self.device)
+        return check_finite_rewards(rewards, f"{type(self).__name__}.compute_rewards", self.nonfinite_rewards,
+                                    self._reward_stats)
+
+    def has_reward(self) -> bool:
+        """Whether validation can score: reward functions, or a `compute_rewards` of the user's own."""
+        owner = next(c for c in type(self).__mro__ if "compute_rewards" in c.__dict__)
+        return bool(self.reward_funcs) or not owner.__module__.startswith("rlhf_lightning.")
+
+    def outcome_rewards(self, rewards) -> torch.Tensor:
+        """One reward per completion [N]: the rewards themselves, or (process supervision: step lists) each
+        completion's mean step reward over the steps that got one (NaN when none did)."""
+        if isinstance(rewards, torch.Tensor):
+            return rewards.float().to(self.device)
+        vals = []
+        for steps in rewards:
+            got = [float(v) for v in steps if v is not None and not math.isnan(float(v))]
+            vals.append(sum(got) / len(got) if got else math.nan)
+        return torch.tensor(vals, device=self.device)
 
     # ------------------------------------------------------------------------------------------ logging
     def log_step_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
@@ -352,19 +454,40 @@ class PolicyModuleBase(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy completions on held-out prompts: `val/reward`, and `val/accuracy` for 0/1 verifiers."""
-        if self.reward_funcs:
-            self.log_reward_fn_metrics(batch, self.greedy_completions(batch))
+        if self.has_reward():
+            self.log_reward_fn_metrics(batch, self.greedy_samples(batch))
 
-    def log_reward_fn_metrics(self, batch: dict[str, Any], completions: list[str]) -> None:
-        """`val/reward` (weighted reward functions) of the completions, and `val/accuracy` when the first
-        function is a 0/1 verifier."""
-        total, per_fn = self.score(batch["prompts"], completions, self.reward_columns(batch))
+    def log_reward_fn_metrics(self, batch: dict[str, Any], samples) -> None:
+        """`val/reward`: the mean reward of the greedy `samples` through `score_rollout` (the training path, so a
+        subclass's `compute_rewards` is what validation measures; process supervision: the mean step reward;
+        'no reward' counts 0). `val/accuracy`: the mean of `validation_verifier` when its values are all 0/1."""
+        from ..rollout import decode_completions
+
+        completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
+        columns = self.reward_columns(batch)
+        rewards = self.score_rollout(batch["prompts"], completions, {**batch, "columns": columns, "samples": samples})
         B = len(completions)
-        self.log("val/reward", torch.nan_to_num(total).mean(), batch_size=B, sync_dist=True, prog_bar=True)
-        first = per_fn[0]
-        if bool(((first == 0) | (first == 1)).all()):
-            # the first reward function is a 0/1 verifier: its mean is the accuracy
-            self.log("val/accuracy", first.mean(), batch_size=B, sync_dist=True, prog_bar=True)
+        self.log("val/reward", torch.nan_to_num(self.outcome_rewards(rewards)).mean(), batch_size=B, sync_dist=True,
+                 prog_bar=True)
+        verified = self._verifier_values(batch["prompts"], completions, columns)
+        if verified is not None and bool(((verified == 0) | (verified == 1)).all()):
+            self.log("val/accuracy", verified.mean(), batch_size=B, sync_dist=True, prog_bar=True)
+
+    def validation_verifier(self) -> Callable | None:
+        """The reward function whose 0/1 values are `val/accuracy`: the first reward function (for a built-in
+        task with no reward_fns configured, the task's verifier)."""
+        return self.reward_funcs[0] if self.reward_funcs else None
+
+    def _verifier_values(self, prompts: list[str], completions: list[str], columns: dict[str, list]):
+        """The verifier's values [B]: reused from the scoring just done when it scored the verifier, else its own
+        call (a subclass's compute_rewards, process supervision, PPO's reward model alone)."""
+        fn = self.validation_verifier()
+        if fn is None:
+            return None
+        per_fn = getattr(self, "_per_fn_rewards", None)
+        if per_fn is not None and self.reward_funcs and fn is self.reward_funcs[0]:
+            return per_fn[0]
+        return self.score(prompts, completions, columns, fns=[fn])[1][0]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -384,6 +507,9 @@ class PolicyModuleBase(L.LightningModule):
                                 fused=_can_fuse_adamw(params, getattr(self._trainer, "precision_plugin", None)))
         total = self.schedule_horizon()
         warmup, kind, floor = hp.warmup_steps, hp.lr_schedule, hp.min_lr_ratio
+        if warmup and total and warmup >= total:
+            rank_zero_warn(f"warmup_steps={warmup} is not below the {total} optimizer steps this run takes: the lr "
+                           f"never leaves warm-up (it never reaches lr={lr}); lower model.warmup_steps")
 
         def factor(step: int) -> float:
             if warmup and step < warmup:
@@ -398,11 +524,29 @@ class PolicyModuleBase(L.LightningModule):
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     def schedule_horizon(self) -> int:
-        """Optimizer steps the lr schedule spans (the trainer's estimate; subclasses with inner loops scale it)."""
+        """Optimizer steps (of each optimizer) the lr schedule spans: the steps the run will actually take, the
+        smaller of what `max_epochs` and `max_steps` allow, so the schedule ends at its floor when the run does.
+        0 when unknown or unbounded (the lr stays constant after warm-up)."""
+        trainer = self.trainer
         try:
-            return int(self.trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - no trainer / infinite: constant after warmup
+            estimate = trainer.estimated_stepping_batches  # also sets up the train dataloader to count batches
+        except Exception:  # noqa: BLE001 - no trainer / no data: constant after warmup
             return 0
+        if self.automatic_optimization:  # Lightning's estimate: min(batches x epochs / accumulation, max_steps)
+            return int(estimate) if math.isfinite(estimate) else 0
+        # Manual optimization: `max_steps` counts every optimizer's steps, a batch makes several of them, and the
+        # fit loop stops at the first batch end with global_step >= max_steps.
+        updates, optimizers = self.updates_per_batch()
+        batches, epochs, max_steps = trainer.num_training_batches, trainer.max_epochs, trainer.max_steps
+        by_epochs = batches * epochs if epochs not in (None, -1) and math.isfinite(batches) else math.inf
+        by_steps = math.ceil(max_steps / (updates * optimizers)) if max_steps not in (None, -1) else math.inf
+        horizon = min(by_epochs, by_steps) * updates
+        return int(horizon) if math.isfinite(horizon) else 0
+
+    def updates_per_batch(self) -> tuple[int, int]:
+        """(optimizer steps each optimizer makes per training batch, number of optimizers), for manually
+        optimized modules' `schedule_horizon`."""
+        return 1, 1
 
     def configure_optimizers(self):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
@@ -443,6 +587,7 @@ class PolicyModuleBase(L.LightningModule):
             return
         model = self.export_model(policy)
         out = self.export_dir()
+        check_finite_model(model, out)  # never write NaN/inf weights where a user would load them
         out.mkdir(parents=True, exist_ok=True)
         save_export(model, out, self.hparams.model_name_or_path)  # an adapter names its base by absolute path
         self.tokenizer.save_pretrained(out)
@@ -450,7 +595,8 @@ class PolicyModuleBase(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts}
+        checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts,
+                                       "skipped_steps": self.nonfinite_guard.skipped}
         states = self._generator_states()
         if any(state is not None for state in states):
             checkpoint["sample_generator_states"] = states
@@ -471,6 +617,7 @@ class PolicyModuleBase(L.LightningModule):
         counters = checkpoint.get("rlhf_counters", {})
         self.optimizer_steps = counters.get("optimizer_steps", 0)
         self.rollouts = counters.get("rollouts", 0)
+        self.nonfinite_guard.skipped = counters.get("skipped_steps", 0)
         states = checkpoint.get("sample_generator_states")
         if states is None and "sample_generator_state" in checkpoint:  # checkpoints written before per-rank states
             states = [checkpoint["sample_generator_state"]]
@@ -479,12 +626,54 @@ class PolicyModuleBase(L.LightningModule):
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
         self._pending_rng_states = checkpoint.get("rng_states")
 
+    # ------------------------------------------------------------------------------------ non-finite guard
+    optimizer_names: tuple[str, ...] = ("the policy",)  # how the guard's messages name each optimizer, in order
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.nonfinite_guard.see_loss(loss)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop a NaN/inf loss's or gradient's update before it reaches the weights (`NonFiniteGuard`)."""
+        index = next((i for i, o in enumerate(self.trainer.optimizers) if o is optimizer), 0)
+        name = self.optimizer_names[index] if index < len(self.optimizer_names) else f"optimizer {index}"
+        self.nonfinite_guard.before_step(optimizer, self.trainer, name)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After every training step: NaN/inf weights stop the run (`NonFiniteWeightsError`)."""
+        self.nonfinite_guard.check_weights((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def guard_metrics(self) -> dict[str, torch.Tensor]:
+        """`policy/skipped_steps` (optimizer steps skipped for a NaN/inf loss or gradient, so far) and
+        `reward/nonfinite_count` (this rollout's ±inf rewards made missing under nonfinite_rewards=missing)."""
+        return {"policy/skipped_steps": torch.tensor(float(self.nonfinite_guard.skipped)),
+                "reward/nonfinite_count": torch.tensor(float(self._reward_stats.get("nonfinite", 0)))}
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The global RNG states are put back right before the first step after a resume, not at load time:
         # creating the DataLoader iterator and the sanity check in between draw from them.
         if getattr(self, "_pending_rng_states", None) is not None:
             restore_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
+
+
+def check_manual_optimization_flags(module: L.LightningModule, trainer: L.Trainer) -> None:
+    """Refuse, when fitting, the Trainer flags a manually optimized module cannot honour (Lightning's own error
+    says "switch to automatic optimization", which a GRPO/PPO user cannot do), naming the module's setting."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    if trainer.state.fn != TrainerFn.FITTING:
+        return
+    name = type(module).__name__
+    why = f"does not apply to {name}, which optimizes manually (its own optimizer steps per rollout)"
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} {why}; set "
+                         f"model.micro_batch_size instead: gradients of micro-batches accumulate within each step")
+    if trainer.gradient_clip_val not in (None, 0):
+        raise ValueError(f"trainer.gradient_clip_val={trainer.gradient_clip_val} {why}; set "
+                         f"model.max_grad_norm={trainer.gradient_clip_val} instead")
+    if trainer.gradient_clip_algorithm is not None:
+        raise ValueError(f"trainer.gradient_clip_algorithm={trainer.gradient_clip_algorithm.value!r} {why}; it clips "
+                         f"by norm with model.max_grad_norm (null = off): remove the trainer flag")
 
 
 def reduce_step_metrics(keys: list[str], values: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,13 @@ One `training_step` = one rollout + its updates:
                           sampled with the KV-cache engine (`rollout.sample`), under no_grad, eval mode
     2. compute_rewards    reward functions (TRL signature) -> one reward per completion (outcome) or one reward
                           per reasoning step (process); None/NaN = "no reward" (advantage 0, counted)
-    3. compute_advantages group-relative: (r - mean_group) / (std_group + eps)  (§4.1.2), or the process form
-                          (§4.1.3); `scale_rewards=none` is Dr. GRPO, `batch` uses the batch std
-    4. old / ref log-probs old log-probs are needed only when the policy moves before a sample is used
-                          (num_iterations > 1 or minibatches > 1); otherwise the ratio is exactly 1 and the
-                          current log-probs stand in (detached). The reference pass runs only when beta > 0.
+    3. old / ref log-probs old log-probs are needed only when the policy moves before a sample is used
+                          (num_iterations > 1 or minibatches > 1) or the reward needs the KL (reinforce_pp);
+                          otherwise the ratio is exactly 1 and the current log-probs stand in (detached). The
+                          reference pass runs only when beta > 0.
+    4. compute_advantages the `advantage_estimator` from the registry (`algorithms.advantages`): by default
+                          group-relative, (r - mean_group) / (std_group + eps) (§4.1.2; `scale_rewards=none` is
+                          Dr. GRPO, `batch` uses the batch std), or the process form (§4.1.3)
     5. updates            num_iterations (μ) x minibatches optimizer steps of the clipped surrogate
                           + beta * KL(π_θ‖π_ref) (k3 by default) added to the loss (eq. 3)
 
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import losses
+from ..algorithms.advantages import AdvantageInputs, Estimator, get_estimator
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, sample
 from .base import PolicyModuleBase, grad_norm
 
@@ -51,6 +54,8 @@ class Rollout:
     completions: list[str]  # [N] decoded completions (no EOS/pad)
     columns: dict[str, list]  # dataset columns, aligned with rows
     extras: dict[str, Any] = field(default_factory=dict)  # room for subclasses (e.g. step boundaries)
+    baseline_scores: Tensor | None = None  # [N] reward of the prompt's greedy completion (remax)
+    kl: Tensor | None = None  # [N, T] KL to the reference, set before advantages when it shapes the reward
 
 
 class GRPOModule(PolicyModuleBase):
@@ -67,11 +72,16 @@ class GRPOModule(PolicyModuleBase):
         clip_low / clip_high: ε of the clipped surrogate below / above 1 (clip-higher, DAPO: clip_high > clip_low).
         scale_rewards: `group` (paper: divide by the group std), `batch` (the std of the whole batch, all ranks
             together), `none` (Dr. GRPO).
+        advantage_estimator: a name from `rlhf_lightning.algorithms.advantages.ESTIMATORS`: `grpo` (default,
+            scaled by `scale_rewards`), `dr_grpo`, `rloo`, `reinforce_pp` (KL to the reference in the reward,
+            weighted by beta, instead of in the loss), `reinforce_pp_baseline`, `remax` (samples one greedy
+            completion per prompt as the baseline). See docs/grpo.md.
         loss_agg: `seq-mean-token-mean` (paper), `token-mean` (DAPO), `seq-mean-token-sum-norm` (Dr. GRPO; the
             token sum is divided by max_new_tokens). Normalised over the whole optimizer step.
         importance_sampling: `token` (PPO-style per-token ratio) or `sequence` (GSPO length-normalised ratio).
         num_iterations: μ, optimizer passes over one rollout (old log-probs are cached once per rollout).
-        minibatches: optimizer steps per pass; the rollout's groups are split evenly among them.
+        minibatches: optimizer steps per pass; the rollout's groups are split among them (whole groups, sizes
+            differing by at most one; more minibatches than groups is refused).
         micro_batch_size: rows per forward/backward (gradient accumulation inside an optimizer step; the loss is
             normalised by the whole step's count, so it does not change the result). None = the minibatch.
         max_new_tokens / min_new_tokens / temperature / top_p / top_k: sampling. The temperature also divides
@@ -85,9 +95,11 @@ class GRPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank).
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
             N rollouts (0 = off).
-        lora, lora_export, gradient_checkpointing, rollout_engine: see `PolicyModuleBase` (with LoRA, π_ref =
-            adapter disabled).
+        lora, lora_export, gradient_checkpointing, rollout_engine, nonfinite_rewards, max_nonfinite_steps: see
+            `PolicyModuleBase` (with LoRA, π_ref = adapter disabled).
     """
+
+    minibatch_unit = "groups"  # minibatches hold whole groups (a group's advantages are relative to each other)
 
     def __init__(
         self,
@@ -103,6 +115,7 @@ class GRPOModule(PolicyModuleBase):
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         scale_rewards: str = "group",
+        advantage_estimator: str = "grpo",
         loss_agg: str = "seq-mean-token-mean",
         importance_sampling: str = "token",
         num_iterations: int = 1,
@@ -134,14 +147,18 @@ class GRPOModule(PolicyModuleBase):
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
         rollout_engine: str = "auto",
+        nonfinite_rewards: str = "error",
+        max_nonfinite_steps: int = 3,
     ):
         self.save_hyperparameters()
         _validate_grpo_args(self.hparams)
+        self.estimator = _check_estimator(self.hparams)
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns,
                          reward_weights if reward_model is None else None, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine)
+                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
+                         nonfinite_rewards=nonfinite_rewards, max_nonfinite_steps=max_nonfinite_steps)
         self.apply_lora()
         self.automatic_optimization = False
         if reward_model is not None:
@@ -150,10 +167,12 @@ class GRPOModule(PolicyModuleBase):
             # the scorer is a plain attribute (not a submodule): the RM is frozen and not part of checkpoints
             self.reward_funcs.append(RewardModelScorer(reward_model, normalize=normalize_reward_model))
             if reward_weights is not None:
+                from ..rewards import check_reward_weights
+
                 if len(reward_weights) != len(self.reward_funcs):
                     raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
                                      f"entry and one (last) for reward_model")
-                self.reward_weights = list(reward_weights)
+                self.reward_weights = check_reward_weights(reward_weights, len(self.reward_funcs))
         self.ref_policy = self._make_reference() if beta > 0 else None
         self.step_separator = step_separator
 
@@ -161,28 +180,32 @@ class GRPOModule(PolicyModuleBase):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.step_separator is None:
-            task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
+            task = self.data_task()
             self.step_separator = getattr(task, "step_separator", None) or "\n"
         if self.hparams.supervision == "process" and not self.reward_funcs:
             raise ValueError("supervision=process needs reward_fns that return step rewards "
                              "(e.g. rlhf_lightning.rewards.chain_step_rewards)")
-        if stage == "fit" and not self.reward_funcs and type(self).compute_rewards is GRPOModule.compute_rewards:
+        if stage == "fit" and not self.has_reward():
             raise ValueError("GRPOModule has no reward: set model.reward_fns, use a built-in data.task, or override "
                              "compute_rewards")
 
     def default_reward_fns(self, task):
         return task.process_reward_fns if self.hparams.supervision == "process" else task.reward_fns
 
+    def validation_verifier(self):
+        """Process supervision: the task's outcome verifier (the reward functions give step rewards), if any."""
+        if self.hparams.supervision != "process":
+            return super().validation_verifier()
+        task = self.data_task()
+        return task.reward_fns[0] if task is not None and task.reward_fns else None
+
     def configure_optimizers(self):
         opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
         return [opt], [sched]
 
-    def schedule_horizon(self) -> int:
-        """Optimizer steps of the run: max_steps when set (it counts optimizer steps), else batches x updates."""
-        if self.trainer.max_steps and self.trainer.max_steps > 0:
-            return self.trainer.max_steps
-        rollouts = super().schedule_horizon()
-        return rollouts * self.hparams.num_iterations * self.hparams.minibatches if rollouts else 0
+    def updates_per_batch(self) -> tuple[int, int]:
+        """num_iterations x minibatches steps of the one optimizer per rollout (see `schedule_horizon`)."""
+        return self.hparams.num_iterations * self.hparams.minibatches, 1
 
     # ------------------------------------------------------------------------------------------ hooks
     def rollout(self, batch: dict[str, Any]) -> Rollout:
@@ -198,7 +221,18 @@ class GRPOModule(PolicyModuleBase):
                              return_logprobs=False, engine=self.rollout_engine)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
-        return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))
+        rollout = Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))
+        if self.estimator.needs_baseline:
+            rollout.baseline_scores = self.greedy_baseline(batch)
+        return rollout
+
+    def greedy_baseline(self, batch: dict[str, Any]) -> Tensor:
+        """ReMax's baseline: the reward of each prompt's greedy completion, repeated for its G rows. [N]"""
+        greedy = self.greedy_samples(batch, self.hparams.max_new_tokens)
+        completions = decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask)
+        scores = self.score_rollout(list(batch["prompts"]), completions,
+                                    {"columns": self.reward_columns(batch), **batch})
+        return torch.as_tensor(scores, dtype=torch.float32).to(self.device).repeat_interleave(self.hparams.group_size)
 
     def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
         """Outcome: Tensor [N] (NaN = no reward). Process: list of N lists of step rewards.
@@ -209,20 +243,24 @@ class GRPOModule(PolicyModuleBase):
             from ..rewards import call_step_reward_fns
 
             return call_step_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions,
-                                        batch["columns"])
-        total, per_fn = self.score(prompts, completions, batch["columns"])
-        self._per_fn_rewards = per_fn
-        return total
+                                        batch["columns"], self.nonfinite_rewards, self._reward_stats)
+        return super().compute_rewards(prompts, completions, batch)
 
     def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
-        """Outcome: [N] group-relative advantages. Process: [N, T] per-token sums of normalised step rewards."""
+        """Outcome: the `advantage_estimator`'s, [N] (one per completion) or [N, T] (token-level: reinforce_pp).
+        Process: [N, T] per-token sums of normalised step rewards."""
         hp = self.hparams
         if hp.supervision == "process":
             T = rollout.samples.completion_ids.shape[1]
             step_rewards, step_ends = self.step_boundaries(rewards, rollout)
             return losses.process_advantages(step_rewards, step_ends, hp.group_size, num_tokens=T)
-        # scale_rewards=batch: the std of the whole batch over all ranks, as one process would see it
-        return losses.group_advantages(rewards, hp.group_size, scale=hp.scale_rewards, all_reduce=self._global_sum)
+        mask = rollout.samples.completion_mask
+        # scale_rewards=batch: the std of the whole batch over all ranks (all_reduce), as one process would see it
+        out = self.estimator.fn(AdvantageInputs(mask=mask, scores=rewards.to(mask.device), group_size=hp.group_size,
+                                                scale=hp.scale_rewards, kl=rollout.kl, kl_coef=hp.beta,
+                                                baseline_scores=rollout.baseline_scores,
+                                                all_reduce=self._global_sum))
+        return out.sequence if out.sequence is not None else out.advantages
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                     normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -272,11 +310,18 @@ class GRPOModule(PolicyModuleBase):
         rollout = self.rollout(batch)
         t_gen = time.perf_counter() - t0
         s = rollout.samples
-        N, T = s.completion_ids.shape
         reward_batch = {"columns": rollout.columns, **batch}
-        raw_rewards = self.compute_rewards(rollout.prompts, rollout.completions, reward_batch)
+        raw_rewards = self.score_rollout(rollout.prompts, rollout.completions, reward_batch)
+        ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
+                   completion_mask=s.completion_mask)
+        t1 = time.perf_counter()
+        old_logp, ref_logp = self._old_and_reference_logprobs(ctx)
+        if self.estimator.kl_in_reward and ref_logp is not None:
+            # REINFORCE++: the KL shapes the reward before the advantages and is not added to the loss again
+            rollout.kl = losses.kl_estimate(old_logp, ref_logp, hp.kl_estimator)  # [N, T]
+            ref_logp = None
         advantages = self.compute_advantages(raw_rewards, rollout).to(self.device).float()  # [N] or [N, T]
-        rewards = self._outcome_view(raw_rewards)  # [N] for logging / group statistics
+        rewards = self.outcome_rewards(raw_rewards)  # [N] for logging / group statistics
 
         loss_mask = s.completion_mask.float()  # [N, T]
         if hp.mask_truncated:
@@ -286,26 +331,12 @@ class GRPOModule(PolicyModuleBase):
             keep_rows = (~group_std_zero).repeat_interleave(hp.group_size)  # [N]
             loss_mask = loss_mask * keep_rows.float().unsqueeze(-1)
 
-        # Old log-probs: only needed when the policy changes before a row is used.
-        needs_old = hp.num_iterations > 1 or hp.minibatches > 1
-        ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
-                   completion_mask=s.completion_mask)
-        t1 = time.perf_counter()
-        old_logp = self._logprobs_no_grad(self.policy, ctx) if needs_old else None
-        with self.reference_policy() as ref:
-            ref_logp = self._logprobs_no_grad(ref, ctx) if ref is not None else None
         update_stats = self._update(ctx, advantages, loss_mask, old_logp, ref_logp)
+        if rollout.kl is not None:
+            update_stats["kl"] = float(losses.masked_mean(rollout.kl, loss_mask))
         t_train = time.perf_counter() - t1
         self.rollouts += 1
         self._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, update_stats, t_gen, t_train)
-
-    def _outcome_view(self, rewards) -> Tensor:
-        if isinstance(rewards, Tensor):
-            return rewards.float().to(self.device)
-        # process supervision: the mean step reward of a completion summarises it
-        vals = [float("nan") if not r or all(v is None for v in r) else
-                sum(v for v in r if v is not None) / sum(v is not None for v in r) for r in rewards]
-        return torch.tensor(vals, device=self.device)
 
     def _zero_std_groups(self, rewards: Tensor) -> Tensor:
         grouped = rewards.view(-1, self.hparams.group_size)  # [N/G, G]
@@ -313,6 +344,20 @@ class GRPOModule(PolicyModuleBase):
         filled = torch.where(valid, grouped, grouped.nan_to_num().sum(-1, keepdim=True) /
                              valid.sum(-1, keepdim=True).clamp(min=1))
         return (filled.max(-1).values - filled.min(-1).values) == 0
+
+    def _old_and_reference_logprobs(self, ctx: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """(π_old, π_ref) log-probs of the rollout [N, T], each None where it is not needed.
+
+        π_old only when the policy changes before a row is used (μ > 1 or minibatches > 1), or when the reward
+        needs the KL (reinforce_pp with beta > 0); otherwise the update's own log-probs, detached, stand in.
+        π_ref only when beta > 0.
+        """
+        hp = self.hparams
+        needs_old = hp.num_iterations > 1 or hp.minibatches > 1 or (self.estimator.kl_in_reward and hp.beta > 0)
+        old_logp = self._logprobs_no_grad(self.policy, ctx) if needs_old else None
+        with self.reference_policy() as ref:
+            ref_logp = self._logprobs_no_grad(ref, ctx) if ref is not None else None
+        return old_logp, ref_logp
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: torch.nn.Module, ctx: dict[str, Tensor]) -> Tensor:
@@ -339,6 +384,7 @@ class GRPOModule(PolicyModuleBase):
         sched = self.lr_schedulers()
         N = loss_mask.shape[0]
         n_groups = N // hp.group_size
+        self.check_minibatches(n_groups)
         world = self.trainer.world_size
         sums: dict[str, float] = {}
         count = 0
@@ -347,7 +393,8 @@ class GRPOModule(PolicyModuleBase):
         self.policy.train()
         for _ in range(hp.num_iterations):
             group_order = torch.arange(n_groups, device=self.device)
-            for mb_groups in group_order.chunk(hp.minibatches):
+            # exactly `minibatches` steps (chunk() would make fewer when they do not divide the groups)
+            for mb_groups in group_order.tensor_split(hp.minibatches):
                 rows = (mb_groups.unsqueeze(-1) * hp.group_size +
                         torch.arange(hp.group_size, device=self.device)).flatten()  # [rows in minibatch]
                 normalizer = self._global_count(self._normalizer(loss_mask[rows]))
@@ -411,6 +458,7 @@ class GRPOModule(PolicyModuleBase):
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
         metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
+        metrics.update(self.guard_metrics())
         for k, v in stats.items():
             key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "policy/loss"}.get(k, f"policy/{k}")
             metrics[key] = torch.tensor(v)
@@ -423,6 +471,20 @@ class GRPOModule(PolicyModuleBase):
         self.log("reward", logged["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         if "policy/kl" in logged:
             self.log("kl", logged["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))
+
+
+def _check_estimator(hp) -> Estimator:
+    """The registered `advantage_estimator`, or one line naming what it cannot be combined with."""
+    est = get_estimator(hp.advantage_estimator)
+    if est.needs_values:
+        raise ValueError(f"advantage_estimator={est.name} needs a critic: use PPOModule (GRPO is critic-free)")
+    if hp.supervision == "process" and est.name != "grpo":
+        raise ValueError(f"supervision=process has its own advantages (GRPO §4.1.3): it needs "
+                         f"advantage_estimator=grpo, got {est.name!r}")
+    if hp.scale_rewards != "group" and est.name != "grpo":
+        raise ValueError(f"scale_rewards={hp.scale_rewards} applies to advantage_estimator=grpo only, got "
+                         f"{est.name!r}")
+    return est
 
 
 def _validate_grpo_args(hp) -> None:
@@ -458,6 +520,8 @@ def _validate_grpo_args(hp) -> None:
         (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
          f"{hp.max_grad_norm}"),
         (hp.log_samples_every_n_steps >= 0, "log_samples_every_n_steps must be >= 0"),
+        (not hp.normalize_reward_model or hp.reward_model is not None, "normalize_reward_model applies to "
+         "model.reward_model, which is not set (it would be silently ignored)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import losses
+from ..algorithms.advantages import AdvantageInputs, get_estimator
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, position_ids_from_mask, sample
 from .base import PolicyModuleBase, grad_norm
 from .grpo import Rollout
@@ -172,12 +173,14 @@ class PPOModule(PolicyModuleBase):
         sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints).
         log_samples_every_n_steps: text table of sample completions and histograms of scores / advantages every
             N rollouts (0 = off).
-        lora, lora_export, gradient_checkpointing, rollout_engine: see `PolicyModuleBase`. With LoRA the adapter
+        lora, lora_export, gradient_checkpointing, rollout_engine, nonfinite_rewards, max_nonfinite_steps: see
+            `PolicyModuleBase` (the guard covers both optimizers). With LoRA the adapter
             is on the actor only (the critic is built from the plain model first) and π_ref is the actor with its
             adapter disabled.
     """
 
     fuse_old_passes: bool = True  # see `fuses_old_passes`
+    optimizer_names = ("the actor", "the critic")
 
     def __init__(
         self,
@@ -226,13 +229,16 @@ class PPOModule(PolicyModuleBase):
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
         rollout_engine: str = "auto",
+        nonfinite_rewards: str = "error",
+        max_nonfinite_steps: int = 3,
     ):
         self.save_hyperparameters()
         _validate_ppo_args(self.hparams)
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine)
+                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
+                         nonfinite_rewards=nonfinite_rewards, max_nonfinite_steps=max_nonfinite_steps)
         self.automatic_optimization = False
         self._explicit_reward_fns = bool(self.reward_funcs)
         if disable_dropout:
@@ -256,7 +262,7 @@ class PPOModule(PolicyModuleBase):
                              "hf_model export directory (written by save_pretrained at the end of its fit)")
         hp = self.hparams
         rm = load_sequence_classifier(name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
-                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed)
+                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed, require_trained_head=True)
         if not isinstance(getattr(rm, "score", None), nn.Linear) or rm.score.out_features != 1:
             raise ValueError(f"reward_model {name_or_path!r} ({type(rm).__name__}) has no scalar `score` head "
                              "(Linear(hidden, 1)); use a sequence classifier with num_labels=1")
@@ -312,8 +318,7 @@ class PPOModule(PolicyModuleBase):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if (stage == "fit" and not self.reward_funcs and self.reward_model is None
-                and type(self).compute_rewards is PPOModule.compute_rewards):
+        if stage == "fit" and not self.has_reward():
             raise ValueError("PPOModule has no reward: set model.reward_model or model.reward_fns, use a built-in "
                              "data.task, or override compute_rewards")
 
@@ -335,17 +340,9 @@ class PPOModule(PolicyModuleBase):
         critic, critic_sched = self.build_optimizer(self.critic_parameters(), hp.critic_lr or hp.lr)
         return [actor, critic], [actor_sched, critic_sched]
 
-    def schedule_horizon(self) -> int:
-        """Updates each optimizer makes over the run: rollouts x ppo_epochs x minibatches.
-
-        `estimated_stepping_batches` is min(batches, max_steps); max_steps counts both optimizers' steps.
-        """
-        estimate = super().schedule_horizon()
-        if not estimate:
-            return 0
-        updates = estimate * self.hparams.ppo_epochs * self.hparams.minibatches
-        max_steps = self.trainer.max_steps
-        return min(updates, max_steps // 2) if max_steps not in (-1, None) else updates
+    def updates_per_batch(self) -> tuple[int, int]:
+        """ppo_epochs x minibatches steps of each of the two optimizers per rollout (see `schedule_horizon`)."""
+        return self.hparams.ppo_epochs * self.hparams.minibatches, 2
 
     # ------------------------------------------------------------------------------------------ hooks
     def rollout(self, batch: dict[str, Any]) -> Rollout:
@@ -387,10 +384,9 @@ class PPOModule(PolicyModuleBase):
         rewards, values, mask: [N, T] -> (advantages [N, T], returns [N, T]); 0 at masked positions.
         """
         hp = self.hparams
-        advantages, returns = losses.gae(rewards, values, mask, gamma=hp.gamma, lam=hp.lam)
-        if hp.whiten_advantages:
-            advantages = losses.masked_whiten(advantages, mask)
-        return advantages, returns
+        out = get_estimator("gae").fn(AdvantageInputs(mask=mask, token_rewards=rewards, values=values, gamma=hp.gamma,
+                                                      lam=hp.lam, whiten=hp.whiten_advantages))
+        return out.advantages, out.returns
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                     normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -498,9 +494,7 @@ class PPOModule(PolicyModuleBase):
         t_gen = time.perf_counter() - t0
         s = rollout.samples
         N = s.completion_ids.shape[0]
-        if N < hp.minibatches:
-            raise ValueError(f"minibatches={hp.minibatches} is more than the {N} completions of a rollout; raise "
-                             "data.batch_size or lower minibatches")
+        self.check_minibatches(N)
 
         t1 = time.perf_counter()
         ctx = _ctx(s)
@@ -511,8 +505,8 @@ class PPOModule(PolicyModuleBase):
             old_logp, old_values, ref_logp = self._no_grad_passes(ctx)  # [N, T] each
 
         # ---- sequence scores: reward model and/or reward functions, then the missing-EOS penalty
-        raw_scores = self.compute_rewards(rollout.prompts, rollout.completions,
-                                          {"columns": rollout.columns, "samples": s, **batch}).float()  # [N]
+        raw_scores = self.score_rollout(rollout.prompts, rollout.completions,
+                                        {"columns": rollout.columns, "samples": s, **batch}).float()  # [N]
         scores = raw_scores.clone()
         if hp.missing_eos_penalty:
             scores = scores - hp.missing_eos_penalty * s.is_truncated.float()
@@ -584,7 +578,7 @@ class PPOModule(PolicyModuleBase):
         self.value_model.train()
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(N, device=self.device, generator=self._generator())  # shuffle rows per epoch
-            for rows in order.chunk(hp.minibatches):
+            for rows in order.tensor_split(hp.minibatches):  # exactly `minibatches` steps, as counted
                 normalizer = self._global_count(mask[rows].sum())  # tokens of this minibatch on all ranks
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
@@ -662,6 +656,7 @@ class PPOModule(PolicyModuleBase):
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
         metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
+        metrics.update(self.guard_metrics())
         names = {"pg_loss": "policy/loss", "vf_loss": "value/loss", "value_clip_frac": "value/clip_frac",
                  "critic_grad_norm": "value/grad_norm", "actor_grad_norm": "policy/grad_norm",
                  "loss": "policy/total_loss"}
@@ -678,15 +673,16 @@ class PPOModule(PolicyModuleBase):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy completions: `val/score` from the reward model (if any), and `val/reward` / `val/accuracy` from
         the reward functions / the task's verifiers (`log_reward_fn_metrics`)."""
-        if self.reward_model is None and not self.reward_funcs:
+        if not self.has_reward():
             return
         greedy = self.greedy_samples(batch)  # sampled once for both the reward model and the functions
         if self.reward_model is not None:
             self.log("val/score", self.reward_model_scores(greedy).mean(), batch_size=len(batch["prompts"]),
                      sync_dist=True, prog_bar=True)
-        if self.reward_funcs:
-            self.log_reward_fn_metrics(
-                batch, decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask))
+        self.log_reward_fn_metrics(batch, greedy)
+
+    def has_reward(self) -> bool:
+        return self.reward_model is not None or super().has_reward()
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

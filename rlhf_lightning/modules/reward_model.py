@@ -45,6 +45,7 @@ from ..models import (
     save_export,
 )
 from ..preference import appends_eos, response_text, reward_input_ids, right_pad
+from ..reliability import NonFiniteGuard, check_finite_model
 from ..tokenizer import load_tokenizer
 from .base import PolicyModuleBase
 
@@ -78,6 +79,8 @@ class RewardModel(L.LightningModule):
         lr, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio: AdamW and its schedule, as in
             `PolicyModuleBase` (lr 1e-3 + cosine: the measured recipe of configs/rm_arithmetic.yaml).
         torch_dtype / trust_remote_code / seed: as in `PolicyModuleBase`.
+        max_nonfinite_steps: as in `PolicyModuleBase`: optimizer steps with a NaN/inf loss or gradient are
+            skipped (counted in `train/skipped_steps`); this many in a row stop the run with a message.
         lora: train a LoRA adapter (peft) on the backbone instead of every weight, `{r, alpha, dropout,
             target_modules}` as in `PolicyModuleBase`; the `score` head trains in full beside it (peft's
             `modules_to_save`). `lora_export`: `merged` (a plain `AutoModelForSequenceClassification` in
@@ -91,6 +94,10 @@ class RewardModel(L.LightningModule):
     build_optimizer = PolicyModuleBase.build_optimizer
     schedule_horizon = PolicyModuleBase.schedule_horizon
     export_dir = PolicyModuleBase.export_dir
+    # the non-finite guard: a step with a NaN/inf loss or gradient is skipped (`train/skipped_steps`)
+    optimizer_names = ("the reward model",)
+    on_before_backward = PolicyModuleBase.on_before_backward
+    on_before_optimizer_step = PolicyModuleBase.on_before_optimizer_step
 
     def __init__(
         self,
@@ -106,6 +113,7 @@ class RewardModel(L.LightningModule):
         torch_dtype: str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
+        max_nonfinite_steps: int = 3,
         *,
         lora: dict[str, Any] | None = None,
         lora_export: str = "merged",
@@ -125,6 +133,7 @@ class RewardModel(L.LightningModule):
         self.lora_config = lora_config(lora, task="seq_cls") if lora is not None else None
         self.lora_export = check_lora_export(lora_export)
         self.save_hyperparameters()
+        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
                                         trust_remote_code=trust_remote_code)
         self.model = load_sequence_classifier(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
@@ -208,6 +217,14 @@ class RewardModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimizer
     def setup(self, stage: str) -> None:
+        from ..data import PromptDataModule
+        from ..preference import PreferenceDataModule
+
+        data = getattr(self.trainer, "datamodule", None)
+        if isinstance(data, PromptDataModule) and not isinstance(data, PreferenceDataModule):
+            # its batches have no chosen/rejected halves: the loss would compare unrelated rows, silently
+            raise ValueError(f"RewardModel trains on preference pairs, but the data is a {type(data).__name__}; use "
+                             "data: rlhf_lightning.PreferenceDataModule (prompt, chosen, rejected)")
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/cpu_allocator.py
 
     def configure_optimizers(self):
@@ -241,8 +258,9 @@ class RewardModel(L.LightningModule):
         LoRA as `lora_export` says: merged, or the adapter + head for peft).
         `model`: the unsharded classifier when the caller gathered it (`_full_model`); default `self.model`."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         model = export_view(self.model if model is None else model, self.lora_export)
+        check_finite_model(model, out)  # never write NaN/inf weights where a user would load them
+        out.mkdir(parents=True, exist_ok=True)
         config = model.config
         config.pad_token_id = self.tokenizer.pad_token_id
         config.reward_append_eos = appends_eos(self.tokenizer)
@@ -257,12 +275,18 @@ class RewardModel(L.LightningModule):
             out = self.export(self.export_dir(), model)
             rank_zero_info(f"[rlhf_lightning] exported reward model and tokenizer to {out}")
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        PolicyModuleBase.on_train_batch_end(self, outputs, batch, batch_idx)  # the non-finite weights check
+        self.log("train/skipped_steps", float(self.nonfinite_guard.skipped), batch_size=1)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reward_stats"] = {"mean": self.reward_mean, "std": self.reward_std}
+        checkpoint["nonfinite_guard"] = self.nonfinite_guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stats = checkpoint.get("reward_stats", {})
         self.reward_mean, self.reward_std = stats.get("mean"), stats.get("std")
+        self.nonfinite_guard.load_state_dict(checkpoint.get("nonfinite_guard", {}))
 
 
 class RewardModelScorer:
@@ -297,7 +321,7 @@ class RewardModelScorer:
             self.model, tok = source, None
         elif isinstance(source, (str, os.PathLike)):
             tok = load_tokenizer(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else os.fspath(source))
-            self.model = load_sequence_classifier(os.fspath(source), tok)
+            self.model = load_sequence_classifier(os.fspath(source), tok, require_trained_head=True)
         else:
             raise ValueError(f"model_dir_or_module must be a directory, a RewardModel or a model, "  # noqa: TRY004
                              f"got {type(source).__name__}")

@@ -16,7 +16,8 @@ class SFTModule(PolicyModuleBase):
     Use with `PromptDataModule(completion_column=...)` (built-in tasks have a `completion` column). The loss is the
     mean cross-entropy over completion tokens (EOS included), so the model learns where to stop. Validation
     reports `val/loss` and, with reward functions (or a built-in task), greedy `val/reward` / `val/accuracy`.
-    See `PolicyModuleBase` for the shared arguments (LoRA and gradient checkpointing included).
+    See `PolicyModuleBase` for the shared arguments (LoRA, gradient checkpointing and the non-finite guard included:
+    a step with a NaN/inf loss or gradient is skipped and counted in `train/skipped_steps`).
     """
 
     def __init__(
@@ -38,12 +39,15 @@ class SFTModule(PolicyModuleBase):
         lora: dict[str, Any] | None = None,
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
+        nonfinite_rewards: str = "error",
+        max_nonfinite_steps: int = 3,
     ):
         self.save_hyperparameters()
         super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
                          betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
                          val_max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, nonfinite_rewards=nonfinite_rewards,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.apply_lora()
 
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -62,7 +66,9 @@ class SFTModule(PolicyModuleBase):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the non-finite weights check
         self.optimizer_steps = self.trainer.global_step
+        self.log("train/skipped_steps", float(self.nonfinite_guard.skipped), batch_size=1)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "labels" in batch:
