@@ -24,6 +24,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .rewards import CHAT_PROMPTS
+
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -572,6 +574,7 @@ class PromptDataModule(L.LightningDataModule):
         hp, tok = self.hparams, self.tokenizer
         out, truncated, dropped = [], [], 0
         unknown = UnknownCharacters(tok)
+        chat = any(isinstance(row[hp.prompt_column], list) for row in rows)
         for i, row in enumerate(rows):
             text = self._rendered_prompt(row, i, where)
             ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -583,6 +586,8 @@ class PromptDataModule(L.LightningDataModule):
                 ids = ids[-hp.max_prompt_length:]
             item = {k: v for k, v in row.items() if k != hp.prompt_column}
             item["prompts"], item["_prompt_ids"] = text, ids
+            if chat:  # the messages themselves: reward functions get them as TRL passes them (rewards.trl_inputs)
+                item[CHAT_PROMPTS] = row[hp.prompt_column] if isinstance(row[hp.prompt_column], list) else None
             if hp.completion_column:
                 completion = response_text(row[hp.completion_column])
                 target = tok(completion, add_special_tokens=False)["input_ids"]

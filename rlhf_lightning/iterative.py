@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .modules.reward_model import RewardModelScorer, bradley_terry_loss
 from .parallel import run_dir
 from .preference import reward_input_ids, right_pad
-from .rewards import resolve_reward_fn
+from .rewards import call_reward_fns, resolve_reward_fn
 
 Pair = dict[str, str]  # {"prompt", "chosen", "rejected"}
 
@@ -171,10 +171,7 @@ class IterativeRewardModelCallback(L.Callback):
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(params, lr=self.rm_lr)
         if self._pending is not None:
-            scorer.model.load_state_dict(self._pending["rm_state"])
-            if self._pending.get("rm_optimizer") is not None:
-                self.optimizer.load_state_dict(self._pending["rm_optimizer"])
-            self._pending = None
+            self._apply_pending()
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "train_rows") or not hasattr(dm, "collate"):
             raise ValueError("IterativeRewardModelCallback needs a PromptDataModule (train_rows + collate) to draw "
@@ -207,7 +204,7 @@ class IterativeRewardModelCallback(L.Callback):
             if new:
                 metrics["iterative/rm_accuracy_before"] = self.accuracy(new)
             metrics["iterative/rm_loss"] = self.train_reward_model(train_set, rng)
-            metrics["iterative/rm_accuracy"] = self.accuracy(train_set)
+            metrics.update(self.refresh_statistics(train_set))
             self.rm_updates += 1
         if self.reset_reference and getattr(pl_module, "ref_policy", None) is not None:
             pl_module.ref_policy.load_state_dict(pl_module.policy.state_dict())
@@ -236,12 +233,11 @@ class IterativeRewardModelCallback(L.Callback):
             batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.no_grad():
                 ro = pl_module.rollout(batch)
-            got = self.labeler(ro.prompts, ro.completions, **ro.columns)
-            if len(got) != len(ro.completions):
-                raise ValueError(f"labeler returned {len(got)} labels for {len(ro.completions)} completions")
+            # the reward-function call path: checks, and TRL's conversational format for chat prompts
+            _, got = call_reward_fns([self.labeler], None, ro.prompts, ro.completions, ro.columns)  # [1, N]
             prompts += ro.prompts
             completions += ro.completions
-            labels += [None if y is None else float(y) for y in got]
+            labels += [None if math.isnan(y) else y for y in got[0].tolist()]
         return prompts, completions, labels
 
     # ------------------------------------------------------------------------------------------ the RM
@@ -281,19 +277,33 @@ class IterativeRewardModelCallback(L.Callback):
         return sum(last) / len(last)
 
     @torch.no_grad()
-    def accuracy(self, pairs: list[Pair]) -> float:
-        """Share of pairs with r_chosen > r_rejected (ties count as wrong), in eval mode."""
+    def pair_scores(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_chosen [B], r_rejected [B]) of the current RM, in eval mode, `rm_batch_size` pairs at a time."""
         model = self.scorer.model
         was_training = model.training
         model.eval()
-        correct = 0
         try:
-            for i in range(0, len(pairs), self.rm_batch_size):
-                r_c, r_r = self._pair_rewards(pairs[i:i + self.rm_batch_size])
-                correct += int((r_c > r_r).sum())
+            parts = [self._pair_rewards(pairs[i:i + self.rm_batch_size])
+                     for i in range(0, len(pairs), self.rm_batch_size)]
         finally:
             model.train(was_training)
-        return correct / len(pairs)
+        return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+
+    def accuracy(self, pairs: list[Pair]) -> float:
+        """Share of pairs with r_chosen > r_rejected (ties count as wrong), in eval mode."""
+        r_c, r_r = self.pair_scores(pairs)
+        return float((r_c > r_r).float().mean())
+
+    def refresh_statistics(self, pairs: list[Pair]) -> dict[str, float]:
+        """After a retrain: the accuracy on `pairs`, and the retrained RM's score mean / std over both sides of
+        them (as `RewardModel` records them over its held-out pairs) handed to the scorer, so
+        `normalize_reward_model` standardises with the new RM's statistics, not the exported ones."""
+        r_c, r_r = self.pair_scores(pairs)
+        scores = torch.cat([r_c, r_r])
+        mean, std = float(scores.mean()), float(scores.std(unbiased=False))
+        self.scorer.set_statistics(mean, std)
+        return {"iterative/rm_accuracy": float((r_c > r_r).float().mean()), "iterative/rm_reward_mean": mean,
+                "iterative/rm_reward_std": std}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         out = run_dir(trainer) / "reward_model"  # on every rank: the run dir is broadcast from rank 0
@@ -311,6 +321,7 @@ class IterativeRewardModelCallback(L.Callback):
             "reference_resets": self.reference_resets, "last_rollout": self.last_rollout,
             "rm_state": self.scorer.model.state_dict() if self.scorer is not None else None,
             "rm_optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "rm_statistics": self.scorer.statistics() if self.scorer is not None and self.rm_updates else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -318,12 +329,19 @@ class IterativeRewardModelCallback(L.Callback):
         self.iterations, self.rm_updates = state_dict["iterations"], state_dict["rm_updates"]
         self.reference_resets, self.last_rollout = state_dict["reference_resets"], state_dict["last_rollout"]
         if state_dict.get("rm_state") is not None:
-            if self.scorer is not None:  # already set up: apply now
-                self.scorer.model.load_state_dict(state_dict["rm_state"])
-                if state_dict.get("rm_optimizer") is not None and self.optimizer is not None:
-                    self.optimizer.load_state_dict(state_dict["rm_optimizer"])
-            else:  # applied in on_fit_start, once the scorer is known
-                self._pending = {"rm_state": state_dict["rm_state"], "rm_optimizer": state_dict.get("rm_optimizer")}
+            self._pending = {"rm_state": state_dict["rm_state"], "rm_optimizer": state_dict.get("rm_optimizer"),
+                             "rm_statistics": state_dict.get("rm_statistics")}
+            if self.scorer is not None:  # already set up: apply now (else in on_fit_start, once the scorer is known)
+                self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        """Put the checkpoint's RM weights, optimizer state and score statistics into the live scorer."""
+        pending, self._pending = self._pending, None
+        self.scorer.model.load_state_dict(pending["rm_state"])
+        if pending.get("rm_optimizer") is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(pending["rm_optimizer"])
+        if pending.get("rm_statistics") is not None:
+            self.scorer.set_statistics(*pending["rm_statistics"])
 
 
 def _all_gather_pairs(pairs: list[Pair], trainer: L.Trainer) -> list[Pair]:

@@ -24,6 +24,7 @@ References
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,13 +112,32 @@ def _normalize_rows(x: Tensor, valid: Tensor, eps: float) -> Tensor:
     return torch.where(valid & ~degenerate, centered / (std + eps), 0.0)
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def batch_std(x: Tensor, valid: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Unbiased std of the valid entries of x (0 with fewer than 2), from their count, sum and sum of squares.
+
+    `all_reduce` (a sum over ranks) reduces those three numbers across ranks first, so under DDP / FSDP2 the std is
+    the one of every rank's entries together: exactly what one process on the whole batch computes (float64, so
+    the one-pass formula loses nothing against the two-pass one on rewards). A scalar, float32.
+    """
+    v = valid.bool()
+    xs = torch.where(v, x.double(), 0.0)
+    stats = torch.stack([v.sum().double(), xs.sum(), xs.square().sum()])  # [3] count, sum, sum of squares
+    if all_reduce is not None:
+        stats = all_reduce(stats)
+    n, total, squares = stats.unbind()
+    var = (squares - total * total / n.clamp(min=1)) / (n - 1).clamp(min=1)
+    return var.clamp(min=0).sqrt().float()
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Group-relative advantages for outcome supervision (DeepSeekMath §4.1.2, eq. for Â_{i,t}).
 
     Consecutive rows form a group of `group_size` completions of the same prompt.
       scale="group": (r - group mean) / (group std + eps), the paper (unbiased sample std).
       scale="batch": (r - group mean) / (std of all valid rewards in the batch + eps); a batch-level std
-                     keeps easy/hard prompts from being up-weighted (Dr. GRPO §3.1 discusses the bias).
+                     keeps easy/hard prompts from being up-weighted (Dr. GRPO §3.1 discusses the bias). With
+                     `all_reduce` (a sum over ranks) the batch is every rank's rows together (`batch_std`).
       scale="none":  r - group mean (Dr. GRPO).
     NaN rewards mean "no reward" (e.g. a verifier that abstained): they are left out of every mean and std
     and their advantage is 0. A group whose valid rewards are all equal, or that has fewer than 2 of them,
@@ -143,8 +163,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     keep = valid & (hi != lo) & (n >= 2)  # [B/G, G]
     centered = r - mean  # [B/G, G]
     if scale == "batch":
-        batch_std = masked_var(r, valid, unbiased=True).sqrt()
-        centered = centered / (batch_std + eps)
+        centered = centered / (batch_std(r, valid, all_reduce) + eps)
     return torch.where(keep, centered, 0.0).view(-1)
 
 

@@ -14,6 +14,7 @@ Safety: `trust_remote_code` is off unless the caller turns it on, and transforme
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -193,10 +194,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 
 
-def lora_config(spec: dict[str, Any]):
-    """A peft `LoraConfig` (causal LM) from `{r, alpha, dropout, target_modules}`; unknown keys raise.
+def lora_config(spec: dict[str, Any], task: str = "causal_lm"):
+    """A peft `LoraConfig` from `{r, alpha, dropout, target_modules}`; unknown keys raise.
 
     Defaults: r=8, alpha=16, dropout=0.0, target_modules=`all-linear` (every Linear but the output head).
+    task: `causal_lm` (a policy) or `seq_cls` (a reward model: its fresh `score` head trains in full beside the
+    adapter, peft's `modules_to_save`, and is saved with it; a frozen random head would score nothing).
     """
     from peft import LoraConfig, TaskType
 
@@ -213,5 +216,53 @@ def lora_config(spec: dict[str, Any]):
     if not 0 <= dropout < 1:
         raise ValueError(f"lora.dropout must be in [0, 1), got {dropout!r}")
     target = spec.get("target_modules", "all-linear")
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=list(target) if isinstance(target, (list, tuple)) else target)
+    head = dict(task_type=TaskType.SEQ_CLS, modules_to_save=["score"]) if task == "seq_cls" else \
+        dict(task_type=TaskType.CAUSAL_LM)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(target) if isinstance(target, (list, tuple)) else target, **head)
+
+
+def check_lora_export(lora_export: str) -> str:
+    if lora_export not in ("merged", "adapter"):
+        raise ValueError(f"lora_export must be merged|adapter, got {lora_export!r}")
+    return lora_export
+
+
+def add_lora(model: nn.Module, config, seed: int) -> nn.Module:
+    """`model` wrapped in a peft LoRA adapter: only the adapter (and the config's `modules_to_save`) trains.
+    The adapter's random A matrices come from `seed`, reproducible like the presets."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of storing them. Non-reentrant: the variant
+    that works with FSDP2 units and with frozen (LoRA) inputs."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def export_view(model: nn.Module, lora_export: str) -> nn.Module:
+    """What an export writes: a plain model as is; a LoRA model's adapter alone (`adapter`), or a copy with the
+    adapter merged into the base weights (`merged`: the training model keeps its adapter)."""
+    if not hasattr(model, "peft_config") or lora_export == "adapter":
+        return model
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def adapter_base(name_or_path: str) -> str:
+    """The base an adapter export names in adapter_config.json: a local directory as an absolute path (a relative
+    one would resolve against the loader's working directory), a hub id or preset name as given. A preset has no
+    files: reload its base with `load_causal_lm(name, seed=...)` / `load_sequence_classifier(name, seed=...)`."""
+    if model_source(name_or_path) == "local":
+        return str(Path(os.path.expanduser(name_or_path)).resolve())
+    return name_or_path
+
+
+def save_export(model: nn.Module, out: str | os.PathLike, base_name_or_path: str) -> None:
+    """`save_pretrained` in safetensors; a LoRA adapter records its base as `adapter_base` gives it."""
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = adapter_base(base_name_or_path)
+    model.save_pretrained(out, safe_serialization=True)

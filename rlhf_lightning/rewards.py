@@ -8,6 +8,11 @@ The protocol is TRL's, so TRL reward functions port unchanged:
 must accept `**kwargs` because it receives every column. `None` means "no opinion on this row" (e.g. a
 math verifier asked about a code prompt) and is ignored when rewards are combined.
 
+Conversational data (prompts that are lists of chat messages) gets TRL's conversational format, as TRL's
+GRPOTrainer passes it: `prompts` are the message lists and each completion is `[{"role": "assistant",
+"content": text}]`, so TRL's conversational reward functions (`completion[0]["content"]`) run unchanged
+(`trl_inputs`). The built-in functions accept both formats.
+
 Process-supervision functions (GRPO §4.1.3) have the same inputs and return one list of step rewards per
 completion, where the steps are `completion.split(task.step_separator)`.
 """
@@ -41,6 +46,17 @@ _NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
 _CHAIN = re.compile(r"(\d+(?:[+\-*]\d+)+)=")
 
 
+# The column in which `PromptDataModule` keeps chat-message prompts as given (None for a row that is a string).
+CHAT_PROMPTS = "prompt_messages"
+
+
+def _text(value: Any) -> str:
+    """A prompt or completion as plain text: a string as is, chat messages as their contents joined by newlines."""
+    if isinstance(value, list):
+        return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+    return value
+
+
 def _check_aligned(completions: Sequence, column: Sequence, name: str) -> None:
     if len(column) != len(completions):
         raise ValueError(f"column {name!r} has {len(column)} rows but there are {len(completions)} completions")
@@ -50,7 +66,7 @@ def _check_aligned(completions: Sequence, column: Sequence, name: str) -> None:
 def exact_match(prompts: list[str], completions: list[str], answer: list[Any], **kwargs) -> list[float]:
     """1.0 iff the whole completion (whitespace-stripped) is the answer: strict, for short-answer tasks."""
     _check_aligned(completions, answer, "answer")
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [float(_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
 def last_number(text: str) -> Decimal | None:
@@ -81,7 +97,7 @@ def final_answer_match(prompts: list[str], completions: list[str], answer: list[
     _check_aligned(completions, answer, "answer")
     out = []
     for completion, ans in zip(completions, answer):
-        got = last_number(completion)
+        got = last_number(_text(completion))
         out.append(float(got is not None and got == _answer_number(ans)))
     return out
 
@@ -134,8 +150,8 @@ def chain_step_rewards(prompts: list[str], completions: list[str], **kwargs) -> 
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     out = []
     for prompt, completion in zip(prompts, completions):
-        wanted = chain_steps(prompt)
-        lines = completion.split("\n")
+        wanted = chain_steps(_text(prompt))
+        lines = _text(completion).split("\n")
         out.append([float(k < len(wanted) and line.strip() == wanted[k]) for k, line in enumerate(lines)])
     return out
 
@@ -315,7 +331,9 @@ def check_finite_rewards(rewards: Any, source: str, nonfinite: str = "error",
             for j, steps in enumerate(rewards)]
 
 
-def _check_inputs(prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list] | None) -> dict:
+def _check_inputs(prompts: Sequence[str], completions: Sequence[str],
+                  columns: dict[str, list] | None) -> tuple[list, list, dict]:
+    """The checked arguments, in the format TRL would pass them (`trl_inputs`)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     columns = dict(columns or {})
@@ -323,7 +341,23 @@ def _check_inputs(prompts: Sequence[str], completions: Sequence[str], columns: d
         if name in ("prompts", "completions"):
             raise ValueError(f"column name {name!r} clashes with a reward function argument; rename it")
         _check_aligned(completions, col, name)
-    return columns
+    return trl_inputs(prompts, completions, columns)
+
+
+def trl_inputs(prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list]) -> tuple[list, list, dict]:
+    """(prompts, completions, columns) as TRL's GRPOTrainer gives them to reward functions.
+
+    With chat-message prompts (the `CHAT_PROMPTS` column, set by `PromptDataModule` for conversational data) TRL
+    passes the message lists as `prompts` and every completion as one assistant message, `[{"role": "assistant",
+    "content": text}]`; otherwise the rendered prompt strings and completion strings. A batch that mixes both
+    kinds of prompt stays plain (a function cannot be handed two formats at once).
+    """
+    columns = dict(columns)
+    messages = columns.pop(CHAT_PROMPTS, None)
+    if messages is None or any(m is None for m in messages):
+        return list(prompts), list(completions), columns
+    conversational = [[{"role": "assistant", "content": text}] for text in completions]
+    return [list(m) for m in messages], conversational, columns
 
 
 def call_reward_fns(
@@ -344,7 +378,7 @@ def call_reward_fns(
     own copies of the inputs, so one that mutates them cannot corrupt the next one's.
     """
     w = _weights_tensor(fns, weights)  # [n_fns]
-    columns = _check_inputs(prompts, completions, columns)
+    prompts, completions, columns = _check_inputs(prompts, completions, columns)
     B = len(completions)
     per_fn = torch.empty(len(fns), B, dtype=torch.float32)  # [n_fns, B]
     for i, fn in enumerate(fns):
@@ -377,7 +411,7 @@ def call_step_reward_fns(
     where steps end). None/NaN steps are skipped as in `call_reward_fns` (NaN only if every fn abstains);
     non-finite steps are handled as there (`nonfinite`, `stats`)."""
     w = _weights_tensor(fns, weights).tolist()
-    columns = _check_inputs(prompts, completions, columns)
+    prompts, completions, columns = _check_inputs(prompts, completions, columns)
     B = len(completions)
     totals: list[list[float]] | None = None
     counted: list[list[int]] = []

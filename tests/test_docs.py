@@ -63,6 +63,59 @@ def test_config_reference_lists_every_argument(name):
     assert not missing, f"docs/configs.md does not document {name}'s {missing}"
 
 
+def test_ppo_rollout_count_matches_the_config():
+    """docs/ppo.md's worked example of the step count is the shipped config's: max_steps counts the actor's and the
+    critic's optimizer steps, so rollouts = max_steps / (2 x ppo_epochs x minibatches)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "ppo_arithmetic.yaml").read_text())
+    max_steps, hp = config["trainer"]["max_steps"], config["model"]["init_args"]
+    rollouts = max_steps // (2 * hp["ppo_epochs"] * hp["minibatches"])
+    text = re.sub(r"\s+", " ", (REPO / "docs" / "ppo.md").read_text())
+    found = re.search(r"`configs/ppo_arithmetic.yaml`: max_steps (\d+) = 2 × (\d+) rollouts × (\d+) epochs? × "
+                      r"(\d+) minibatches", text)
+    assert found, "docs/ppo.md lost its worked step count for configs/ppo_arithmetic.yaml"
+    assert tuple(map(int, found.groups())) == (max_steps, rollouts, hp["ppo_epochs"], hp["minibatches"])
+    readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
+    said = re.search(r"`configs/ppo_arithmetic.yaml`:[^)]*?([\d,]+) rollouts of (\d+) prompts", readme)
+    batch_size = config["data"]["init_args"]["batch_size"]
+    assert said and (int(said[1].replace(",", "")), int(said[2])) == (rollouts, batch_size)
+
+
+def _export_dir(config_paths: list[Path]) -> str:
+    """Where `fit` with these configs writes hf_model/: <logger save_dir or default_root_dir>/<name>/version_0/."""
+    import yaml
+
+    trainer: dict = {}
+    for path in config_paths:
+        trainer.update((yaml.safe_load(path.read_text()) or {}).get("trainer", {}))
+    logger = trainer.get("logger") or {}
+    init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
+    root = init.get("save_dir") or trainer.get("default_root_dir") or "."
+    return f"{root}/{init.get('name', 'lightning_logs')}/version_0/hf_model"
+
+
+def test_readme_commands_run_in_order_from_a_fresh_clone():
+    """After `make venv` the README's commands work as written: it says to activate the venv before the first one,
+    and every `runs/.../hf_model` a command (or its config) loads is the export of an earlier command."""
+    import yaml
+
+    readme = (REPO / "README.md").read_text()
+    first = readme.index("\nrlhf-lightning ")
+    assert "source .venv/bin/activate" in readme[:first], "say how to get rlhf-lightning on the PATH before using it"
+    produced: list[str] = []
+    for command in shell_commands(REPO / "README.md"):
+        args = shlex.split(command)[1:]
+        configs = [REPO / args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+        loads = [a for a in args if re.fullmatch(r"runs/[^/]+/version_0/hf_model", a)]
+        for path in configs:
+            loads += re.findall(r"runs/[^/\s]+/version_0/hf_model", yaml.safe_dump(yaml.safe_load(path.read_text())))
+        missing = [path for path in loads if path not in produced]
+        assert not missing, f"README: `{command}` loads {missing}, which no earlier command writes"
+        if args[0] == "fit" and configs:
+            produced.append(_export_dir(configs))
+
+
 # ----------------------------------------------------------------------------------- the README's subclass snippet
 def readme_python_block(containing: str) -> str:
     """The README's ```python block that contains `containing`, verbatim."""

@@ -134,14 +134,45 @@ def test_process_supervision_trains_on_chain_task(tmp_path):
     assert module.optimizer_steps == 2
 
 
-def test_nan_rewards_and_zero_std_groups_never_give_nan(tmp_path):
-    def half_missing(prompts, completions, **kw):
-        return [None if i % 2 else 1.0 for i in range(len(completions))]  # constant or missing: zero std
+def mixed_groups(prompts, completions, **kw):
+    """Groups of 4 alternate: constant-or-missing rewards (zero std: uninformative) and a spread with a NaN."""
+    pattern = [[1.0, None, 1.0, 1.0], [0.0, 1.0, None, 1.0]]
+    return [pattern[(i // 4) % 2][i % 4] for i in range(len(completions))]
 
+
+@pytest.mark.parametrize("mask_truncated, drop", [(False, False), (True, False), (False, True), (True, True)])
+def test_mask_truncated_and_drop_uninformative_groups_mask_the_right_rows(tmp_path, mask_truncated, drop):
+    """The loss mask is the completion mask, minus truncated rows (mask_truncated) and minus every row of a group
+    whose rewards are all equal or missing (drop_uninformative_groups); NaN rewards never give NaN weights."""
     L.seed_everything(0)
-    module = GRPOModule(model_name_or_path="tiny", reward_fns=[half_missing], group_size=4, beta=0.1,
-                        max_new_tokens=4, drop_uninformative_groups=True, mask_truncated=True)
+    module = GRPOModule(model_name_or_path="tiny", reward_fns=[mixed_groups], group_size=4, beta=0.1,
+                        max_new_tokens=4, mask_truncated=mask_truncated, drop_uninformative_groups=drop)
+    seen, rollout, update = [], module.rollout, module._update
+
+    def recording_rollout(batch):
+        seen.append({"rollout": rollout(batch)})
+        return seen[-1]["rollout"]
+
+    def recording_update(ctx, advantages, loss_mask, old_logp, ref_logp):
+        seen[-1].update(loss_mask=loss_mask.clone(), advantages=advantages.clone())
+        return update(ctx, advantages, loss_mask, old_logp, ref_logp)
+
+    module.rollout, module._update = recording_rollout, recording_update
     _trainer(tmp_path, 2).fit(module, _data())
+    assert len(seen) == 2
+    for step in seen:
+        s = step["rollout"].samples
+        keep = torch.tensor([(i // 4) % 2 == 1 for i in range(s.completion_mask.shape[0])])  # the spread groups
+        expected = s.completion_mask.float()
+        if mask_truncated:
+            expected = expected * (~s.is_truncated).float().unsqueeze(-1)
+        if drop:
+            expected = expected * keep.float().unsqueeze(-1)
+        torch.testing.assert_close(step["loss_mask"], expected)
+        assert (step["advantages"][~keep] == 0).all() and (step["advantages"][keep] != 0).any()
+        if mask_truncated or drop:  # the option changes the loss: some real tokens lose their weight
+            assert (step["loss_mask"] < s.completion_mask.float()).any()
+    assert any(step["rollout"].samples.is_truncated.any() for step in seen)
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
 
@@ -264,6 +295,97 @@ def test_rollout_engine_fast_names_why_it_cannot_apply(tmp_path):
                    lora={"r": 4})
     with pytest.raises(ValueError, match="engine='fast' cannot decode this model: .*peft"):
         _trainer(tmp_path, 1).fit(m, _data())
+
+
+DDP_BATCH_SCALE = """
+import json, sys, torch, lightning as L
+from rlhf_lightning import GRPOModule, PromptDataModule
+torch.set_num_threads(1)
+
+def length_reward(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]  # spread differs from rank to rank
+
+class Recording(GRPOModule):
+    def compute_advantages(self, rewards, rollout):
+        adv = super().compute_advantages(rewards, rollout)
+        with open(f"{sys.argv[1]}/adv_{self.global_rank}.jsonl", "a") as f:  # one file per rank: no interleaving
+            f.write(json.dumps([self.global_rank, self.rollouts, rewards.tolist(), adv.tolist()]) + "\\n")
+        return adv
+
+m = Recording("tiny", reward_fns=[length_reward], group_size=4, beta=0.0, max_new_tokens=6, scale_rewards="batch")
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=sys.argv[1], limit_val_batches=0)
+trainer.fit(m, PromptDataModule(task="addition", num_train=64, num_val=0, batch_size=4))
+"""
+
+
+@pytest.mark.slow
+def test_batch_scaled_advantages_under_ddp_are_those_of_one_process_on_the_whole_batch(tmp_path):
+    """scale_rewards=batch on 2 gloo processes: each rank divides by the std of both ranks' rewards together."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rlhf_lightning.losses import group_advantages
+
+    script = tmp_path / "ddp_batch_scale.py"
+    script.write_text(DDP_BATCH_SCALE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, capture_output=True, text=True,
+                         env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps: dict[int, dict[int, tuple]] = {}
+    lines = [line for rank in (0, 1) for line in (tmp_path / f"adv_{rank}.jsonl").read_text().splitlines()]
+    for line in lines:
+        rank, step, rewards, adv = json.loads(line)
+        steps.setdefault(step, {})[rank] = (torch.tensor(rewards), torch.tensor(adv))
+    assert sorted(steps) == [0, 1] and all(sorted(ranks) == [0, 1] for ranks in steps.values())
+    for ranks in steps.values():
+        (r0, a0), (r1, a1) = ranks[0], ranks[1]
+        whole = group_advantages(torch.cat([r0, r1]), 4, scale="batch")
+        torch.testing.assert_close(torch.cat([a0, a1]), whole, atol=1e-5, rtol=1e-5)
+    (r0, a0), (r1, _) = steps[0][0], steps[0][1]
+    assert r0.std() != r1.std() and not torch.allclose(group_advantages(r0, 4, scale="batch"), a0)
+
+
+CALLS: list = []
+
+
+def trl_conversational_reward(completions, **kwargs):
+    """A TRL-style conversational reward function, as TRL's docs write them: `completion[0]["content"]`."""
+    CALLS.append((kwargs["prompts"], completions))
+    return [float(completion[0]["content"][:1].isdigit()) for completion in completions]
+
+
+@pytest.mark.parametrize("module_class", ["GRPOModule", "PPOModule"])
+def test_trl_conversational_reward_function_trains_and_validates_on_chat_prompts(tmp_path, module_class):
+    """Chat-message prompts: training and validation pass TRL's conversational format (messages as `prompts`,
+    `[{"role": "assistant", "content": ...}]` per completion), so a TRL reward function ports unchanged."""
+    import json
+
+    import rlhf_lightning
+
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i % 7}="}], "answer": str(i + i % 7)} for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    CALLS.clear()
+    grpo = module_class == "GRPOModule"
+    kw = dict(group_size=4, beta=0.0) if grpo else dict(kl_coef=0.0, ppo_epochs=1, minibatches=1)
+    module = getattr(rlhf_lightning, module_class)("tiny", reward_fns=[trl_conversational_reward], max_new_tokens=4,
+                                                  val_max_new_tokens=4, **kw)
+    data = PromptDataModule(path=str(tmp_path / "chat.jsonl"), val_split=0.2, batch_size=4, val_batch_size=4)
+    steps = 2 if grpo else 4  # PPO: actor + critic steps, 2 rollouts
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
+                        val_check_interval=2, check_val_every_n_epoch=None, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert len(CALLS) == 3  # two rollouts, one validation batch
+    for prompts, completions in CALLS:
+        assert all(p[-1]["role"] == "user" and p[-1]["content"].endswith("=") for p in prompts)
+        assert all(c == [{"role": "assistant", "content": c[0]["content"]}] for c in completions)
+    assert "val/reward" in trainer.callback_metrics
 
 
 # ------------------------------------------------------------------------------------------ lr schedule horizon

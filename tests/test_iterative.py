@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from rlhf_lightning import GRPOModule, PreferenceDataModule, PromptDataModule, RewardModel
 from rlhf_lightning.iterative import IterativeRewardModelCallback, group_preference_pairs, mix_with_replay, replay_count
+from rlhf_lightning.modules.reward_model import RewardModelScorer
 from rlhf_lightning.rewards import exact_match
 
 
@@ -148,3 +149,52 @@ def test_missing_reward_model_is_a_clear_error(tmp_path):
     data = PromptDataModule(task="addition", task_kwargs={"digits": 1}, num_train=16, num_val=0, batch_size=2)
     with pytest.raises(ValueError, match="needs a reward model"):
         trainer.fit(module, data)
+
+
+def test_normalize_reward_model_uses_the_retrained_rms_statistics(tmp_path):
+    """normalize_reward_model standardises with the statistics of the RM that scores: after the callback retrains
+    it, the scorer's mean / std are the new RM's (over both sides of its training pairs), not the exported ones;
+    they reach the logs, the checkpoint state and the reward_model/ export."""
+    import json
+    import math
+
+    L.seed_everything(0)
+    rm = RewardModel(model_name_or_path="tiny")
+    prefs = PreferenceDataModule(task="addition", task_kwargs={"digits": 1}, num_train=64, num_val=16, batch_size=16)
+    L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "rm").fit(rm, prefs)
+    exported = json.loads((tmp_path / "rm" / "hf_model" / "config.json").read_text())
+    module = GRPOModule(model_name_or_path="tiny", reward_model=str(tmp_path / "rm" / "hf_model"),
+                        normalize_reward_model=True, group_size=4, beta=0.0, max_new_tokens=4, lr=1e-3,
+                        log_samples_every_n_steps=0)
+    scorer = module.reward_funcs[0]
+    assert (scorer.mean, scorer.std) == (exported["reward_mean"], exported["reward_std"])
+    callback = IterativeRewardModelCallback(labeler=even_first_char, every_n_steps=2, samples_per_iteration=32,
+                                            rm_batch_size=16, rm_lr=1e-2, reset_reference=False)
+    logger = TensorBoardLogger(tmp_path, name="it")
+    L.Trainer(max_steps=2, logger=logger, callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(
+        module, PromptDataModule(task="addition", task_kwargs={"digits": 2}, num_train=400, num_val=0, batch_size=4))
+    assert callback.rm_updates == 1 and callback.history  # one retrain, on the first iteration's pairs (no replay)
+
+    # the new RM's statistics, computed independently: its raw scores of both sides of the pairs it trained on
+    raw = RewardModelScorer(scorer.model, tokenizer=scorer.tokenizer)
+    prompts = [p["prompt"] for p in callback.history]
+    scores = torch.tensor(raw(prompts, [p["chosen"] for p in callback.history]) +
+                          raw(prompts, [p["rejected"] for p in callback.history]))
+    mean, std = float(scores.mean()), float(scores.std(unbiased=False))
+    assert scorer.mean == pytest.approx(mean, abs=1e-5) and scorer.std == pytest.approx(std, abs=1e-5)
+    assert not math.isclose(scorer.mean, exported["reward_mean"], abs_tol=1e-3)  # the stale ones are gone
+    got = scorer(["7+5="], ["12"])[0]
+    assert got == pytest.approx((raw(["7+5="], ["12"])[0] - mean) / std, abs=1e-4)
+    assert callback.state_dict()["rm_statistics"] == (scorer.mean, scorer.std)
+    scalars = _events(logger.log_dir)
+    assert scalars["iterative/rm_reward_mean"][0][1] == pytest.approx(mean, abs=1e-5)
+    saved = json.loads((tmp_path / "it" / "version_0" / "reward_model" / "config.json").read_text())
+    assert saved["reward_mean"] == pytest.approx(mean, abs=1e-5)
+
+    # a resumed callback puts the statistics back into its scorer
+    fresh = IterativeRewardModelCallback(labeler=even_first_char, every_n_steps=2)
+    fresh.scorer = RewardModelScorer(str(tmp_path / "rm" / "hf_model"), normalize=True)
+    fresh.load_state_dict(callback.state_dict())
+    assert fresh.scorer.statistics() == scorer.statistics()

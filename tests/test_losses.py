@@ -106,6 +106,22 @@ def test_group_advantages_nan_rewards_and_single_valid():
         assert out[1] == 0 and (out[3:] == 0).all()
 
 
+def test_batch_scale_reduced_over_ranks_equals_one_process_on_the_whole_batch():
+    """`all_reduce` (a sum over ranks) of the count / sum / sum of squares gives each rank the std of the whole
+    batch: rank A's advantages are the first rows of one process's advantages on A + B. Without it they differ."""
+    a = torch.tensor([0.0, 1.0, 2.0, NAN, 3.0, 3.0])  # "rank 0": groups of 2
+    b = torch.tensor([10.0, 0.0, 7.0, 5.0])  # "rank 1": a much wider spread
+    whole = group_advantages(torch.cat([a, b]), 2, scale="batch")
+    seen = []
+    group_advantages(b, 2, scale="batch", all_reduce=lambda stats: seen.append(stats) or stats)  # rank 1's numbers
+    across = group_advantages(a, 2, scale="batch", all_reduce=lambda stats: stats + seen[0])
+    close(across, whole[:6])
+    assert not torch.allclose(group_advantages(a, 2, scale="batch"), whole[:6])  # per rank: another std
+    # by hand: the 9 valid rewards have mean 31/9 and unbiased variance (sum of squares - 31^2/9) / 8
+    std = math.sqrt((0 + 1 + 4 + 9 + 9 + 100 + 0 + 49 + 25 - 31**2 / 9) / 8)
+    close(across, [-0.5 / (std + EPS), 0.5 / (std + EPS), 0.0, 0.0, 0.0, 0.0])
+
+
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_group_advantages_equal_rewards_are_exactly_zero(scale):
     r = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, NAN, NAN, NAN])

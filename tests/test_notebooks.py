@@ -61,3 +61,28 @@ def test_custom_task_notebook(tmp_path, monkeypatch):
     assert last > first
     first, last = map(float, re.search(r"subclass: reward ([\d.]+) -> ([\d.]+)", text).groups())
     assert last > first
+
+
+def _requirement_names(specs: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower().replace("_", "-") for spec in specs}
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "custom_task.ipynb"])
+def test_notebook_imports_are_installed_by_the_notebooks_extra(name):
+    """`pip install -e ".[notebooks]"` gives every module a notebook imports (a plain install lacks matplotlib),
+    and the notebook's first cell says so."""
+    import importlib.metadata
+    import json
+
+    tomllib = pytest.importorskip("tomllib")  # the standard library's from Python 3.11
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    installed = _requirement_names(project["dependencies"] + project["optional-dependencies"]["notebooks"])
+    cells = json.loads((NOTEBOOKS / name).read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    modules = set(re.findall(r"^\s*(?:from|import) ([A-Za-z_]\w*)", code, flags=re.M))
+    dists = importlib.metadata.packages_distributions()
+    missing = {m: dists.get(m) for m in modules - set(sys.stdlib_module_names) - {"rlhf_lightning"}
+               if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & installed}
+    assert not missing, f"{name} imports modules that neither the dependencies nor [notebooks] install: {missing}"
+    assert 'pip install -e \\".[notebooks]\\"' in json.dumps(cells[0]["source"]), "first cell must say how to install"

@@ -521,6 +521,42 @@ def test_logged_metrics_cover_the_issue_list(tmp_path):
     assert float(trainer.callback_metrics["reward/non_score"]) == 0.0
 
 
+ROW_SCORES = [1.0, 3.0, -2.0, 0.5]
+
+
+def row_scores(prompts, completions, **kwargs):
+    return ROW_SCORES[:len(completions)]
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_whiten_rewards_scales_the_token_rewards_to_unit_std_keeping_the_mean(tmp_path, whiten):
+    """kl_coef 0: the token rewards are the scores at each row's last real token. whiten_rewards divides them by
+    their std over the rollout's real tokens and keeps their mean ("N+ details"), computed here by hand."""
+    m = PPOModule("tiny", reward_fns=[row_scores], kl_coef=0.0, ppo_epochs=1, minibatches=1, max_new_tokens=4,
+                  whiten_rewards=whiten)
+    seen, gae_step = [], m.compute_advantages
+
+    def recording(rewards, values, mask):
+        seen.append((rewards.clone(), mask.clone()))
+        return gae_step(rewards, values, mask)
+
+    m.compute_advantages = recording
+    make_trainer(tmp_path, max_steps=2).fit(m, make_data(batch_size=4))
+    (rewards, mask), = seen
+    raw = [[0.0] * mask.shape[1] for _ in range(4)]
+    for i, row in enumerate(mask.tolist()):
+        raw[i][max(t for t, on in enumerate(row) if on)] = ROW_SCORES[i]  # the score at the last real token
+    real = [raw[i][t] for i in range(4) for t in range(mask.shape[1]) if mask[i, t]]
+    n, mean = len(real), sum(real) / len(real)
+    std = math.sqrt(sum((r - mean) ** 2 for r in real) / (n - 1) + 1e-8)
+    expected = [[((r - mean) / std + mean if whiten else r) if mask[i, t] else 0.0 for t, r in enumerate(row)]
+                for i, row in enumerate(raw)]
+    torch.testing.assert_close(rewards, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    if whiten:  # unit std and the same mean over the real tokens
+        got = rewards[mask.bool()]
+        assert got.std().item() == pytest.approx(1.0, abs=1e-4) and got.mean().item() == pytest.approx(mean, abs=1e-5)
+
+
 @pytest.mark.parametrize("max_epochs, max_steps, rollouts", [
     (2, 1000, 4),  # the epochs end the run first: 2 epochs x 2 batches
     (10, 2 * 3 * 2, 3),  # max_steps (both optimizers' steps) ends it first: 3 rollouts of 2 updates each

@@ -101,9 +101,10 @@ def test_fsdp2_run_resumes_from_its_distributed_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["sft", "rm"])
+@pytest.mark.parametrize("task", ["sft", "rm", "rm-lora"])
 def test_sft_and_reward_model_train_under_fsdp2_and_export_full_weights(tmp_path, task):
-    """The automatically optimized modules under the same layer config; the export gathers the shards."""
+    """The automatically optimized modules under the same layer config; the export gathers the shards (with LoRA:
+    the gathered adapter and head merged into a plain classifier)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     common = ["--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -118,7 +119,8 @@ def test_sft_and_reward_model_train_under_fsdp2_and_export_full_weights(tmp_path
     else:
         from rlhf_lightning.models import load_sequence_classifier
 
-        root = run_cli_processes(tmp_path, task, ["--config", "configs/rm_arithmetic.yaml", *common])
+        lora = ["--model.init_args.lora", "{r: 4, alpha: 8}"] if task == "rm-lora" else []
+        root = run_cli_processes(tmp_path, task, ["--config", "configs/rm_arithmetic.yaml", *common, *lora])
         got = AutoModelForSequenceClassification.from_pretrained(root / "hf_model").state_dict()
         init = load_sequence_classifier("tiny", seed=0).state_dict()
     assert got.keys() == init.keys()
@@ -314,6 +316,31 @@ def test_lora_run_exports_a_model_that_reloads_with_the_trained_behaviour(tmp_pa
     with torch.no_grad():
         got = reloaded.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_adapter_export_of_a_local_base_loads_from_another_folder(tmp_path, monkeypatch):
+    """A base given as a relative folder is recorded by absolute path, so peft finds it from any working
+    directory (a relative `base_model_name_or_path` resolves against the loader's cwd and fails)."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    load_causal_lm("tiny", seed=0).save_pretrained("base")
+    SFTModule("tiny").tokenizer.save_pretrained("base")
+    m = SFTModule("base", lr=1e-2, lora=LORA, lora_export="adapter")
+    _trainer(tmp_path / "project" / "run", 2).fit(m, _prompts(completion_column="completion"))
+    out = tmp_path / "project" / "run" / "hf_model"
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tmp_path / "project" / "base")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, m.policy.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_lora_ppo_critic_has_no_adapter_and_trains(tmp_path):

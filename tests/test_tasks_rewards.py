@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlhf_lightning.reliability import RewardFunctionError
 from rlhf_lightning.rewards import (
     call_reward_fns,
     call_step_reward_fns,
@@ -293,3 +294,49 @@ def test_call_step_reward_fns():
 
     with pytest.raises(RuntimeError, match="'two' returned 2 step lists for 1 completions"):
         call_step_reward_fns([two], None, ["p"], ["c"], {})
+
+
+# ------------------------------------------------------------------------------------------- conversational
+CHAT = [[{"role": "user", "content": "7+5="}], [{"role": "system", "content": "be brief"},
+                                               {"role": "user", "content": "3*4-2="}]]
+
+
+def test_chat_prompts_reach_reward_functions_in_trls_conversational_format():
+    """With chat-message prompts (the column PromptDataModule keeps them in) a reward function gets what TRL's
+    GRPOTrainer gives it: the message lists and `[{"role": "assistant", "content": text}]` per completion."""
+    from rlhf_lightning.rewards import CHAT_PROMPTS
+
+    seen = {}
+
+    def trl_style(prompts, completions, answer, **kwargs):  # TRL's conversational reward functions read this
+        seen.update(prompts=prompts, completions=completions, kwargs=kwargs)
+        return [float(c[0]["content"] == a) for c, a in zip(completions, answer)]
+
+    texts = ["user: 7+5=\nassistant: ", "system: be brief\nuser: 3*4-2=\nassistant: "]
+    total, _ = call_reward_fns([trl_style], None, texts, ["12", "9"],
+                               {"answer": ["12", "10"], CHAT_PROMPTS: CHAT})
+    _assert_close(total, [1.0, 0.0])
+    assert seen["prompts"] == CHAT
+    assert seen["completions"] == [[{"role": "assistant", "content": "12"}], [{"role": "assistant", "content": "9"}]]
+    assert CHAT_PROMPTS not in seen["kwargs"]  # the messages are the prompts, not one more column
+
+    def plain(prompts, completions, **kwargs):
+        seen.update(plain=(prompts, completions, kwargs))
+        return [0.0, 0.0]
+
+    # a batch mixing plain and chat rows stays plain: strings, and no extra column
+    call_reward_fns([plain], None, texts, ["12", "9"], {CHAT_PROMPTS: [CHAT[0], None]})
+    assert seen["plain"] == (texts, ["12", "9"], {})
+    with pytest.raises(RewardFunctionError, match="trl_style"):  # plain data: a string has no [0]["content"]
+        call_reward_fns([trl_style], None, texts, ["12", "9"], {"answer": ["12", "10"]})
+
+
+def test_built_in_reward_functions_accept_both_formats():
+    def chat(texts):
+        return [[{"role": "assistant", "content": t}] for t in texts]
+
+    assert exact_match(CHAT, chat(["12", " 10"]), answer=["12", 10]) == exact_match(["a", "b"], ["12", " 10"],
+                                                                                  answer=["12", 10]) == [1.0, 1.0]
+    assert final_answer_match(CHAT, chat(["so 12", "7"]), answer=["12", "#### 10"]) == [1.0, 0.0]
+    steps = chain_step_rewards(CHAT[1:], chat(["3*4=12\n12-2=10"]))
+    assert steps == chain_step_rewards(["3*4-2="], ["3*4=12\n12-2=10"]) == [[1.0, 1.0]]

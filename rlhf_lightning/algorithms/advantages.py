@@ -56,6 +56,7 @@ class AdvantageInputs:
     baseline_scores: [N] a score per row to subtract (remax: the greedy completion's reward, NaN = none).
     token_rewards: [N, T] per-token rewards already shaped by the caller (gae; PPO whitens them first).
     whiten: whiten the advantages over the batch (gae; "N+ details" / verl / OpenRLHF do).
+    all_reduce: a sum over ranks (grpo's `batch` scale: the std of every rank's scores together).
     """
 
     mask: Tensor
@@ -70,6 +71,7 @@ class AdvantageInputs:
     baseline_scores: Tensor | None = None
     token_rewards: Tensor | None = None
     whiten: bool = True
+    all_reduce: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.mask.dim() != 2:
@@ -195,12 +197,14 @@ def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
 def grpo(inputs: AdvantageInputs) -> AdvantageOutputs:
     """GRPO outcome supervision (DeepSeekMath §4.1.2): Â_i = (r_i − mean(r_group)) / (std(r_group) + ε).
 
-    `losses.group_advantages` with inputs.scale (`group`: the paper, `batch`: the batch std, `none`: Dr. GRPO).
-    Reads scores, group_size, scale, mask. verl's `compute_grpo_outcome_advantage` agrees except ε (1e-6 there,
-    1e-4 here) and zero-std groups (0 here exactly; verl gives 0 up to float rounding).
+    `losses.group_advantages` with inputs.scale (`group`: the paper, `batch`: the batch std over all ranks via
+    inputs.all_reduce, `none`: Dr. GRPO). Reads scores, group_size, scale, mask, all_reduce. verl's
+    `compute_grpo_outcome_advantage` agrees except ε (1e-6 there, 1e-4 here) and zero-std groups (0 here exactly;
+    verl gives 0 up to float rounding).
     """
     inputs.require("scores")
-    seq = losses.group_advantages(inputs.scores, inputs.group_size, scale=inputs.scale, eps=GRPO_EPS)  # [N]
+    seq = losses.group_advantages(inputs.scores, inputs.group_size, scale=inputs.scale, eps=GRPO_EPS,
+                                  all_reduce=inputs.all_reduce)  # [N]
     return AdvantageOutputs(broadcast(seq, inputs.mask), sequence=seq)
 
 

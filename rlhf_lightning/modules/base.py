@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .. import parallel
 from ..cpu_allocator import keep_freed_memory
-from ..models import load_causal_lm, model_source
+from ..models import load_causal_lm, model_source, save_export
 from ..reliability import NonFiniteGuard, check_finite_model, collect_rng_states, restore_rng_states
 from ..tokenizer import load_tokenizer
 
@@ -115,16 +115,13 @@ class PolicyModuleBase(L.LightningModule):
         self.policy = load_causal_lm(model_name_or_path, self.tokenizer, torch_dtype=torch_dtype,
                                      trust_remote_code=trust_remote_code, seed=seed)
         self.policy.train()  # from_pretrained returns eval mode; sampling / no-grad passes switch to eval themselves
-        from ..models import lora_config
+        from ..models import check_lora_export, enable_gradient_checkpointing, lora_config
 
         self.lora_config = lora_config(lora) if lora is not None else None  # applied by `apply_lora`
-        if lora_export not in ("merged", "adapter"):
-            raise ValueError(f"lora_export must be merged|adapter, got {lora_export!r}")
-        self.lora_export = lora_export
+        self.lora_export = check_lora_export(lora_export)
         self._lora_reference = False  # True: π_ref is the policy with its adapter disabled
         if gradient_checkpointing:
-            # non-reentrant: the variant that works with FSDP2 units and with frozen (LoRA) inputs
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(self.policy)
         from ..rollout import ENGINES
 
         if rollout_engine not in ENGINES:
@@ -358,11 +355,9 @@ class PolicyModuleBase(L.LightningModule):
         copies the plain policy (PPO's critic) is built; only the adapter stays trainable."""
         if self.lora_config is None:
             return
-        from peft import get_peft_model
+        from ..models import add_lora
 
-        with torch.random.fork_rng(devices=[]):  # the adapter's random A matrices: reproducible like presets
-            torch.manual_seed(self.hparams.seed)
-            self.policy = get_peft_model(self.policy, self.lora_config)
+        self.policy = add_lora(self.policy, self.lora_config, self.hparams.seed)
 
     @contextmanager
     def reference_policy(self) -> Iterator[torch.nn.Module | None]:
@@ -428,10 +423,16 @@ class PolicyModuleBase(L.LightningModule):
 
     def _global_count(self, value: torch.Tensor) -> float:
         """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
-        value = value.detach().float().clone()
+        return float(self._global_sum(value.float()))
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over all ranks (a copy, on value's device and dtype; itself with one process)."""
+        value = value.detach().clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            torch.distributed.all_reduce(value)
-        return float(value)
+            summed = value.to(self.device)  # NCCL reduces device tensors only
+            torch.distributed.all_reduce(summed)
+            value = summed.to(value.device)
+        return value
 
     # --------------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -560,10 +561,9 @@ class PolicyModuleBase(L.LightningModule):
         """The model written to `hf_model/`: the policy, its LoRA adapter alone (`lora_export: adapter`), or the
         base with the adapter merged in (a new module: the training policy keeps its adapter).
         `policy`: the unsharded policy when the caller already gathered it (`_full_policy`)."""
-        policy = self.policy if policy is None else policy
-        if self.lora_config is None or self.lora_export == "adapter":
-            return policy
-        return copy.deepcopy(policy).merge_and_unload()
+        from ..models import export_view
+
+        return export_view(self.policy if policy is None else policy, self.lora_export)
 
     def _full_policy(self) -> torch.nn.Module:
         """The policy with full (unsharded) weights. Under FSDP2 every rank takes part in gathering them (call it
@@ -588,7 +588,7 @@ class PolicyModuleBase(L.LightningModule):
         model = self.export_model(policy)
         check_finite_model(model, out)  # never write NaN/inf weights where a user would load them
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
+        save_export(model, out, self.hparams.model_name_or_path)  # an adapter names its base by absolute path
         self.tokenizer.save_pretrained(out)
         rank_zero_info(f"[rlhf_lightning] exported model and tokenizer to {out}")
 

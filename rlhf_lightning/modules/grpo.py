@@ -70,7 +70,8 @@ class GRPOModule(PolicyModuleBase):
         beta: weight of the KL(π_θ‖π_ref) penalty in the loss; 0 loads no reference model.
         kl_estimator: `k3` (unbiased, always ≥ 0; the paper's eq. 4), `k1`, or `k2`.
         clip_low / clip_high: ε of the clipped surrogate below / above 1 (clip-higher, DAPO: clip_high > clip_low).
-        scale_rewards: `group` (paper: divide by the group std), `batch` (batch std), `none` (Dr. GRPO).
+        scale_rewards: `group` (paper: divide by the group std), `batch` (the std of the whole batch, all ranks
+            together), `none` (Dr. GRPO).
         advantage_estimator: a name from `rlhf_lightning.algorithms.advantages.ESTIMATORS`: `grpo` (default,
             scaled by `scale_rewards`), `dr_grpo`, `rloo`, `reinforce_pp` (KL to the reference in the reward,
             weighted by beta, instead of in the loss), `reinforce_pp_baseline`, `remax` (samples one greedy
@@ -254,9 +255,11 @@ class GRPOModule(PolicyModuleBase):
             step_rewards, step_ends = self.step_boundaries(rewards, rollout)
             return losses.process_advantages(step_rewards, step_ends, hp.group_size, num_tokens=T)
         mask = rollout.samples.completion_mask
+        # scale_rewards=batch: the std of the whole batch over all ranks (all_reduce), as one process would see it
         out = self.estimator.fn(AdvantageInputs(mask=mask, scores=rewards.to(mask.device), group_size=hp.group_size,
                                                 scale=hp.scale_rewards, kl=rollout.kl, kl_coef=hp.beta,
-                                                baseline_scores=rollout.baseline_scores))
+                                                baseline_scores=rollout.baseline_scores,
+                                                all_reduce=self._global_sum))
         return out.sequence if out.sequence is not None else out.advantages
 
     def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,

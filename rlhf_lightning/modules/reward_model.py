@@ -35,7 +35,15 @@ from torchmetrics.classification import BinaryAccuracy
 
 from .. import parallel
 from ..cpu_allocator import keep_freed_memory
-from ..models import load_sequence_classifier
+from ..models import (
+    add_lora,
+    check_lora_export,
+    enable_gradient_checkpointing,
+    export_view,
+    load_sequence_classifier,
+    lora_config,
+    save_export,
+)
 from ..preference import appends_eos, response_text, reward_input_ids, right_pad
 from ..reliability import NonFiniteGuard, check_finite_model
 from ..tokenizer import load_tokenizer
@@ -73,6 +81,12 @@ class RewardModel(L.LightningModule):
         torch_dtype / trust_remote_code / seed: as in `PolicyModuleBase`.
         max_nonfinite_steps: as in `PolicyModuleBase`: optimizer steps with a NaN/inf loss or gradient are
             skipped (counted in `train/skipped_steps`); this many in a row stop the run with a message.
+        lora: train a LoRA adapter (peft) on the backbone instead of every weight, `{r, alpha, dropout,
+            target_modules}` as in `PolicyModuleBase`; the `score` head trains in full beside it (peft's
+            `modules_to_save`). `lora_export`: `merged` (a plain `AutoModelForSequenceClassification` in
+            `hf_model/`, what `RewardModelScorer`, GRPO's and PPO's `reward_model` load) or `adapter` (adapter +
+            head, reloaded with `peft.PeftModel.from_pretrained(base classifier, dir)`).
+        gradient_checkpointing: recompute each decoder layer's activations in backward (less memory).
     """
 
     # The policy modules' AdamW + warmup/cosine builder and export location, shared rather than copied
@@ -100,6 +114,10 @@ class RewardModel(L.LightningModule):
         trust_remote_code: bool = False,
         seed: int = 0,
         max_nonfinite_steps: int = 3,
+        *,
+        lora: dict[str, Any] | None = None,
+        lora_export: str = "merged",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if not (isinstance(lr, (int, float)) and 0 < lr < 1):
@@ -112,6 +130,8 @@ class RewardModel(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+        self.lora_config = lora_config(lora, task="seq_cls") if lora is not None else None
+        self.lora_export = check_lora_export(lora_export)
         self.save_hyperparameters()
         self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
@@ -120,6 +140,10 @@ class RewardModel(L.LightningModule):
                                               trust_remote_code=trust_remote_code, seed=seed)
         # the classifier scores the last token that is not pad_token_id: it must be the tokenizer's pad
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        if self.lora_config is not None:
+            self.model = add_lora(self.model, self.lora_config, seed)
         self.model.train()  # from_pretrained returns eval mode
         self.train_accuracy, self.val_accuracy = BinaryAccuracy(), BinaryAccuracy()
         self.train_margin, self.val_margin = MeanMetric(), MeanMetric()
@@ -225,22 +249,23 @@ class RewardModel(L.LightningModule):
             model = load_sequence_classifier(hp.model_name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
                                              trust_remote_code=hp.trust_remote_code, seed=hp.seed)
             model.config.pad_token_id = self.tokenizer.pad_token_id
-            return model
+            return model if self.lora_config is None else add_lora(model, self.lora_config, hp.seed)
 
         return parallel.full_model(self.model, self.trainer.global_rank, build)
 
     def export(self, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
-        """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer).
+        """Write model + tokenizer to `out` (loadable with AutoModelForSequenceClassification / AutoTokenizer; with
+        LoRA as `lora_export` says: merged, or the adapter + head for peft).
         `model`: the unsharded classifier when the caller gathered it (`_full_model`); default `self.model`."""
         out = Path(out)
-        model = self.model if model is None else model
+        model = export_view(self.model if model is None else model, self.lora_export)
         check_finite_model(model, out)  # never write NaN/inf weights where a user would load them
         out.mkdir(parents=True, exist_ok=True)
         config = model.config
         config.pad_token_id = self.tokenizer.pad_token_id
         config.reward_append_eos = appends_eos(self.tokenizer)
         config.reward_mean, config.reward_std = self.reward_mean, self.reward_std
-        model.save_pretrained(out, safe_serialization=True)
+        save_export(model, out, self.hparams.model_name_or_path)
         self.tokenizer.save_pretrained(out)
         return out
 
@@ -331,6 +356,18 @@ class RewardModelScorer:
             return self._std
         return self._module.reward_std if self._module is not None else getattr(self.model.config, "reward_std",
                                                                                  None)
+
+    def statistics(self) -> tuple[float | None, float | None]:
+        return self.mean, self.std
+
+    def set_statistics(self, mean: float, std: float) -> None:
+        """New score statistics (e.g. after the reward model was retrained: iterative RL), stored where `mean` and
+        `std` read them: the live `RewardModel`, else the model's config (so an export carries them). Explicit
+        `mean` / `std` given to the constructor still take precedence."""
+        if self._module is not None:
+            self._module.reward_mean, self._module.reward_std = mean, std
+        else:
+            self.model.config.reward_mean, self.model.config.reward_std = mean, std
 
     def _prompt_text(self, prompt: Any) -> str:
         from ..data import prompt_text
