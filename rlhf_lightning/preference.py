@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .data import PromptDataModule
+from .models import model_source
 from .rewards import apply_op, parse_chain
 from .tasks import AdditionTask, ChainArithmeticTask, Task
 
@@ -68,7 +69,11 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 # ----------------------------------------------------------------------------------------- built-in pairs
-NEGATIVE_KINDS = ("random", "digit", "near")
+NEGATIVE_KINDS = ("random", "digit", "near", "policy")
+
+# `policy` negatives: samples per prompt drawn from `negatives_model`; the first one the verifier marks wrong is
+# the rejected side (a model right on every try gets a `random` negative for that prompt instead).
+POLICY_TRIES = 4
 
 # Uniformly random wrong answers: what a small model learns best, and the best teacher for the other kinds too
 # (measured; the numbers are in the PreferenceDataModule docstring).
@@ -120,26 +125,68 @@ def _wrong_completion(task: Task, row: dict, kind: str, rng: random.Random) -> s
     raise ValueError(f"no built-in preference pairs for task {task.name!r}; give a preference file with `path`")
 
 
+def policy_mistakes(model_or_path: Any, task: Task, rows: list[dict], seed: int = 0,
+                    tries: int = POLICY_TRIES) -> list[str | None]:
+    """For each row, the first of `tries` completions the model samples (temperature 1, the plain policy) that
+    the task's verifier marks wrong, or None when every try was right. A pure function of its arguments."""
+    from .evaluation import complete, load_policy, verify
+
+    model, tokenizer = load_policy(model_or_path)
+    budget = (task.max_completion_length or 32) + 1  # room for the EOS after the longest right answer
+    repeated = [row for row in rows for _ in range(tries)]
+    completions = complete(model, tokenizer, [row["prompt"] for row in repeated], budget, batch_size=1024,
+                           generator=torch.Generator().manual_seed(seed))
+    right = verify(task, repeated, completions)
+    out: list[str | None] = []
+    for i in range(len(rows)):
+        block = range(i * tries, (i + 1) * tries)
+        out.append(next((completions[j] for j in block if not right[j]), None))
+    return out
+
+
 def make_preference_pairs(task: Task, rows: list[dict], negatives: dict[str, float] | None = None,
-                          seed: int = 0) -> list[dict]:
+                          seed: int = 0, negatives_model: Any = None) -> list[dict]:
     """One pair per task row: {prompt, chosen (correct completion), rejected (a wrong one), answer, kind}.
 
     The negative's kind is drawn per row with probability proportional to `negatives` (default
-    `DEFAULT_NEGATIVES`); the result is a pure function of (rows, negatives, seed).
+    `DEFAULT_NEGATIVES`); `policy` rows get `negatives_model`'s own mistake (`policy_mistakes`), or a `random`
+    negative where it made none. The result is a pure function of (rows, negatives, seed, negatives_model).
     """
-    negatives = dict(DEFAULT_NEGATIVES if negatives is None else negatives)
-    if not negatives or any(k not in NEGATIVE_KINDS for k in negatives):
-        raise ValueError(f"negatives must map kinds from {list(NEGATIVE_KINDS)} to weights, got {negatives!r}")
-    if any(not isinstance(w, (int, float)) or w < 0 for w in negatives.values()) or sum(negatives.values()) <= 0:
-        raise ValueError(f"negatives weights must be >= 0 with a positive sum, got {negatives!r}")
+    negatives = check_negatives(negatives, negatives_model)
     rng = random.Random(seed)
     kinds, weights = list(negatives), list(negatives.values())
     pairs = []
     for row in rows:
         kind = rng.choices(kinds, weights)[0]
-        pairs.append({"prompt": row["prompt"], "chosen": row["completion"],
-                      "rejected": _wrong_completion(task, row, kind, rng), "answer": row["answer"], "kind": kind})
+        rejected = None if kind == "policy" else _wrong_completion(task, row, kind, rng)
+        pairs.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": rejected,
+                      "answer": row["answer"], "kind": kind})
+    todo = [i for i, pair in enumerate(pairs) if pair["rejected"] is None]
+    if todo:
+        mistakes = policy_mistakes(negatives_model, task, [rows[i] for i in todo], seed=seed)
+        for i, mistake in zip(todo, mistakes):
+            if mistake is None:  # right on every try: a random wrong sum instead
+                pairs[i].update(kind="random", rejected=_wrong_completion(task, rows[i], "random", rng))
+            else:
+                pairs[i]["rejected"] = mistake
     return pairs
+
+
+def check_negatives(negatives: dict[str, float] | None, negatives_model: Any = None) -> dict[str, float]:
+    """`negatives` (default `DEFAULT_NEGATIVES`) checked: known kinds, weights >= 0 with a positive sum, and a
+    `negatives_model` exactly when `policy` has weight."""
+    negatives = dict(DEFAULT_NEGATIVES if negatives is None else negatives)
+    if not negatives or any(k not in NEGATIVE_KINDS for k in negatives):
+        raise ValueError(f"negatives must map kinds from {list(NEGATIVE_KINDS)} to weights, got {negatives!r}")
+    if any(not isinstance(w, (int, float)) or w < 0 for w in negatives.values()) or sum(negatives.values()) <= 0:
+        raise ValueError(f"negatives weights must be >= 0 with a positive sum, got {negatives!r}")
+    if negatives.get("policy", 0) > 0 and negatives_model is None:
+        raise ValueError("negatives `policy` samples a model's own mistakes: set negatives_model (e.g. the SFT "
+                         "export runs/sft_arithmetic/version_0/hf_model)")
+    if negatives_model is not None and not negatives.get("policy", 0) > 0:
+        raise ValueError(f"negatives_model {negatives_model!r} is only used by `policy` negatives, which have no "
+                         f"weight in {negatives!r}")
+    return negatives
 
 
 # ------------------------------------------------------------------------------------------- data module
@@ -178,7 +225,9 @@ class PreferenceDataModule(PromptDataModule):
         path / task / task_kwargs / num_train / num_val / subset / split / val_split / val_path / val_fraction /
         tokenizer / batch_size / val_batch_size / seed / shuffle / num_workers: as in `PromptDataModule`
             (num_train / num_val count pairs; the seed also draws the negatives).
-        negatives: built-in pairs only: weights of the negative kinds `random`, `digit`, `near`.
+        negatives: built-in pairs only: weights of the negative kinds `random`, `digit`, `near`, `policy`.
+        negatives_model: built-in pairs with `policy` negatives: the causal LM (a `save_pretrained` directory such
+            as the SFT export, a preset or a hub id) whose own wrong samples are the rejected side.
         prompt_column / chosen_column / rejected_column: strings, or chat messages (prompt: the conversation,
             rendered with the tokenizer's chat template; chosen/rejected: the assistant reply).
         margin_column: optional column of floats m, the loss then asks for r_chosen - r_rejected > m.
@@ -191,6 +240,7 @@ class PreferenceDataModule(PromptDataModule):
         task: str | None = None,
         task_kwargs: dict[str, Any] | None = None,
         negatives: dict[str, float] | None = None,
+        negatives_model: str | None = None,
         num_train: int = 60000,
         num_val: int = 500,
         subset: str | None = None,
@@ -220,9 +270,17 @@ class PreferenceDataModule(PromptDataModule):
                          max_length=max_length, seed=seed, shuffle=shuffle, num_workers=num_workers)
         if self.task is not None:
             # validate the task and `negatives` now, not after loading
-            make_preference_pairs(self.task, self.task.make_examples(1, seed=0), negatives)
-        elif negatives is not None:
-            raise ValueError("negatives only applies to built-in pairs (`task`), not to `path` data")
+            check_negatives(negatives, negatives_model)
+            make_preference_pairs(self.task, self.task.make_examples(1, seed=0))  # the task has built-in pairs
+            if negatives_model is not None:
+                try:
+                    model_source(negatives_model)  # a missing directory fails here, not after loading the data
+                except ValueError as err:
+                    raise ValueError(f"negatives_model: {err}") from None
+        else:
+            for name, value in (("negatives", negatives), ("negatives_model", negatives_model)):
+                if value is not None:
+                    raise ValueError(f"{name} only applies to built-in pairs (`task`), not to `path` data")
         self.dropped: dict[str, int] = {}  # split -> pairs dropped by max_length
 
     # ----------------------------------------------------------------------------------------- loading
@@ -233,8 +291,9 @@ class PreferenceDataModule(PromptDataModule):
         hp = self.hparams
         held_out = {row["prompt"] for row in val}
         train = [row for row in train if row["prompt"] not in held_out]  # held-out means never trained on
-        return (make_preference_pairs(self.task, train, hp.negatives, seed=hp.seed),
-                make_preference_pairs(self.task, val, hp.negatives, seed=hp.seed + 1))
+        return (make_preference_pairs(self.task, train, hp.negatives, seed=hp.seed, negatives_model=hp.negatives_model),
+                make_preference_pairs(self.task, val, hp.negatives, seed=hp.seed + 1,
+                                      negatives_model=hp.negatives_model))
 
     def _check_columns(self, rows: list[dict], where: str) -> None:
         if not rows:
