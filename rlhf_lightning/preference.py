@@ -33,6 +33,7 @@ from .data import (
     response_text,
     row_where,
 )
+from .models import model_source
 from .rewards import apply_op, parse_chain
 from .tasks import AdditionTask, ChainArithmeticTask, Task
 
@@ -62,7 +63,11 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 # ----------------------------------------------------------------------------------------- built-in pairs
-NEGATIVE_KINDS = ("random", "digit", "near")
+NEGATIVE_KINDS = ("random", "digit", "near", "policy")
+
+# `policy` negatives: samples per prompt drawn from `negatives_model`; the first one the verifier marks wrong is
+# the rejected side (a model right on every try gets a `random` negative for that prompt instead).
+POLICY_TRIES = 4
 
 # Uniformly random wrong answers: what a small model learns best, and the best teacher for the other kinds too
 # (measured; the numbers are in the PreferenceDataModule docstring).
@@ -114,26 +119,68 @@ def _wrong_completion(task: Task, row: dict, kind: str, rng: random.Random) -> s
     raise ValueError(f"no built-in preference pairs for task {task.name!r}; give a preference file with `path`")
 
 
+def policy_mistakes(model_or_path: Any, task: Task, rows: list[dict], seed: int = 0,
+                    tries: int = POLICY_TRIES) -> list[str | None]:
+    """For each row, the first of `tries` completions the model samples (temperature 1, the plain policy) that
+    the task's verifier marks wrong, or None when every try was right. A pure function of its arguments."""
+    from .evaluation import complete, load_policy, verify
+
+    model, tokenizer = load_policy(model_or_path)
+    budget = (task.max_completion_length or 32) + 1  # room for the EOS after the longest right answer
+    repeated = [row for row in rows for _ in range(tries)]
+    completions = complete(model, tokenizer, [row["prompt"] for row in repeated], budget, batch_size=1024,
+                           generator=torch.Generator().manual_seed(seed))
+    right = verify(task, repeated, completions)
+    out: list[str | None] = []
+    for i in range(len(rows)):
+        block = range(i * tries, (i + 1) * tries)
+        out.append(next((completions[j] for j in block if not right[j]), None))
+    return out
+
+
 def make_preference_pairs(task: Task, rows: list[dict], negatives: dict[str, float] | None = None,
-                          seed: int = 0) -> list[dict]:
+                          seed: int = 0, negatives_model: Any = None) -> list[dict]:
     """One pair per task row: {prompt, chosen (correct completion), rejected (a wrong one), answer, kind}.
 
     The negative's kind is drawn per row with probability proportional to `negatives` (default
-    `DEFAULT_NEGATIVES`); the result is a pure function of (rows, negatives, seed).
+    `DEFAULT_NEGATIVES`); `policy` rows get `negatives_model`'s own mistake (`policy_mistakes`), or a `random`
+    negative where it made none. The result is a pure function of (rows, negatives, seed, negatives_model).
     """
-    negatives = dict(DEFAULT_NEGATIVES if negatives is None else negatives)
-    if not negatives or any(k not in NEGATIVE_KINDS for k in negatives):
-        raise ValueError(f"negatives must map kinds from {list(NEGATIVE_KINDS)} to weights, got {negatives!r}")
-    if any(not isinstance(w, (int, float)) or w < 0 for w in negatives.values()) or sum(negatives.values()) <= 0:
-        raise ValueError(f"negatives weights must be >= 0 with a positive sum, got {negatives!r}")
+    negatives = check_negatives(negatives, negatives_model)
     rng = random.Random(seed)
     kinds, weights = list(negatives), list(negatives.values())
     pairs = []
     for row in rows:
         kind = rng.choices(kinds, weights)[0]
-        pairs.append({"prompt": row["prompt"], "chosen": row["completion"],
-                      "rejected": _wrong_completion(task, row, kind, rng), "answer": row["answer"], "kind": kind})
+        rejected = None if kind == "policy" else _wrong_completion(task, row, kind, rng)
+        pairs.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": rejected,
+                      "answer": row["answer"], "kind": kind})
+    todo = [i for i, pair in enumerate(pairs) if pair["rejected"] is None]
+    if todo:
+        mistakes = policy_mistakes(negatives_model, task, [rows[i] for i in todo], seed=seed)
+        for i, mistake in zip(todo, mistakes):
+            if mistake is None:  # right on every try: a random wrong sum instead
+                pairs[i].update(kind="random", rejected=_wrong_completion(task, rows[i], "random", rng))
+            else:
+                pairs[i]["rejected"] = mistake
     return pairs
+
+
+def check_negatives(negatives: dict[str, float] | None, negatives_model: Any = None) -> dict[str, float]:
+    """`negatives` (default `DEFAULT_NEGATIVES`) checked: known kinds, weights >= 0 with a positive sum, and a
+    `negatives_model` exactly when `policy` has weight."""
+    negatives = dict(DEFAULT_NEGATIVES if negatives is None else negatives)
+    if not negatives or any(k not in NEGATIVE_KINDS for k in negatives):
+        raise ValueError(f"negatives must map kinds from {list(NEGATIVE_KINDS)} to weights, got {negatives!r}")
+    if any(not isinstance(w, (int, float)) or w < 0 for w in negatives.values()) or sum(negatives.values()) <= 0:
+        raise ValueError(f"negatives weights must be >= 0 with a positive sum, got {negatives!r}")
+    if negatives.get("policy", 0) > 0 and negatives_model is None:
+        raise ValueError("negatives `policy` samples a model's own mistakes: set negatives_model (e.g. the SFT "
+                         "export runs/sft_arithmetic/version_0/hf_model)")
+    if negatives_model is not None and not negatives.get("policy", 0) > 0:
+        raise ValueError(f"negatives_model {negatives_model!r} is only used by `policy` negatives, which have no "
+                         f"weight in {negatives!r}")
+    return negatives
 
 
 # ------------------------------------------------------------------------------------------- data module
@@ -151,28 +198,42 @@ class PreferenceDataModule(PromptDataModule):
     batch 64, ~38.5k training pairs; accuracy on 1000 fresh held-out pairs of each kind, prompts never trained on):
 
         training negatives          steps   random   digit   near
-        random (the default)         1800    0.946   0.834   0.681   (the shipped config)
+        random (the default)         1800    0.946   0.834   0.681   (the former shipped config)
         random                       1200    0.902   0.672   0.582
         random 0.75 + digit 0.25     1800    0.929   0.740   0.586
         digit                        1800    0.474   0.703   0.583
         random 0.5 + digit 0.5        600    0.792   0.598   0.552   (`small` preset: 0.753 0.591 0.562)
         (rows 2-5 on the tiny preset's earlier Qwen2 form, same sizes; row 1 with it repeated: 0.944 0.813 0.664)
 
-    So the default is `negatives: {random: 1.0}`, uniformly random wrong sums, with `num_train` 60000 and 3 epochs
-    in configs/rm_arithmetic.yaml. A random wrong sum is usually off in magnitude or length, so the model first
-    learns roughly how big a+b is and then sharpens it; that makes it the best teacher for *every* kind, near
-    misses included. One-digit corruptions (`digit`) keep length and magnitude and give no gradient toward that
-    easier sub-skill (trained alone they rank random wrong sums below chance); near misses (`near`: ±1, ±2, ±10)
-    demand exact addition from the first step and stay near chance, as the issue measured. The resulting reward
-    is graded ("closer to the true sum scores higher"), a useful shaped signal for RL. Validation prompts are
-    removed from the training pairs (~35% of 2-digit rows: small operands repeat), so held-out accuracy measures
-    generalisation, not memorised sums.
+    So the default is `negatives: {random: 1.0}`, uniformly random wrong sums. A random wrong sum is usually off
+    in magnitude or length, so the model first learns roughly how big a+b is and then sharpens it; that makes it
+    the best synthetic teacher for *every* kind, near misses included. One-digit corruptions (`digit`) keep length
+    and magnitude and give no gradient toward that easier sub-skill (trained alone they rank random wrong sums
+    below chance); near misses (`near`: ±1, ±2, ±10) demand exact addition from the first step and stay near
+    chance, as the issue measured. Validation prompts are removed from the training pairs (~35% of 2-digit rows:
+    small operands repeat), so held-out accuracy measures generalisation, not memorised sums.
+
+    For RL the pairs that matter are the *policy's* mistakes, and a policy's mistakes are near misses
+    (96+1=98). `policy` negatives are exactly those: `negatives_model` (the SFT export) samples each prompt up to
+    `POLICY_TRIES` times at temperature 1 and its first wrong completion is the rejected side. Measured against
+    the SFT export of configs/sft_arithmetic.yaml (0.845 greedy): on 200 held-out prompts x 8 samples, the share
+    of its 547 wrong samples that the RM scores below the right answer (3 epochs of ~38.5k pairs each):
+
+        RM init   training negatives                          right > policy's mistake
+        tiny      random                                      0.744   (the former shipped config)
+        tiny      random 0.5 + near 0.25 + digit 0.25         0.589
+        SFT       random                                      0.748
+        SFT       random 0.5 + near 0.25 + digit 0.25         0.828
+        SFT       policy 0.5 + random 0.25 + near/digit 0.125 0.826
+        SFT       policy                                      0.903   (configs/rm_arithmetic.yaml)
 
     Args:
         path / task / task_kwargs / num_train / num_val / subset / split / val_split / val_path / val_fraction /
         tokenizer / batch_size / val_batch_size / seed / shuffle / num_workers: as in `PromptDataModule`
             (num_train / num_val count pairs; the seed also draws the negatives).
-        negatives: built-in pairs only: weights of the negative kinds `random`, `digit`, `near`.
+        negatives: built-in pairs only: weights of the negative kinds `random`, `digit`, `near`, `policy`.
+        negatives_model: built-in pairs with `policy` negatives: the causal LM (a `save_pretrained` directory such
+            as the SFT export, a preset or a hub id) whose own wrong samples are the rejected side.
         prompt_column / chosen_column / rejected_column: strings, or chat messages (prompt: the conversation,
             rendered with the tokenizer's chat template; chosen/rejected: the assistant reply).
         margin_column: optional column of floats m, the loss then asks for r_chosen - r_rejected > m.
@@ -185,6 +246,7 @@ class PreferenceDataModule(PromptDataModule):
         task: str | None = None,
         task_kwargs: dict[str, Any] | None = None,
         negatives: dict[str, float] | None = None,
+        negatives_model: str | None = None,
         num_train: int = 60000,
         num_val: int = 500,
         subset: str | None = None,
@@ -214,9 +276,17 @@ class PreferenceDataModule(PromptDataModule):
                          max_length=max_length, seed=seed, shuffle=shuffle, num_workers=num_workers)
         if self.task is not None:
             # validate the task and `negatives` now, not after loading
-            make_preference_pairs(self.task, self.task.make_examples(1, seed=0), negatives)
-        elif negatives is not None:
-            raise ValueError("negatives only applies to built-in pairs (`task`), not to `path` data")
+            check_negatives(negatives, negatives_model)
+            make_preference_pairs(self.task, self.task.make_examples(1, seed=0))  # the task has built-in pairs
+            if negatives_model is not None:
+                try:
+                    model_source(negatives_model)  # a missing directory fails here, not after loading the data
+                except ValueError as err:
+                    raise ValueError(f"negatives_model: {err}") from None
+        else:
+            for name, value in (("negatives", negatives), ("negatives_model", negatives_model)):
+                if value is not None:
+                    raise ValueError(f"{name} only applies to built-in pairs (`task`), not to `path` data")
         self.dropped: dict[str, int] = {}  # split -> pairs dropped by max_length
 
     # ----------------------------------------------------------------------------------------- loading
@@ -227,8 +297,9 @@ class PreferenceDataModule(PromptDataModule):
         hp = self.hparams
         held_out = {row["prompt"] for row in val}
         train = [row for row in train if row["prompt"] not in held_out]  # held-out means never trained on
-        return (make_preference_pairs(self.task, train, hp.negatives, seed=hp.seed),
-                make_preference_pairs(self.task, val, hp.negatives, seed=hp.seed + 1))
+        return (make_preference_pairs(self.task, train, hp.negatives, seed=hp.seed, negatives_model=hp.negatives_model),
+                make_preference_pairs(self.task, val, hp.negatives, seed=hp.seed + 1,
+                                      negatives_model=hp.negatives_model))
 
     def _check_rows(self, rows: list[dict], source: str) -> None:
         """Every pair, before any is used: the columns exist and are filled, the prompt is text or chat messages

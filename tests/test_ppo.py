@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,12 +15,15 @@ import torch
 
 from rlhf_lightning.cli import cli_main
 from rlhf_lightning.data import PromptDataModule
-from rlhf_lightning.models import load_sequence_classifier
+from rlhf_lightning.evaluation import greedy_accuracy
+from rlhf_lightning.models import load_causal_lm, load_sequence_classifier
 from rlhf_lightning.modules.ppo import PPOModule, token_logprobs
 from rlhf_lightning.rollout import RolloutBatch, completion_logprobs, sample
+from rlhf_lightning.tasks import AdditionTask
 from rlhf_lightning.tokenizer import build_char_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SCRIPT = Path(sys.executable).parent / "rlhf-lightning"  # the console script users run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -481,6 +487,41 @@ def test_validation_samples_once_for_reward_model_and_verifiers(tmp_path, reward
     assert len(samples) == 1  # one validation batch, sampled once
     want = float(m.reward_model_scores(samples[0]).mean())
     assert logged["val/score"] == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_rm_config_logs_rm_score_beside_verifier_accuracy(tmp_path):
+    """configs/ppo_rm.yaml as shipped, run by the console script in a folder holding the two exports it names:
+    each validation logs the reward model's val/score AND the task verifier's val/accuracy of the same greedy
+    completions, although the verifier is not part of the training reward (no reward/exact_match): the pair that
+    shows reward hacking (score up, accuracy down)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tok = build_char_tokenizer()
+    for name, model in (("sft_arithmetic", load_causal_lm("tiny", tok, seed=1)),
+                        ("rm_arithmetic", load_sequence_classifier("tiny", tok, seed=7))):
+        out = tmp_path / "runs" / name / "version_0" / "hf_model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    args = ["fit", "--config", str(CONFIGS / "ppo_rm.yaml"), "--trainer.max_steps", "8",  # 2 rollouts
+            "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--data.init_args.num_train", "64",
+            "--data.init_args.num_val", "16", "--data.init_args.batch_size", "8",
+            "--data.init_args.val_batch_size", "16"]
+    proc = subprocess.run([str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (events_file,) = (tmp_path / "runs").glob("ppo_rm/*/events.out.tfevents.*")
+    events = EventAccumulator(str(events_file.parent), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val/score", "val/accuracy", "reward/score"} <= tags and "reward/exact_match" not in tags
+    assert len(events.Scalars("val/score")) == len(events.Scalars("val/accuracy")) == 2  # after rollouts 1, 2
+    # val/accuracy is the verifier's greedy accuracy on the 16 held-out prompts, here of the final (exported) policy
+    held_out = AdditionTask(digits=2).make_examples(16, seed=1_000_003)  # PromptDataModule's val rows, seed 0
+    (export,) = (tmp_path / "runs").glob("ppo_rm/*/hf_model")
+    want = greedy_accuracy(str(export), AdditionTask(digits=2), held_out, max_new_tokens=8)
+    assert events.Scalars("val/accuracy")[-1].value == pytest.approx(want, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ configs
