@@ -13,7 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.models import load_causal_lm
 from rlhf_lightning.modules.reward_model import RewardModel, RewardModelScorer, bradley_terry_loss
+from rlhf_lightning.modules.sft import SFTModule
 from rlhf_lightning.preference import (
     PreferenceDataModule,
     make_preference_pairs,
@@ -21,9 +24,6 @@ from rlhf_lightning.preference import (
     reward_input_ids,
     wrong_number,
 )
-from rlhf_lightning.data import PromptDataModule
-from rlhf_lightning.models import load_causal_lm
-from rlhf_lightning.modules.sft import SFTModule
 from rlhf_lightning.rewards import chain_steps
 from rlhf_lightning.tasks import AdditionTask, ChainArithmeticTask
 from rlhf_lightning.tokenizer import build_char_tokenizer
