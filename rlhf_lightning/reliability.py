@@ -205,6 +205,9 @@ def _as_tuple(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ atomic checkpoints
+_saves_in_progress = 0  # AtomicCheckpointIO writes under way in this process
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` whose local saves are atomic and durable: temp file in the target's folder, fsync,
     `os.replace`, fsync of the folder. Remote (fsspec URL) paths fall back to Lightning's own save."""
@@ -217,6 +220,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        global _saves_in_progress
+        _saves_in_progress += 1  # a signal now is recorded, not raised (GracefulShutdown): the save completes
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -226,6 +231,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        finally:
+            _saves_in_progress -= 1
         _fsync_dir(target.parent)
         # temp files of saves that a killed process never finished (SIGKILL runs no cleanup)
         for stale in target.parent.glob(f".{target.name}.*.tmp"):
@@ -305,7 +312,7 @@ class GracefulShutdown(L.Callback):
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt  # a second Ctrl+C: the user does not want to wait for the step to end
         self.received = signum
-        if self._abandonable and self._single:
+        if self._abandonable and self._single and not _saves_in_progress:  # a save in progress completes first
             self._abandonable = False  # from here on the callback saves and exits: no second raise
             raise StepAbandoned(128 + signum)
 

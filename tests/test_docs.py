@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import shlex
 import sys
@@ -91,8 +92,9 @@ def _export_dir(config_paths: list[Path]) -> str:
         trainer.update((yaml.safe_load(path.read_text()) or {}).get("trainer", {}))
     logger = trainer.get("logger") or {}
     init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
-    root = init.get("save_dir") or trainer.get("default_root_dir") or "."
-    return f"{root}/{init.get('name', 'lightning_logs')}/version_0/hf_model"
+    # a RunLogger without save_dir writes under <default_root_dir>/runs (rlhf_lightning.loggers)
+    root = init.get("save_dir") or os.path.join(trainer.get("default_root_dir") or ".", "runs")
+    return os.path.normpath(f"{root}/{init.get('name', 'lightning_logs')}/version_0/hf_model")
 
 
 def test_readme_commands_run_in_order_from_a_fresh_clone():
