@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -92,6 +93,19 @@ def test_bad_dapo_settings_fail_before_loading(bad, message):
         GRPOModule(model_name_or_path="tiny", **bad)
 
 
+def test_cli_names_a_dapo_setting_that_would_be_ignored(tmp_path):
+    """Through the console script, shipped config as shipped: re-sampling without dropping is one line, exit 2."""
+    from conftest import run_script
+
+    repo = Path(__file__).resolve().parents[1]
+    out = run_script(["fit", "--config", str(repo / "configs" / "grpo_arithmetic.yaml"),
+                      "--model.init_args.dynamic_sampling_max_tries", "2", "--trainer.max_steps", "1",
+                      "--trainer.default_root_dir", str(tmp_path)], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("rlhf-lightning: error:")]
+    assert len(lines) == 1 and "dynamic_sampling_max_tries re-samples the groups drop_uninformative_groups" in lines[0]
+
+
 # ---------------------------------------------------------------------------------------------- dynamic sampling
 def _dynamic_run(tmp_path, tries: int, steps: int = 2, seed: int = 0):
     L.seed_everything(seed)
@@ -123,6 +137,26 @@ def test_dynamic_sampling_resamples_until_every_group_is_informative(tmp_path):
         prompts = module.tokenizer.batch_decode(s.prompt_ids[::4], skip_special_tokens=True)
         assert [p.strip() for p in prompts] == [p.strip() for p in r.prompts[::4]]
         assert r.prompts == [p for p in r.prompts[::4] for _ in range(4)]
+
+
+def test_dynamic_sampling_keeps_per_function_rewards_aligned_with_remax(tmp_path):
+    """reward/<function> is logged from the merged rows (not the last round's), also when the rollout itself
+    scores a greedy baseline (remax)."""
+    L.seed_everything(0)
+    module = GRPOModule(model_name_or_path="tiny", reward_fns=[first_char_is_digit], group_size=4, beta=0.0,
+                        max_new_tokens=4, drop_uninformative_groups=True, dynamic_sampling_max_tries=40,
+                        advantage_estimator="remax", log_samples_every_n_steps=0)
+    per_fn = []
+    log_step = module._log_step
+
+    def recording(*args):
+        per_fn.append((module._per_fn_rewards[0].clone(), args[1].clone(), args[-1]["rollout/resample_rounds"]))
+        return log_step(*args)
+
+    module._log_step = recording
+    _trainer(tmp_path, 1).fit(module, _data())
+    logged, rewards, rounds = per_fn[0]
+    assert rounds >= 1 and logged.shape == rewards.shape and torch.equal(logged, rewards)
 
 
 def test_dynamic_sampling_stops_at_its_bound(tmp_path):
@@ -198,8 +232,8 @@ trainer.fit(m, PromptDataModule(task="addition", num_train=64, num_val=0, batch_
 
 @pytest.mark.slow
 def test_dynamic_sampling_under_ddp_each_rank_resamples_its_own_and_steps_together(tmp_path):
-    """2 gloo processes: each rank re-samples its own groups (their rounds differ), none waits on the other, and
-    both take the same optimizer steps."""
+    """2 gloo processes: each rank re-samples its own groups, none waits on the other, and both take the same
+    optimizer steps."""
     import json
     import os
     import subprocess
@@ -302,3 +336,31 @@ def test_entropy_bonus_keeps_the_policy_entropy_up(tmp_path):
     _, _, _, on = _entropy_run(tmp_path / "on", 1.0, steps=8, reward=first_char_is_digit)
     off_h, on_h = [s["stats"]["entropy"] for s in off], [s["stats"]["entropy"] for s in on]
     assert off_h[-1] < off_h[0] and on_h[-1] > off_h[-1] + 0.1, (off_h, on_h)
+
+
+def test_merge_rollouts_puts_each_new_group_in_its_old_place_by_hand():
+    """Groups of 2; group 1 of a 3-group rollout is replaced by group 0 of a re-sample with longer completions
+    and a longer prompt: the rows move together, completions are right-padded, prompts left-padded."""
+    from rlhf_lightning.algorithms import dynamic_sampling as ds
+    from rlhf_lightning.modules.grpo import Rollout
+    from rlhf_lightning.rollout import RolloutBatch
+
+    def rollout(n, p_len, t_len, tag):
+        samples = RolloutBatch(prompt_ids=torch.full((n, p_len), tag), prompt_mask=torch.ones(n, p_len),
+                               completion_ids=torch.full((n, t_len), tag), completion_mask=torch.ones(n, t_len),
+                               logprobs=None, is_truncated=torch.zeros(n, dtype=torch.bool))
+        names = [f"{tag}{i}" for i in range(n)]
+        return Rollout(samples, names, names, {"answer": names})
+
+    old, new = rollout(6, 2, 1, 7), rollout(2, 3, 2, 9)
+    rows = ds.replacement_rows(6, 2, torch.tensor([1]), torch.tensor([0]))
+    assert rows.tolist() == [0, 1, 6, 7, 4, 5]
+    merged = ds.merge_rollouts(old, new, rows, pad_token_id=0)
+    assert merged.completions == ["70", "71", "90", "91", "74", "75"] == merged.columns["answer"]
+    s = merged.samples
+    assert s.completion_ids.tolist() == [[7, 0], [7, 0], [9, 9], [9, 9], [7, 0], [7, 0]]
+    assert s.completion_mask.tolist() == [[1, 0], [1, 0], [1, 1], [1, 1], [1, 0], [1, 0]]
+    assert s.prompt_ids[0].tolist() == [0, 7, 7] and s.prompt_mask[0].tolist() == [0, 1, 1]
+    assert s.prompt_ids[2].tolist() == [9, 9, 9] and s.logprobs is None
+    rewards = ds.select_rows(ds.cat_rows(torch.arange(6.0), torch.tensor([10.0, 11.0])), rows)
+    assert rewards.tolist() == [0.0, 1.0, 10.0, 11.0, 4.0, 5.0]

@@ -4,6 +4,7 @@ One `training_step` = one rollout + its updates:
 
     1. rollout            each prompt is repeated G times *inside* the step (a group never spans ranks) and
                           sampled with the KV-cache engine (`rollout.sample`), under no_grad, eval mode
+                          (dynamic sampling: all-equal groups re-sampled, `dynamic_sampling_max_tries` rounds)
     2. compute_rewards    reward functions (TRL signature) -> one reward per completion (outcome) or one reward
                           per reasoning step (process); None/NaN = "no reward" (advantage 0, counted)
     3. old / ref log-probs old log-probs are needed only when the policy moves before a sample is used
@@ -30,7 +31,6 @@ Overriding `compute_rewards` alone is enough for a new task.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import losses, parallel
+from ..algorithms import dynamic_sampling
 from ..algorithms.advantages import AdvantageInputs, Estimator, get_estimator
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, sample
 from .base import PolicyModuleBase, grad_norm
@@ -382,16 +383,18 @@ class GRPOModule(PolicyModuleBase):
             rounds += 1
             idle = redo.numel() == 0  # lockstep only: sample prompt 0 along with the others, keep nothing
             redo = torch.zeros(1, dtype=torch.long) if idle else redo
-            sub_batch = _select_prompts(batch, redo)
+            sub_batch = dynamic_sampling.select_prompts(batch, redo)
+            # the merged rollout's reward logs; taken before `rollout`, whose remax baseline scores too
+            per_fn, stats = getattr(self, "_per_fn_rewards", None), self._reward_stats
             t0 = time.perf_counter()
             extra = self.rollout(sub_batch)
             t_gen += time.perf_counter() - t0
-            per_fn, stats = getattr(self, "_per_fn_rewards", None), self._reward_stats
             extra_rewards = self._score(extra, sub_batch)
             fixed = (~self._zero_std_groups(self.outcome_rewards(extra_rewards))).cpu() & (not idle)
-            rows = self._replacement_rows(len(rollout.prompts), redo[fixed], fixed.nonzero().flatten())
-            rollout = _merge_rollouts(rollout, extra, rows, self.tokenizer.pad_token_id)
-            rewards = _select_rows(_cat_rows(rewards, extra_rewards), rows)
+            rows = dynamic_sampling.replacement_rows(len(rollout.prompts), self.hparams.group_size, redo[fixed],
+                                                     fixed.nonzero().flatten())
+            rollout = dynamic_sampling.merge_rollouts(rollout, extra, rows, self.tokenizer.pad_token_id)
+            rewards = dynamic_sampling.select_rows(dynamic_sampling.cat_rows(rewards, extra_rewards), rows)
             self._merge_reward_logs(per_fn, stats, rows)
         metrics = {}
         if self.hparams.dynamic_sampling_max_tries > 0:
@@ -403,17 +406,6 @@ class GRPOModule(PolicyModuleBase):
     def _score(self, rollout: Rollout, batch: dict[str, Any]):
         """`score_rollout` of one rollout, its dataset columns aligned with its rows."""
         return self.score_rollout(rollout.prompts, rollout.completions, {"columns": rollout.columns, **batch})
-
-    def _replacement_rows(self, n_rows: int, groups: Tensor, new_groups: Tensor) -> Tensor:
-        """Row index into [old rows; new rows]: every row of old group groups[k] taken from new group
-        new_groups[k] instead, the rest kept. [n_rows]"""
-        G = self.hparams.group_size
-        rows = torch.arange(n_rows)
-        offsets = torch.arange(G)
-        if groups.numel():
-            rows[(groups.unsqueeze(-1) * G + offsets).flatten()] = n_rows + (new_groups.unsqueeze(-1) * G +
-                                                                            offsets).flatten()
-        return rows
 
     def _merge_reward_logs(self, per_fn_before: Tensor | None, stats_before: dict[str, int], rows: Tensor) -> None:
         """Keep the per-function rewards aligned with the merged rows and count every round's non-finite
@@ -568,62 +560,6 @@ class GRPOModule(PolicyModuleBase):
         self.log("reward", logged["reward/mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         if "policy/kl" in logged:
             self.log("kl", logged["policy/kl"], prog_bar=True, logger=False, batch_size=len(rewards))
-
-
-def _select_prompts(batch: dict[str, Any], idx: Tensor) -> dict[str, Any]:
-    """The batch restricted to prompts `idx` (tensors and per-prompt lists indexed; anything else as it is)."""
-    n = len(batch["prompts"])
-    picked = idx.tolist()
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-            out[key] = value[idx.to(value.device)]
-        elif isinstance(value, (list, tuple)) and len(value) == n:
-            out[key] = [value[i] for i in picked]
-        else:
-            out[key] = value
-    return out
-
-
-def _cat_rows(a: Any, b: Any, pad_value: float = 0.0) -> Any:
-    """Rows of a then rows of b: tensors (right-padded to the longer dim 1), lists, dicts of them; None stays."""
-    if a is None or b is None:
-        return None
-    if isinstance(a, dict):
-        return {k: _cat_rows(a[k], b[k], pad_value) for k in a}
-    if isinstance(a, Tensor):
-        b = b.to(a.device)
-        if a.dim() > 1 and a.shape[1] != b.shape[1]:
-            width = max(a.shape[1], b.shape[1])
-            a, b = (torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad_value) for x in (a, b))
-        return torch.cat([a, b])
-    return list(a) + list(b)
-
-
-def _select_rows(x: Any, rows: Tensor) -> Any:
-    """Rows `rows` of a tensor, list or dict of them (None stays None)."""
-    if x is None:
-        return None
-    if isinstance(x, dict):
-        return {k: _select_rows(v, rows) for k, v in x.items()}
-    if isinstance(x, Tensor):
-        return x[rows.to(x.device)]
-    return [x[i] for i in rows.tolist()]
-
-
-def _merge_rollouts(old: Rollout, new: Rollout, rows: Tensor, pad_token_id: int) -> Rollout:
-    """The rollout whose row i is row rows[i] of [old; new]: re-sampled groups replace uninformative ones.
-    Completions of different lengths are right-padded (pad token, mask 0), as the sampler pads them."""
-    def merged(name: str, a: Any, b: Any) -> Any:
-        return _select_rows(_cat_rows(a, b, pad_token_id if name == "completion_ids" else 0), rows)
-
-    samples = dataclasses.replace(old.samples, **{f.name: merged(f.name, getattr(old.samples, f.name),
-                                                                  getattr(new.samples, f.name))
-                                                  for f in dataclasses.fields(old.samples)})
-    return dataclasses.replace(old, samples=samples, prompts=merged("prompts", old.prompts, new.prompts),
-                               completions=merged("completions", old.completions, new.completions),
-                               columns=merged("columns", old.columns, new.columns),
-                               baseline_scores=merged("baseline_scores", old.baseline_scores, new.baseline_scores))
 
 
 def _check_estimator(hp) -> Estimator:
