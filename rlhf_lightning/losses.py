@@ -13,7 +13,7 @@ Conventions
 
 References
 - DeepSeekMath (Shao et al. 2024), §4.1: GRPO, outcome and process supervision.
-- DAPO (Yu et al. 2025): clip-higher, token-level loss aggregation.
+- DAPO (Yu et al. 2025): clip-higher, token-level loss aggregation, soft overlong punishment.
 - Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): no std scaling, constant normaliser.
 - GSPO (Zheng et al. 2025): sequence-level importance ratio.
 - Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"): KL penalty in the reward,
@@ -339,6 +339,41 @@ def policy_loss(
             "ratio_mean": masked_mean(r, m),
         }
     return loss, stats
+
+
+def entropy_bonus(
+    entropy: Tensor,
+    mask: Tensor,
+    coef: float,
+    agg: str,
+    normalizer: float | Tensor | None = None,
+    max_len: int | None = None,
+) -> Tensor:
+    """The entropy term of the loss: -coef * aggregate(entropy), aggregated like the policy loss. [B, T] -> scalar
+
+    Added to the loss, it rewards a spread-out policy (coef > 0), which keeps a collapsing policy exploring;
+    with the same `agg` / `normalizer` / `max_len` as the surrogate, micro-batches add up exactly as the
+    surrogate's do. coef = 0 gives an exact 0 (with the graph intact).
+    """
+    return -float(coef) * aggregate(entropy.float(), mask, agg, normalizer=normalizer, max_len=max_len)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer_len: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to each completion's reward. [B] -> [B]
+
+        R_length(y) = 0                                   |y| <= L_max - L_cache
+                    = ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
+                    = -1                                  L_max < |y|
+
+    times `factor` (verl's `overlong_buffer.penalty_factor`). L_max = max_len (max_new_tokens), L_cache =
+    buffer_len; |y| counts the completion's real tokens, EOS included. buffer_len = 0 is off (all zeros).
+    """
+    if buffer_len < 0 or buffer_len > max_len:
+        raise ValueError(f"buffer_len must be in [0, max_len={max_len}], got {buffer_len}")
+    if buffer_len == 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)
+    expected = max_len - buffer_len
+    return ((expected - lengths.float()) / buffer_len).clamp(min=-1.0, max=0.0) * float(factor)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ One `training_step` = one rollout + its updates:
 
     1. rollout            each prompt is repeated G times *inside* the step (a group never spans ranks) and
                           sampled with the KV-cache engine (`rollout.sample`), under no_grad, eval mode
+                          (dynamic sampling: all-equal groups re-sampled, `dynamic_sampling_max_tries` rounds)
     2. compute_rewards    reward functions (TRL signature) -> one reward per completion (outcome) or one reward
                           per reasoning step (process); None/NaN = "no reward" (advantage 0, counted)
     3. old / ref log-probs old log-probs are needed only when the policy moves before a sample is used
@@ -39,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import losses
+from .. import losses, parallel
+from ..algorithms import dynamic_sampling
 from ..algorithms.advantages import AdvantageInputs, Estimator, get_estimator
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, sample
 from .base import PolicyModuleBase, grad_norm
@@ -90,7 +92,16 @@ class GRPOModule(PolicyModuleBase):
         step_separator: splits a completion into steps for process supervision (default: the task's, or "\\n").
         mask_truncated: completions that hit max_new_tokens without EOS get no loss (DAPO overlong filtering).
         drop_uninformative_groups: groups whose rewards are all equal (zero advantage) are dropped from the
-            loss and its normaliser (DAPO dynamic sampling, without re-sampling).
+            loss and its normaliser (DAPO dynamic sampling).
+        dynamic_sampling_max_tries: with drop_uninformative_groups, re-sample the uninformative groups' prompts
+            up to this many rounds per rollout (each rank its own), keeping each newly informative group, so the
+            batch holds as many informative groups as the bound allows (DAPO dynamic sampling). 0 = no
+            re-sampling. Logged as rollout/resample_rounds and rollout/informative_groups.
+        overlong_buffer_len / overlong_penalty_factor: DAPO's soft overlong punishment (eq. 13): completions
+            longer than max_new_tokens - overlong_buffer_len tokens get a reward penalty growing linearly to
+            -overlong_penalty_factor at max_new_tokens (reward/overlong_penalty). 0 = off. Outcome rewards only.
+        entropy_coef: entropy bonus: the loss minus entropy_coef x the policy's mean token entropy, aggregated
+            like the policy loss (loss_agg). 0 = off.
         max_grad_norm: gradient clipping (None = off).
         sample_seed: seed of the sampling generator (offset by the global rank).
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
@@ -130,6 +141,10 @@ class GRPOModule(PolicyModuleBase):
         step_separator: str | None = None,
         mask_truncated: bool = False,
         drop_uninformative_groups: bool = False,
+        dynamic_sampling_max_tries: int = 0,
+        overlong_buffer_len: int = 0,
+        overlong_penalty_factor: float = 1.0,
+        entropy_coef: float = 0.0,
         max_grad_norm: float | None = 1.0,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
@@ -306,12 +321,15 @@ class GRPOModule(PolicyModuleBase):
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
-        t0 = time.perf_counter()
-        rollout = self.rollout(batch)
-        t_gen = time.perf_counter() - t0
+        rollout, raw_rewards, t_gen, rollout_metrics = self._sample_and_score(batch)
         s = rollout.samples
-        reward_batch = {"columns": rollout.columns, **batch}
-        raw_rewards = self.score_rollout(rollout.prompts, rollout.completions, reward_batch)
+        # informative = the task's rewards differ inside the group (DAPO filters on accuracy, before the penalty)
+        group_std_zero = self._zero_std_groups(self.outcome_rewards(raw_rewards))  # [N/G] bool
+        if hp.overlong_buffer_len > 0:
+            penalty = losses.overlong_penalty(s.completion_lengths(), hp.max_new_tokens, hp.overlong_buffer_len,
+                                              hp.overlong_penalty_factor).to(raw_rewards.device)
+            raw_rewards = raw_rewards + penalty  # a missing (NaN) reward stays missing
+            rollout_metrics["reward/overlong_penalty"] = penalty.mean()
         ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
                    completion_mask=s.completion_mask)
         t1 = time.perf_counter()
@@ -326,7 +344,6 @@ class GRPOModule(PolicyModuleBase):
         loss_mask = s.completion_mask.float()  # [N, T]
         if hp.mask_truncated:
             loss_mask = loss_mask * (~s.is_truncated).float().unsqueeze(-1)
-        group_std_zero = self._zero_std_groups(rewards)  # [N/G] bool
         if hp.drop_uninformative_groups:
             keep_rows = (~group_std_zero).repeat_interleave(hp.group_size)  # [N]
             loss_mask = loss_mask * keep_rows.float().unsqueeze(-1)
@@ -336,7 +353,68 @@ class GRPOModule(PolicyModuleBase):
             update_stats["kl"] = float(losses.masked_mean(rollout.kl, loss_mask))
         t_train = time.perf_counter() - t1
         self.rollouts += 1
-        self._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, update_stats, t_gen, t_train)
+        self._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, update_stats, t_gen, t_train,
+                       rollout_metrics)
+
+    def _sample_and_score(self, batch: dict[str, Any]) -> tuple[Rollout, Any, float, dict[str, Tensor]]:
+        """(rollout, its rewards, generation seconds, metrics): `rollout` + `score_rollout`, then DAPO's dynamic
+        sampling: while some group's rewards are all equal and `dynamic_sampling_max_tries` allows another round,
+        its prompt is sampled G more times and the new group replaces it when it is informative.
+
+        Under DDP every rank loops on its own (no collective inside), bounded; the batch keeps its size, so every
+        rank takes the same optimizer steps. A sharded (FSDP2) policy all-gathers its weights in every sampling
+        call, so there the ranks go round together while any of them has a group to redo (a rank with none samples
+        one group and discards it). Re-sampling draws from the saved sampling generator: runs stay seeded and
+        resume exactly. Groups still uninformative after the last round stay (drop_uninformative_groups drops them).
+        """
+        t0 = time.perf_counter()
+        rollout = self.rollout(batch)
+        t_gen = time.perf_counter() - t0
+        rewards = self._score(rollout, batch)
+        rounds = 0
+        lockstep = parallel.is_sharded(self.policy)
+        while rounds < self.hparams.dynamic_sampling_max_tries:
+            redo = self._zero_std_groups(self.outcome_rewards(rewards)).nonzero().flatten().cpu()  # prompt indices
+            wanted = float(redo.numel() > 0)
+            if lockstep:
+                wanted = float(self._global_sum(torch.tensor(wanted, device=self.device)))
+            if wanted == 0:
+                break
+            rounds += 1
+            idle = redo.numel() == 0  # lockstep only: sample prompt 0 along with the others, keep nothing
+            redo = torch.zeros(1, dtype=torch.long) if idle else redo
+            sub_batch = dynamic_sampling.select_prompts(batch, redo)
+            # the merged rollout's reward logs; taken before `rollout`, whose remax baseline scores too
+            per_fn, stats = getattr(self, "_per_fn_rewards", None), self._reward_stats
+            t0 = time.perf_counter()
+            extra = self.rollout(sub_batch)
+            t_gen += time.perf_counter() - t0
+            extra_rewards = self._score(extra, sub_batch)
+            fixed = (~self._zero_std_groups(self.outcome_rewards(extra_rewards))).cpu() & (not idle)
+            rows = dynamic_sampling.replacement_rows(len(rollout.prompts), self.hparams.group_size, redo[fixed],
+                                                     fixed.nonzero().flatten())
+            rollout = dynamic_sampling.merge_rollouts(rollout, extra, rows, self.tokenizer.pad_token_id)
+            rewards = dynamic_sampling.select_rows(dynamic_sampling.cat_rows(rewards, extra_rewards), rows)
+            self._merge_reward_logs(per_fn, stats, rows)
+        metrics = {}
+        if self.hparams.dynamic_sampling_max_tries > 0:
+            informative = ~self._zero_std_groups(self.outcome_rewards(rewards))
+            metrics = {"rollout/resample_rounds": torch.tensor(float(rounds)),
+                       "rollout/informative_groups": informative.float().sum()}
+        return rollout, rewards, t_gen, metrics
+
+    def _score(self, rollout: Rollout, batch: dict[str, Any]):
+        """`score_rollout` of one rollout, its dataset columns aligned with its rows."""
+        return self.score_rollout(rollout.prompts, rollout.completions, {"columns": rollout.columns, **batch})
+
+    def _merge_reward_logs(self, per_fn_before: Tensor | None, stats_before: dict[str, int], rows: Tensor) -> None:
+        """Keep the per-function rewards aligned with the merged rows and count every round's non-finite
+        rewards (score_rollout resets both for each call)."""
+        per_fn = getattr(self, "_per_fn_rewards", None)
+        if isinstance(per_fn_before, Tensor) and isinstance(per_fn, Tensor):
+            self._per_fn_rewards = torch.cat([per_fn_before, per_fn.to(per_fn_before.device)], dim=1)[:, rows]
+        for key, value in stats_before.items():
+            self._reward_stats[key] = self._reward_stats.get(key, 0) + value
 
     def _zero_std_groups(self, rewards: Tensor) -> Tensor:
         grouped = rewards.view(-1, self.hparams.group_size)  # [N/G, G]
@@ -401,22 +479,10 @@ class GRPOModule(PolicyModuleBase):
                 opt.zero_grad(set_to_none=True)
                 step_loss = 0.0  # micro-batch losses add up to the step's loss (global normaliser)
                 for idx in self._micro_batches(N, rows):
-                    mb = {k: v[idx] for k, v in ctx.items()}
-                    logp, entropy = completion_logprobs(self.policy, **mb, temperature=hp.temperature,
-                                                        return_entropy=True)
-                    mask = loss_mask[idx]
-                    old = old_logp[idx] if old_logp is not None else logp.detach()
-                    pg_loss, stats = self.policy_loss(logp, old, advantages[idx], mask, normalizer)
-                    loss = pg_loss
-                    if ref_logp is not None:
-                        kl = losses.kl_estimate(logp, ref_logp[idx], hp.kl_estimator)  # [n, T]
-                        kl_loss = losses.aggregate(kl, mask, hp.loss_agg, normalizer=normalizer,
-                                                   max_len=hp.max_new_tokens)
-                        loss = loss + hp.beta * kl_loss
-                        stats["kl"] = losses.masked_mean(kl.detach(), mask)
+                    loss, stats = self._micro_batch_loss(ctx, idx, advantages, loss_mask[idx], old_logp, ref_logp,
+                                                         normalizer)
                     # DDP averages gradients over ranks; the normaliser is already global, so undo the mean
                     self.manual_backward(loss * world)
-                    stats["entropy"] = losses.masked_mean(entropy.detach(), mask)
                     step_loss += float(loss.detach())
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
@@ -434,9 +500,31 @@ class GRPOModule(PolicyModuleBase):
         out["loss"] = sum(step_losses) / len(step_losses)
         return out
 
+    def _micro_batch_loss(self, ctx: dict[str, Tensor], idx: Tensor, advantages: Tensor, mask: Tensor,
+                          old_logp: Tensor | None, ref_logp: Tensor | None,
+                          normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Rows `idx`' share of the optimizer step's loss: clipped surrogate + beta * KL - entropy_coef * entropy,
+        each aggregated by loss_agg over the whole step's `normalizer`."""
+        hp = self.hparams
+        mb = {k: v[idx] for k, v in ctx.items()}
+        logp, entropy = completion_logprobs(self.policy, **mb, temperature=hp.temperature, return_entropy=True)
+        old = old_logp[idx] if old_logp is not None else logp.detach()
+        loss, stats = self.policy_loss(logp, old, advantages[idx], mask, normalizer)
+        if ref_logp is not None:
+            kl = losses.kl_estimate(logp, ref_logp[idx], hp.kl_estimator)  # [n, T]
+            kl_loss = losses.aggregate(kl, mask, hp.loss_agg, normalizer=normalizer, max_len=hp.max_new_tokens)
+            loss = loss + hp.beta * kl_loss
+            stats["kl"] = losses.masked_mean(kl.detach(), mask)
+        if hp.entropy_coef > 0:  # off: the entropy stays out of the graph (no extra backward work)
+            loss = loss + losses.entropy_bonus(entropy, mask, hp.entropy_coef, hp.loss_agg, normalizer=normalizer,
+                                               max_len=hp.max_new_tokens)
+        stats["entropy"] = losses.masked_mean(entropy.detach(), mask)
+        return loss, stats
+
     # ------------------------------------------------------------------------------------------ logging
     def _log_step(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, group_std_zero: Tensor,
-                  loss_mask: Tensor, stats: dict[str, float], t_gen: float, t_train: float) -> None:
+                  loss_mask: Tensor, stats: dict[str, float], t_gen: float, t_train: float,
+                  rollout_metrics: dict[str, Tensor]) -> None:
         s = rollout.samples
         lengths = s.completion_mask.sum(-1).float()
         valid = ~torch.isnan(rewards)
@@ -459,6 +547,7 @@ class GRPOModule(PolicyModuleBase):
         }
         metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
         metrics.update(self.guard_metrics())
+        metrics.update(rollout_metrics)
         for k, v in stats.items():
             key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "policy/loss"}.get(k, f"policy/{k}")
             metrics[key] = torch.tensor(v)
@@ -520,6 +609,19 @@ def _validate_grpo_args(hp) -> None:
         (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
          f"{hp.max_grad_norm}"),
         (hp.log_samples_every_n_steps >= 0, "log_samples_every_n_steps must be >= 0"),
+        (isinstance(hp.dynamic_sampling_max_tries, int) and hp.dynamic_sampling_max_tries >= 0,
+         f"dynamic_sampling_max_tries must be an integer >= 0, got {hp.dynamic_sampling_max_tries!r}"),
+        (hp.dynamic_sampling_max_tries == 0 or hp.drop_uninformative_groups, "dynamic_sampling_max_tries re-samples "
+         "the groups drop_uninformative_groups drops: set drop_uninformative_groups: true (it would be ignored)"),
+        (isinstance(hp.overlong_buffer_len, int) and 0 <= hp.overlong_buffer_len <= hp.max_new_tokens,
+         f"overlong_buffer_len must be an integer in [0, max_new_tokens={hp.max_new_tokens}], got "
+         f"{hp.overlong_buffer_len!r}"),
+        (hp.overlong_penalty_factor >= 0 and math.isfinite(hp.overlong_penalty_factor),
+         f"overlong_penalty_factor must be finite and >= 0, got {hp.overlong_penalty_factor}"),
+        (hp.overlong_buffer_len == 0 or hp.supervision == "outcome", "overlong_buffer_len penalises outcome rewards: "
+         "it needs supervision=outcome"),
+        (hp.entropy_coef >= 0 and math.isfinite(hp.entropy_coef), f"entropy_coef must be finite and >= 0, got "
+         f"{hp.entropy_coef}"),
         (not hp.normalize_reward_model or hp.reward_model is not None, "normalize_reward_model applies to "
          "model.reward_model, which is not set (it would be silently ignored)"),
     ]
