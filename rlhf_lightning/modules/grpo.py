@@ -56,6 +56,7 @@ class Rollout:
     extras: dict[str, Any] = field(default_factory=dict)  # room for subclasses (e.g. step boundaries)
     baseline_scores: Tensor | None = None  # [N] reward of the prompt's greedy completion (remax)
     kl: Tensor | None = None  # [N, T] KL to the reference, set before advantages when it shapes the reward
+    per_source: dict[str, Tensor] = field(default_factory=dict)  # reward/<name>: each source's rewards, once scored
 
 
 class GRPOModule(PolicyModuleBase):
@@ -64,7 +65,7 @@ class GRPOModule(PolicyModuleBase):
     Args (beyond `PolicyModuleBase`'s model / reward / optimizer arguments):
         reward_model: a trained reward model (`RewardModel`'s `hf_model/` export, any local
             AutoModelForSequenceClassification directory, or a hub id), used as one more reward function
-            (`RewardModelScorer`; weight 1 unless reward_weights lists it last).
+            (`rewards.RewardModelSource`; weight 1 unless reward_weights lists it last).
         normalize_reward_model: standardise its scores with the mean/std recorded at its last validation.
         group_size: G completions sampled per prompt (≥ 2: advantages are relative within a group).
         beta: weight of the KL(π_θ‖π_ref) penalty in the loss; 0 loads no reference model.
@@ -162,10 +163,10 @@ class GRPOModule(PolicyModuleBase):
         self.apply_lora()
         self.automatic_optimization = False
         if reward_model is not None:
-            from .reward_model import RewardModelScorer
+            from ..rewards import RewardModelSource
 
             # the scorer is a plain attribute (not a submodule): the RM is frozen and not part of checkpoints
-            self.reward_funcs.append(RewardModelScorer(reward_model, normalize=normalize_reward_model))
+            self.reward_funcs.append(RewardModelSource(reward_model, normalize=normalize_reward_model))
             if reward_weights is not None:
                 from ..rewards import check_reward_weights
 
@@ -231,20 +232,13 @@ class GRPOModule(PolicyModuleBase):
         greedy = self.greedy_samples(batch, self.hparams.max_new_tokens)
         completions = decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask)
         scores = self.score_rollout(list(batch["prompts"]), completions,
-                                    {"columns": self.reward_columns(batch), **batch})
+                                    {"columns": self.reward_columns(batch), **batch}).rewards
         return torch.as_tensor(scores, dtype=torch.float32).to(self.device).repeat_interleave(self.hparams.group_size)
 
-    def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
-        """Outcome: Tensor [N] (NaN = no reward). Process: list of N lists of step rewards.
-
-        `batch["columns"]` holds the dataset columns aligned with completions. Override for a new task.
-        """
-        if self.hparams.supervision == "process":
-            from ..rewards import call_step_reward_fns
-
-            return call_step_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions,
-                                        batch["columns"], self.nonfinite_rewards, self._reward_stats)
-        return super().compute_rewards(prompts, completions, batch)
+    @property
+    def process_rewards(self) -> bool:
+        """supervision=process: the reward functions give step rewards (`compute_rewards` returns N step lists)."""
+        return self.hparams.supervision == "process"
 
     def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
         """Outcome: the `advantage_estimator`'s, [N] (one per completion) or [N, T] (token-level: reinforce_pp).
@@ -311,7 +305,8 @@ class GRPOModule(PolicyModuleBase):
         t_gen = time.perf_counter() - t0
         s = rollout.samples
         reward_batch = {"columns": rollout.columns, **batch}
-        raw_rewards = self.score_rollout(rollout.prompts, rollout.completions, reward_batch)
+        scored = self.score_rollout(rollout.prompts, rollout.completions, reward_batch)
+        raw_rewards, rollout.per_source = scored.rewards, scored.per_source
         ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
                    completion_mask=s.completion_mask)
         t1 = time.perf_counter()
@@ -457,7 +452,7 @@ class GRPOModule(PolicyModuleBase):
             "perf/rollouts": torch.tensor(float(self.rollouts)),
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
-        metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
+        metrics.update(self.per_function_reward_metrics(rollout.per_source))
         metrics.update(self.guard_metrics())
         for k, v in stats.items():
             key = {"kl": "policy/kl", "entropy": "policy/entropy", "loss": "policy/loss"}.get(k, f"policy/{k}")
