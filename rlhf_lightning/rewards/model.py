@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 class RewardModelSource(RewardSource):
-    """A trained reward model as a reward function: `scorer(prompts, completions, **columns) -> list[float]`.
+    """A trained reward model as a reward source (`score(...) -> RewardOutput`), a TRL reward function
+    (`source(prompts, completions, **columns) -> list[float]`), and a scorer of token ids (`score_ids`, PPO's).
 
     `model_dir_or_module`: an exported `hf_model/` directory (or hub id), a `RewardModel`, or a bare sequence-
     classification model (then `tokenizer` is required). Prompts/completions may be strings or chat messages
