@@ -15,7 +15,7 @@ RM up to date. Every K rollouts (`every_n_steps`) the callback
        Bradley-Terry loss from `modules.reward_model`);
     5. copies the policy's weights into the frozen reference (`pl_module.ref_policy`, when beta > 0).
 
-GRPO then continues with the updated RM: the module's reward function is a `RewardModelScorer` whose `.model` is
+GRPO then continues with the updated RM: the module's reward function is a `RewardModelSource` whose `.model` is
 the very network trained here (shared, not copied), so the next rollout is scored by the new weights.
 
 Logged once per iteration (x-axis = rollout index): `iterative/rm_accuracy` (accuracy of the updated RM on the
@@ -41,10 +41,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .modules.reward_model import RewardModelScorer, bradley_terry_loss
+from .modules.reward_model import bradley_terry_loss
 from .parallel import run_dir
 from .preference import reward_input_ids, right_pad
-from .rewards import call_reward_fns, resolve_reward_fn
+from .rewards import RewardModelSource, call_reward_fns, resolve_reward_fn
 
 Pair = dict[str, str]  # {"prompt", "chosen", "rejected"}
 
@@ -96,7 +96,7 @@ class IterativeRewardModelCallback(L.Callback):
         labeler: verifier that labels policy samples, `f(prompts, completions, **columns) -> list of 0/1`: a
             callable or an import path / built-in name (e.g. `rlhf_lightning.rewards.exact_match`).
         reward_model: an exported RewardModel `hf_model/` directory to train and make the module's reward (it
-            replaces the module's `RewardModelScorer`, or is appended when there is none); None = train the
+            replaces the module's `RewardModelSource`, or is appended when there is none); None = train the
             scorer the module already has (`GRPOModule(reward_model=...)`).
         every_n_steps: K, rollouts between iterations (an iteration runs after rollouts K, 2K, ...).
         samples_per_iteration: fresh policy completions to sample per iteration (rounded up to whole groups).
@@ -139,7 +139,7 @@ class IterativeRewardModelCallback(L.Callback):
         self.rm_updates = 0
         self.reference_resets = 0
         self.last_rollout = 0  # module.rollouts at the last iteration
-        self.scorer: RewardModelScorer | None = None
+        self.scorer: RewardModelSource | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None  # RM weights / optimizer from load_state_dict
 
@@ -150,9 +150,9 @@ class IterativeRewardModelCallback(L.Callback):
             raise ValueError("IterativeRewardModelCallback.reset_reference needs a reference copy, but with LoRA the "
                              "reference is the base model (adapter disabled); set reset_reference: false")
         funcs = pl_module.reward_funcs
-        existing = [i for i, f in enumerate(funcs) if isinstance(f, RewardModelScorer)]
+        existing = [i for i, f in enumerate(funcs) if isinstance(f, RewardModelSource)]
         if self.reward_model is not None:
-            scorer = RewardModelScorer(self.reward_model)
+            scorer = RewardModelSource(self.reward_model)
             if existing:
                 funcs[existing[-1]] = scorer
             else:

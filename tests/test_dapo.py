@@ -150,7 +150,8 @@ def test_dynamic_sampling_keeps_per_function_rewards_aligned_with_remax(tmp_path
     log_step = module._log_step
 
     def recording(*args):
-        per_fn.append((module._per_fn_rewards[0].clone(), args[1].clone(), args[-1]["rollout/resample_rounds"]))
+        per_source = args[0].per_source  # the rollout's reward/<name> values, one reward function here
+        per_fn.append((next(iter(per_source.values())).clone(), args[1].clone(), args[-1]["rollout/resample_rounds"]))
         return log_step(*args)
 
     module._log_step = recording

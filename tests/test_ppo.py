@@ -18,6 +18,7 @@ from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.evaluation import greedy_accuracy
 from rlhf_lightning.models import load_causal_lm, load_sequence_classifier
 from rlhf_lightning.modules.ppo import PPOModule, token_logprobs
+from rlhf_lightning.rewards import reward_fn_name
 from rlhf_lightning.rollout import RolloutBatch, completion_logprobs, sample
 from rlhf_lightning.tasks import AdditionTask
 from rlhf_lightning.tokenizer import build_char_tokenizer
@@ -465,10 +466,13 @@ def test_minibatches_larger_than_rollout_is_refused(tmp_path):
 def test_reward_model_alone_trains_and_task_verifiers_stay_out_of_the_reward(tmp_path, reward_model_dir):
     m = PPOModule("tiny", reward_model=reward_model_dir, critic="separate", kl_coef=0.05, ppo_epochs=1,
                   max_new_tokens=3)
-    make_trainer(tmp_path, max_steps=2 * 2).fit(m, make_data(batch_size=4))
+    trainer = make_trainer(tmp_path, max_steps=2 * 2)
+    trainer.fit(m, make_data(batch_size=4))
     assert m.rollouts == 2
     assert m.reward_funcs  # the addition task's verifier, kept for val/accuracy ...
-    assert m._per_fn_rewards is None  # ... but not added to the training reward
+    verifiers = {f"reward/{reward_fn_name(f)}" for f in m.reward_funcs}
+    assert "reward/score" in trainer.callback_metrics
+    assert not verifiers & set(trainer.callback_metrics)  # ... but not scored into the training reward
 
 
 def test_validation_samples_once_for_reward_model_and_verifiers(tmp_path, reward_model_dir):

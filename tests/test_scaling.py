@@ -42,6 +42,21 @@ TASKS = {
 # the shared critic's value head is called outside the policy's forward: it is an FSDP2 unit of its own
 TASKS["ppo-shared"] = [*TASKS["ppo"], "--model.init_args.critic", "shared"]
 TASKS["grpo-lora"] = [*TASKS["grpo"], "--model.init_args.lora", "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"]
+# PPO's reward model (frozen, its backbone sharded, its head called outside it) scores the same under FSDP2
+TASKS["ppo-rm"] = TASKS["ppo"]
+
+
+def reward_model_args(task: str, tmp_path: Path) -> list[str]:
+    """For `ppo-rm`: a tiny reward model export (weights + tokenizer) and the flag that uses it."""
+    if task != "ppo-rm":
+        return []
+    from rlhf_lightning.models import load_sequence_classifier
+    from rlhf_lightning.tokenizer import build_char_tokenizer
+
+    out, tok = tmp_path / "rm", build_char_tokenizer()
+    load_sequence_classifier("tiny", tok, seed=7).save_pretrained(out)
+    tok.save_pretrained(out)
+    return ["--model.init_args.reward_model", str(out)]
 
 
 def run_cli_processes(tmp_path: Path, name: str, args: list[str]) -> Path:
@@ -62,17 +77,18 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["grpo", "ppo", "ppo-shared", "grpo-lora"])
+@pytest.mark.parametrize("task", ["grpo", "ppo", "ppo-shared", "grpo-lora", "ppo-rm"])
 def test_fsdp2_and_ddp_on_two_cpu_processes_train_to_the_same_weights(tmp_path, task):
     """The README's command (task config + configs/fsdp.yaml + 2 devices) and the same run under DDP.
 
     Same seeds, same data split, so sharding must not change the maths: both exports agree to float rounding,
     both moved away from the initial weights, and FSDP2 wrote a distributed checkpoint (one shard per rank).
     """
+    rm = reward_model_args(task, tmp_path)
     fsdp = run_cli_processes(tmp_path, "fsdp", [*TASKS[task], "--config", "configs/fsdp.yaml",
-                                                "--trainer.devices", "2", *SMALL])
+                                                "--trainer.devices", "2", *SMALL, *rm])
     ddp = run_cli_processes(tmp_path, "ddp", [*TASKS[task], "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                                              "--trainer.accelerator", "cpu", *SMALL])
+                                              "--trainer.accelerator", "cpu", *SMALL, *rm])
     a, b = load_weights(fsdp / "hf_model"), load_weights(ddp / "hf_model")
     init = load_causal_lm("tiny", seed=0).state_dict()
     assert a.keys() == b.keys()

@@ -82,4 +82,6 @@ def merge_rollouts(old: Any, new: Any, rows: Tensor, pad_token_id: int) -> Any:
     return dataclasses.replace(old, samples=samples, prompts=merged("prompts", old.prompts, new.prompts),
                                completions=merged("completions", old.completions, new.completions),
                                columns=merged("columns", old.columns, new.columns),
-                               baseline_scores=merged("baseline_scores", old.baseline_scores, new.baseline_scores))
+                               baseline_scores=merged("baseline_scores", old.baseline_scores, new.baseline_scores),
+                               per_source={k: merged(k, v, new.per_source[k]) for k, v in old.per_source.items()
+                                           if k in new.per_source})

@@ -218,25 +218,44 @@ class PolicyModuleBase(L.LightningModule):
         return call_reward_fns(fns, weights, prompts, completions, columns, self.nonfinite_rewards,
                                self._reward_stats)
 
+    process_rewards = False  # True: the reward sources give step rewards (GRPO's supervision=process)
+
+    def reward_source(self):
+        """The module's reward as one `RewardSource`: `reward_fns` (functions or sources) weighted by
+        `reward_weights`, with non-finite values handled as `nonfinite_rewards` says."""
+        from ..rewards import WeightedSources
+
+        return WeightedSources(self.reward_funcs, self.reward_weights, self.process_rewards, self.nonfinite_rewards,
+                               self._reward_stats)
+
+    def score_sources(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
+        """The library's own `RewardOutput` of a rollout: `reward_source()` scored (PPO adds its reward model)."""
+        return self.reward_source().score(prompts, completions, batch["columns"])
+
     def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
-        """Outcome rewards [N] (NaN = no reward) of the weighted reward functions; `batch["columns"]` holds the
-        dataset columns aligned with completions. The hook training and validation both score through."""
-        total, per_fn = self.score(prompts, completions, batch["columns"])
-        self._per_fn_rewards = per_fn
-        return total
+        """Outcome rewards [N] (NaN = no reward; process supervision: N lists of step rewards) of the weighted
+        reward sources; `batch["columns"]` holds the dataset columns aligned with completions. Override for a new
+        task; training and validation both score through it."""
+        return self.score_sources(prompts, completions, batch).rewards
 
     def score_rollout(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
-        """`compute_rewards` (a subclass's own included), with ±inf / float32-overflowing values stopped or made
-        missing as `nonfinite_rewards` says. The one scoring path of training and validation."""
-        from ..rewards import check_finite_rewards
+        """The `RewardOutput` of `compute_rewards` (a subclass's own included: its rewards, no per-source values),
+        with ±inf / float32-overflowing values stopped or made missing as `nonfinite_rewards` says. The one
+        scoring path of training and validation."""
+        from ..rewards import RewardOutput, check_finite_rewards
 
         self._reward_stats = {}
-        self._per_fn_rewards = None
-        rewards = self.compute_rewards(prompts, completions, batch)
+        hook = self.compute_rewards
+        if _is_library_hook(hook):  # the sources themselves: their per-source values come along
+            out = self.score_sources(prompts, completions, batch)
+        else:
+            out = RewardOutput(hook(prompts, completions, batch))
+        rewards = out.rewards
         if isinstance(rewards, torch.Tensor):  # a subclass may build it on the CPU
             rewards = rewards.to(self.device)
-        return check_finite_rewards(rewards, f"{type(self).__name__}.compute_rewards", self.nonfinite_rewards,
-                                    self._reward_stats)
+        out.rewards = check_finite_rewards(rewards, f"{type(self).__name__}.compute_rewards", self.nonfinite_rewards,
+                                           self._reward_stats)
+        return out
 
     def has_reward(self) -> bool:
         """Whether validation can score: reward functions, or a `compute_rewards` of the user's own."""
@@ -294,18 +313,14 @@ class PolicyModuleBase(L.LightningModule):
         step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         experiment.add_text("samples", "\n".join(rows), global_step=step)
 
-    def per_function_reward_metrics(self, per_fn: Any) -> dict[str, Any]:
+    def per_function_reward_metrics(self, per_source: dict[str, torch.Tensor]) -> dict[str, Any]:
         """`reward/<function name>` and `reward/<function name>_std`: each reward function's mean and std over
         the rows that got a reward (unweighted, so a hacked component shows even when its weight is small)."""
-        from ..rewards import reward_fn_name
-
         out: dict[str, Any] = {}
-        if isinstance(per_fn, torch.Tensor):
-            for f, row in zip(self.reward_funcs, per_fn):
-                ok = ~torch.isnan(row)
-                name = reward_fn_name(f)
-                out[f"reward/{name}"] = row[ok].mean() if ok.any() else torch.zeros(())
-                out[f"reward/{name}_std"] = row[ok].std() if ok.sum() > 1 else torch.zeros(())
+        for name, row in per_source.items():
+            ok = ~torch.isnan(row)
+            out[f"reward/{name}"] = row[ok].mean() if ok.any() else torch.zeros(())
+            out[f"reward/{name}_std"] = row[ok].std() if ok.sum() > 1 else torch.zeros(())
         return out
 
     def log_histograms(self, values: dict[str, torch.Tensor]) -> None:
@@ -465,11 +480,12 @@ class PolicyModuleBase(L.LightningModule):
 
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         columns = self.reward_columns(batch)
-        rewards = self.score_rollout(batch["prompts"], completions, {**batch, "columns": columns, "samples": samples})
+        scored = self.score_rollout(batch["prompts"], completions, {**batch, "columns": columns, "samples": samples})
+        rewards = scored.rewards
         B = len(completions)
         self.log("val/reward", torch.nan_to_num(self.outcome_rewards(rewards)).mean(), batch_size=B, sync_dist=True,
                  prog_bar=True)
-        verified = self._verifier_values(batch["prompts"], completions, columns)
+        verified = self._verifier_values(batch["prompts"], completions, columns, scored.per_source)
         if verified is not None and bool(((verified == 0) | (verified == 1)).all()):
             self.log("val/accuracy", verified.mean(), batch_size=B, sync_dist=True, prog_bar=True)
 
@@ -478,15 +494,16 @@ class PolicyModuleBase(L.LightningModule):
         task with no reward_fns configured, the task's verifier)."""
         return self.reward_funcs[0] if self.reward_funcs else None
 
-    def _verifier_values(self, prompts: list[str], completions: list[str], columns: dict[str, list]):
-        """The verifier's values [B]: reused from the scoring just done when it scored the verifier, else its own
-        call (a subclass's compute_rewards, process supervision, PPO's reward model alone)."""
+    def _verifier_values(self, prompts: list[str], completions: list[str], columns: dict[str, list],
+                         per_source: dict[str, torch.Tensor]):
+        """The verifier's values [B]: reused from the scoring just done (`per_source`) when it scored the verifier,
+        else its own call (a subclass's compute_rewards, process supervision, PPO's reward model alone)."""
         fn = self.validation_verifier()
         if fn is None:
             return None
-        per_fn = getattr(self, "_per_fn_rewards", None)
-        if per_fn is not None and self.reward_funcs and fn is self.reward_funcs[0]:
-            return per_fn[0]
+        # per_source is keyed by name: reuse only when every reward function has its own entry, the first first
+        if self.reward_funcs and fn is self.reward_funcs[0] and len(per_source) == len(self.reward_funcs):
+            return next(iter(per_source.values()))
         return self.score(prompts, completions, columns, fns=[fn])[1][0]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -712,6 +729,12 @@ def grad_norm(params) -> torch.Tensor:
     """Global L2 norm of the parameters' gradients (0 when none has a gradient)."""
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _is_library_hook(method: Callable) -> bool:
+    """Whether a bound `compute_rewards` is this package's own (not a subclass's, nor a wrapper set on the instance)."""
+    func = getattr(method, "__func__", None)
+    return func is not None and getattr(func, "__module__", "").startswith("rlhf_lightning.")
 
 
 def _import_path(fn: Callable) -> str:

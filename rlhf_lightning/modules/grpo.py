@@ -58,6 +58,7 @@ class Rollout:
     extras: dict[str, Any] = field(default_factory=dict)  # room for subclasses (e.g. step boundaries)
     baseline_scores: Tensor | None = None  # [N] reward of the prompt's greedy completion (remax)
     kl: Tensor | None = None  # [N, T] KL to the reference, set before advantages when it shapes the reward
+    per_source: dict[str, Tensor] = field(default_factory=dict)  # reward/<name>: each source's rewards, once scored
 
 
 class GRPOModule(PolicyModuleBase):
@@ -66,7 +67,7 @@ class GRPOModule(PolicyModuleBase):
     Args (beyond `PolicyModuleBase`'s model / reward / optimizer arguments):
         reward_model: a trained reward model (`RewardModel`'s `hf_model/` export, any local
             AutoModelForSequenceClassification directory, or a hub id), used as one more reward function
-            (`RewardModelScorer`; weight 1 unless reward_weights lists it last).
+            (`rewards.RewardModelSource`; weight 1 unless reward_weights lists it last).
         normalize_reward_model: standardise its scores with the mean/std recorded at its last validation.
         group_size: G completions sampled per prompt (≥ 2: advantages are relative within a group).
         beta: weight of the KL(π_θ‖π_ref) penalty in the loss; 0 loads no reference model.
@@ -177,10 +178,10 @@ class GRPOModule(PolicyModuleBase):
         self.apply_lora()
         self.automatic_optimization = False
         if reward_model is not None:
-            from .reward_model import RewardModelScorer
+            from ..rewards import RewardModelSource
 
             # the scorer is a plain attribute (not a submodule): the RM is frozen and not part of checkpoints
-            self.reward_funcs.append(RewardModelScorer(reward_model, normalize=normalize_reward_model))
+            self.reward_funcs.append(RewardModelSource(reward_model, normalize=normalize_reward_model))
             if reward_weights is not None:
                 from ..rewards import check_reward_weights
 
@@ -246,20 +247,13 @@ class GRPOModule(PolicyModuleBase):
         greedy = self.greedy_samples(batch, self.hparams.max_new_tokens)
         completions = decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask)
         scores = self.score_rollout(list(batch["prompts"]), completions,
-                                    {"columns": self.reward_columns(batch), **batch})
+                                    {"columns": self.reward_columns(batch), **batch}).rewards
         return torch.as_tensor(scores, dtype=torch.float32).to(self.device).repeat_interleave(self.hparams.group_size)
 
-    def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
-        """Outcome: Tensor [N] (NaN = no reward). Process: list of N lists of step rewards.
-
-        `batch["columns"]` holds the dataset columns aligned with completions. Override for a new task.
-        """
-        if self.hparams.supervision == "process":
-            from ..rewards import call_step_reward_fns
-
-            return call_step_reward_fns(self.reward_funcs, self.reward_weights, prompts, completions,
-                                        batch["columns"], self.nonfinite_rewards, self._reward_stats)
-        return super().compute_rewards(prompts, completions, batch)
+    @property
+    def process_rewards(self) -> bool:
+        """supervision=process: the reward functions give step rewards (`compute_rewards` returns N step lists)."""
+        return self.hparams.supervision == "process"
 
     def compute_advantages(self, rewards, rollout: Rollout) -> Tensor:
         """Outcome: the `advantage_estimator`'s, [N] (one per completion) or [N, T] (token-level: reinforce_pp).
@@ -384,8 +378,8 @@ class GRPOModule(PolicyModuleBase):
             idle = redo.numel() == 0  # lockstep only: sample prompt 0 along with the others, keep nothing
             redo = torch.zeros(1, dtype=torch.long) if idle else redo
             sub_batch = dynamic_sampling.select_prompts(batch, redo)
-            # the merged rollout's reward logs; taken before `rollout`, whose remax baseline scores too
-            per_fn, stats = getattr(self, "_per_fn_rewards", None), self._reward_stats
+            # the merged rollout's non-finite counts; taken before `rollout`, whose remax baseline scores too
+            stats = self._reward_stats
             t0 = time.perf_counter()
             extra = self.rollout(sub_batch)
             t_gen += time.perf_counter() - t0
@@ -395,7 +389,7 @@ class GRPOModule(PolicyModuleBase):
                                                      fixed.nonzero().flatten())
             rollout = dynamic_sampling.merge_rollouts(rollout, extra, rows, self.tokenizer.pad_token_id)
             rewards = dynamic_sampling.select_rows(dynamic_sampling.cat_rows(rewards, extra_rewards), rows)
-            self._merge_reward_logs(per_fn, stats, rows)
+            self._merge_reward_logs(stats)
         metrics = {}
         if self.hparams.dynamic_sampling_max_tries > 0:
             informative = ~self._zero_std_groups(self.outcome_rewards(rewards))
@@ -404,15 +398,14 @@ class GRPOModule(PolicyModuleBase):
         return rollout, rewards, t_gen, metrics
 
     def _score(self, rollout: Rollout, batch: dict[str, Any]):
-        """`score_rollout` of one rollout, its dataset columns aligned with its rows."""
-        return self.score_rollout(rollout.prompts, rollout.completions, {"columns": rollout.columns, **batch})
+        """`score_rollout` of one rollout, its dataset columns aligned with its rows: the rewards, with each
+        source's values kept on the rollout (`per_source`, logged as reward/<name>)."""
+        scored = self.score_rollout(rollout.prompts, rollout.completions, {"columns": rollout.columns, **batch})
+        rollout.per_source = scored.per_source
+        return scored.rewards
 
-    def _merge_reward_logs(self, per_fn_before: Tensor | None, stats_before: dict[str, int], rows: Tensor) -> None:
-        """Keep the per-function rewards aligned with the merged rows and count every round's non-finite
-        rewards (score_rollout resets both for each call)."""
-        per_fn = getattr(self, "_per_fn_rewards", None)
-        if isinstance(per_fn_before, Tensor) and isinstance(per_fn, Tensor):
-            self._per_fn_rewards = torch.cat([per_fn_before, per_fn.to(per_fn_before.device)], dim=1)[:, rows]
+    def _merge_reward_logs(self, stats_before: dict[str, int]) -> None:
+        """Count every round's non-finite rewards (score_rollout resets the counts for each call)."""
         for key, value in stats_before.items():
             self._reward_stats[key] = self._reward_stats.get(key, 0) + value
 
@@ -545,7 +538,7 @@ class GRPOModule(PolicyModuleBase):
             "perf/rollouts": torch.tensor(float(self.rollouts)),
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
-        metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
+        metrics.update(self.per_function_reward_metrics(rollout.per_source))
         metrics.update(self.guard_metrics())
         metrics.update(rollout_metrics)
         for k, v in stats.items():

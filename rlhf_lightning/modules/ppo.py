@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..algorithms.advantages import AdvantageInputs, get_estimator
+from ..rewards import RewardModelSource, RewardOutput
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions, position_ids_from_mask, sample
 from .base import PolicyModuleBase, grad_norm
 from .grpo import Rollout
@@ -244,12 +245,14 @@ class PPOModule(PolicyModuleBase):
         if disable_dropout:
             disable_dropout_in_model(self.policy)
         self.reward_model = self._load_reward_model(reward_model) if reward_model is not None else None
+        # the one reward-model scoring path; a plain attribute, so `reward_model` stays the (sharded) submodule
+        self._reward_model_source = (RewardModelSource(self.reward_model, tokenizer=self.tokenizer)
+                                     if self.reward_model is not None else None)
         self.value_model = self._make_critic()
         self.apply_lora()  # after the critic: it copies the plain backbone, not the adapter
         self.ref_policy = self._make_reference() if (kl_coef > 0 or adaptive_kl) else None
         self.kl_ctl = (losses.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
                        else losses.FixedKLController(kl_coef))
-        self._per_fn_rewards: Tensor | None = None  # [F, N] of the last rollout, for logging
 
     # ------------------------------------------------------------------------------------------ set-up
     def _load_reward_model(self, name_or_path: str) -> nn.Module:
@@ -357,26 +360,25 @@ class PPOModule(PolicyModuleBase):
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         return Rollout(samples, list(batch["prompts"]), completions, self.reward_columns(batch))
 
-    def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]) -> Tensor:
-        """Sequence scores [N]: reward-model score + weighted reward functions (NaN = no score; row skipped).
+    def score_sources(self, prompts: list[str], completions: list[str], batch: dict[str, Any]) -> RewardOutput:
+        """Sequence scores [N]: reward-model score + weighted reward functions (NaN = no score; row skipped);
+        per_source: the reward functions' values. What `compute_rewards` returns unless overridden.
 
         `batch["columns"]` holds the dataset columns aligned with completions, `batch["samples"]` the token ids
-        (`RolloutBatch`). Override for a new task. The missing-EOS penalty is applied afterwards, by the caller.
+        (`RolloutBatch`). The missing-EOS penalty is applied afterwards, by the caller.
         """
         N = len(completions)
         total = torch.zeros(N, device=self.device)
         if self.reward_model is not None:
             total = total + self.reward_model_scores(batch["samples"])
         use_fns = self.reward_funcs and (self._explicit_reward_fns or self.reward_model is None)
-        self._per_fn_rewards = None
-        if use_fns:
-            fn_total, per_fn = self.score(prompts, completions, batch["columns"])
-            self._per_fn_rewards = per_fn
-            fn_total = fn_total.to(self.device)
-            if self.reward_model is not None:
-                fn_total = torch.nan_to_num(fn_total)  # all functions abstained: the reward model still scores
-            total = total + fn_total
-        return total
+        if not use_fns:
+            return RewardOutput(total)
+        fns = self.reward_source().score(prompts, completions, batch["columns"])
+        fn_total = fns.rewards.to(self.device)
+        if self.reward_model is not None:
+            fn_total = torch.nan_to_num(fn_total)  # all functions abstained: the reward model still scores
+        return RewardOutput(total + fn_total, fns.per_source)
 
     def compute_advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """GAE over real tokens, returns = A + V (before whitening, "N+ details"), then optional whitening.
@@ -421,23 +423,10 @@ class PPOModule(PolicyModuleBase):
         values = self.value_model(input_ids, attn, pos)[:, -(T + 1):-1]  # [n, T]
         return logp, entropy, values
 
-    @torch.no_grad()
     def reward_model_scores(self, samples: RolloutBatch) -> Tensor:
         """The reward model's logit at the last real token of prompt + completion (EOS when there is one). [N]"""
-        rm = self.reward_model
-        rm.eval()
-        ctx = _ctx(samples)
-        scores = []
-        for idx in self._micro_batches(samples.completion_ids.shape[0]):
-            mb = {k: v[idx] for k, v in ctx.items()}
-            input_ids, attn, pos = _join(mb)
-            hidden = rm.base_model(input_ids=input_ids, attention_mask=attn, position_ids=pos,
-                                   use_cache=False).last_hidden_state  # [n, P + T, H]
-            P = mb["prompt_ids"].shape[1]
-            last = P + mb["completion_mask"].sum(-1) - 1  # [n] index of the last real token
-            h_last = hidden[torch.arange(len(idx), device=hidden.device), last]  # [n, H]
-            scores.append(rm.score(h_last).squeeze(-1).float())  # [n]
-        return torch.cat(scores)
+        input_ids, attn, pos = _join(_ctx(samples))
+        return self._reward_model_source.score_ids(input_ids, attn, pos, self.hparams.micro_batch_size)
 
     @torch.no_grad()
     def _no_grad_passes(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -505,8 +494,9 @@ class PPOModule(PolicyModuleBase):
             old_logp, old_values, ref_logp = self._no_grad_passes(ctx)  # [N, T] each
 
         # ---- sequence scores: reward model and/or reward functions, then the missing-EOS penalty
-        raw_scores = self.score_rollout(rollout.prompts, rollout.completions,
-                                        {"columns": rollout.columns, "samples": s, **batch}).float()  # [N]
+        scored = self.score_rollout(rollout.prompts, rollout.completions, {"columns": rollout.columns, "samples": s,
+                                                                           **batch})
+        raw_scores, rollout.per_source = scored.rewards.float(), scored.per_source  # [N]
         scores = raw_scores.clone()
         if hp.missing_eos_penalty:
             scores = scores - hp.missing_eos_penalty * s.is_truncated.float()
@@ -655,7 +645,7 @@ class PPOModule(PolicyModuleBase):
             "perf/rollouts": torch.tensor(float(self.rollouts)),
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
-        metrics.update(self.per_function_reward_metrics(getattr(self, "_per_fn_rewards", None)))
+        metrics.update(self.per_function_reward_metrics(rollout.per_source))
         metrics.update(self.guard_metrics())
         names = {"pg_loss": "policy/loss", "vf_loss": "value/loss", "value_clip_frac": "value/clip_frac",
                  "critic_grad_norm": "value/grad_norm", "actor_grad_norm": "policy/grad_norm",

@@ -44,8 +44,9 @@ from ..models import (
     lora_config,
     save_export,
 )
-from ..preference import appends_eos, response_text, reward_input_ids, right_pad
+from ..preference import appends_eos
 from ..reliability import NonFiniteGuard, check_finite_model
+from ..rewards import RewardModelSource
 from ..tokenizer import load_tokenizer
 from .base import PolicyModuleBase
 
@@ -290,109 +291,5 @@ class RewardModel(L.LightningModule):
         self.nonfinite_guard.load_state_dict(checkpoint.get("nonfinite_guard", {}))
 
 
-class RewardModelScorer:
-    """A trained reward model as a reward function: `scorer(prompts, completions, **columns) -> list[float]`.
-
-    `model_dir_or_module`: an exported `hf_model/` directory (or hub id), a `RewardModel`, or a bare sequence-
-    classification model (then `tokenizer` is required). Prompts/completions may be strings or chat messages
-    (TRL's conversational format). Each pair is scored as `reward_input_ids(prompt, completion)` builds it, the
-    same as in training. Extra columns are accepted and ignored.
-
-    normalize: return (score − mean) / std. `mean`/`std` default to the statistics recorded with the model
-        (`reward_mean`/`reward_std` from its last validation); with none recorded, give them explicitly.
-        Normalising keeps RL hyper-parameters (KL coefficient, clipping) meaningful across reward models.
-    batch_size: completions per forward pass. device: where to run (default: where the model already is).
-    A module's weights and statistics are shared, not copied: scores follow its training (iterative RL).
-    """
-
-    __name__ = "reward_model"  # how reward-function logs name it
-
-    def __init__(self, model_dir_or_module: str | os.PathLike | nn.Module, tokenizer: Any = None,
-                 normalize: bool = False, mean: float | None = None, std: float | None = None,
-                 batch_size: int = 64, device: str | torch.device | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        source = model_dir_or_module
-        self._module: RewardModel | None = None
-        if isinstance(source, RewardModel):
-            self.model, tok, self._module = source.model, source.tokenizer, source
-        elif isinstance(source, nn.Module):
-            if tokenizer is None:
-                raise ValueError("RewardModelScorer needs `tokenizer` when given a bare model")
-            self.model, tok = source, None
-        elif isinstance(source, (str, os.PathLike)):
-            tok = load_tokenizer(tokenizer if isinstance(tokenizer, (str, os.PathLike)) else os.fspath(source))
-            self.model = load_sequence_classifier(os.fspath(source), tok, require_trained_head=True)
-        else:
-            raise ValueError(f"model_dir_or_module must be a directory, a RewardModel or a model, "  # noqa: TRY004
-                             f"got {type(source).__name__}")
-        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-            tok = tokenizer
-        self.tokenizer = tok
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = tok.pad_token_id
-        if device is not None:
-            self.model.to(device)
-        self.normalize, self.batch_size = normalize, batch_size
-        self._mean, self._std = mean, std
-        if normalize:
-            if self.mean is None or self.std is None:
-                raise ValueError("normalize=True but the reward model has no recorded reward_mean/reward_std "
-                                 "(train it with validation data); pass mean and std")
-            if not self.std > 0:
-                raise ValueError(f"std must be > 0 to normalise, got {self.std}")
-
-    @property
-    def mean(self) -> float | None:
-        """The explicit `mean`, else the one recorded with the model (a live module's latest validation)."""
-        if self._mean is not None:
-            return self._mean
-        return self._module.reward_mean if self._module is not None else getattr(self.model.config, "reward_mean",
-                                                                                  None)
-
-    @property
-    def std(self) -> float | None:
-        if self._std is not None:
-            return self._std
-        return self._module.reward_std if self._module is not None else getattr(self.model.config, "reward_std",
-                                                                                 None)
-
-    def statistics(self) -> tuple[float | None, float | None]:
-        return self.mean, self.std
-
-    def set_statistics(self, mean: float, std: float) -> None:
-        """New score statistics (e.g. after the reward model was retrained: iterative RL), stored where `mean` and
-        `std` read them: the live `RewardModel`, else the model's config (so an export carries them). Explicit
-        `mean` / `std` given to the constructor still take precedence."""
-        if self._module is not None:
-            self._module.reward_mean, self._module.reward_std = mean, std
-        else:
-            self.model.config.reward_mean, self.model.config.reward_std = mean, std
-
-    def _prompt_text(self, prompt: Any) -> str:
-        from ..data import prompt_text
-
-        return prompt_text(self.tokenizer, prompt)
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        if not prompts:
-            return []
-        seqs = [reward_input_ids(self.tokenizer, self._prompt_text(p), response_text(c, "completion"))
-                for p, c in zip(prompts, completions)]
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        scores: list[float] = []
-        try:
-            for i in range(0, len(seqs), self.batch_size):
-                ids, mask = right_pad(seqs[i:i + self.batch_size], self.tokenizer.pad_token_id)  # [b, L]
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [b, 1]
-                scores.extend(logits[:, 0].float().tolist())
-        finally:
-            self.model.train(was_training)
-        if self.normalize:
-            scores = [(s - self.mean) / self.std for s in scores]
-        return scores
+# The scorer is the reward-model reward source, one class for GRPO, PPO and the iterative callback.
+RewardModelScorer = RewardModelSource

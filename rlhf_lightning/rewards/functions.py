@@ -1,22 +1,5 @@
-"""Reward functions: the protocol, built-in verifiers, and how several are combined.
-
-The protocol is TRL's, so TRL reward functions port unchanged:
-
-    f(prompts: list[str], completions: list[str], **columns) -> list[float | None]
-
-`columns` are the dataset's other columns (e.g. `answer`) as lists aligned with `completions`; a function
-must accept `**kwargs` because it receives every column. `None` means "no opinion on this row" (e.g. a
-math verifier asked about a code prompt) and is ignored when rewards are combined.
-
-Conversational data (prompts that are lists of chat messages) gets TRL's conversational format, as TRL's
-GRPOTrainer passes it: `prompts` are the message lists and each completion is `[{"role": "assistant",
-"content": text}]`, so TRL's conversational reward functions (`completion[0]["content"]`) run unchanged
-(`trl_inputs`). The built-in functions accept both formats.
-
-Process-supervision functions (GRPO §4.1.3) have the same inputs and return one list of step rewards per
-completion, where the steps are `completion.split(task.step_separator)`.
-"""
-
+"""Reward functions (TRL signature): resolving them from config strings, checking what they return, and calling
+several with weights (`call_reward_fns`, `call_step_reward_fns`, both through `sources.WeightedSources`)."""
 from __future__ import annotations
 
 import copy
@@ -25,144 +8,19 @@ import importlib
 import inspect
 import math
 import numbers
-import re
 import warnings
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
 
-from .reliability import RewardFunctionError
+from ..reliability import RewardFunctionError
+from .builtin import CHAT_PROMPTS, REWARD_FNS, _check_aligned
+from .interface import RewardSource
 
 # The largest float32: rewards are stored as float32, so a larger float (1e300) would become inf.
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 NONFINITE_MODES = ("error", "missing")
-
-# A number, optionally negative, with optional thousands commas and decimals. The sign counts only when
-# the '-' does not follow a digit, so the last number of "12-3" is 3, not -3.
-_NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
-# An arithmetic chain "7+5-3=" (the last one in the prompt, so chat-templated prompts parse too).
-_CHAIN = re.compile(r"(\d+(?:[+\-*]\d+)+)=")
-
-
-# The column in which `PromptDataModule` keeps chat-message prompts as given (None for a row that is a string).
-CHAT_PROMPTS = "prompt_messages"
-
-
-def _text(value: Any) -> str:
-    """A prompt or completion as plain text: a string as is, chat messages as their contents joined by newlines."""
-    if isinstance(value, list):
-        return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
-    return value
-
-
-def _check_aligned(completions: Sequence, column: Sequence, name: str) -> None:
-    if len(column) != len(completions):
-        raise ValueError(f"column {name!r} has {len(column)} rows but there are {len(completions)} completions")
-
-
-# ------------------------------------------------------------------------------------------ outcome rewards
-def exact_match(prompts: list[str], completions: list[str], answer: list[Any], **kwargs) -> list[float]:
-    """1.0 iff the whole completion (whitespace-stripped) is the answer: strict, for short-answer tasks."""
-    _check_aligned(completions, answer, "answer")
-    return [float(_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
-
-
-def last_number(text: str) -> Decimal | None:
-    """The last number in `text` ("1,234" -> 1234, "-4" -> -4), or None if there is none."""
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return Decimal(found[-1].replace(",", ""))
-    except InvalidOperation:  # pragma: no cover - the regex only matches valid decimals
-        return None
-
-
-def _answer_number(answer: Any) -> Decimal:
-    """The reference number: after the last "####" (GSM8K) if present, else the last number in the answer."""
-    text = str(answer)
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    value = last_number(text)
-    if value is None:
-        raise ValueError(f"answer {str(answer)!r} contains no number")
-    return value
-
-
-def final_answer_match(prompts: list[str], completions: list[str], answer: list[Any], **kwargs) -> list[float]:
-    """1.0 iff the last number in the completion equals the answer's number (so "42" == "42.0" == "#### 42");
-    a completion with no number gets 0.0. Lenient about surrounding text, for reasoning-style completions."""
-    _check_aligned(completions, answer, "answer")
-    out = []
-    for completion, ans in zip(completions, answer):
-        got = last_number(_text(completion))
-        out.append(float(got is not None and got == _answer_number(ans)))
-    return out
-
-
-# The chain task's outcome reward is the final-answer check itself: the last line "12-3=9" ends in the answer.
-chain_final_correct = final_answer_match
-
-
-# ------------------------------------------------------------------------------------------ process rewards
-def parse_chain(prompt: str) -> tuple[int, list[tuple[str, int]]]:
-    """"7+5-3=" -> (7, [("+", 5), ("-", 3)]); the last chain in the prompt counts."""
-    found = _CHAIN.findall(prompt)
-    if not found:
-        raise ValueError(f"prompt {prompt!r} contains no arithmetic chain like '7+5-3='")
-    numbers_ = re.findall(r"\d+", found[-1])
-    ops = re.findall(r"[+\-*]", found[-1])
-    return int(numbers_[0]), list(zip(ops, (int(n) for n in numbers_[1:])))
-
-
-def apply_op(a: int, op: str, b: int) -> int:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    raise ValueError(f"unknown operator {op!r}; expected one of '+-*'")
-
-
-def chain_steps(prompt: str) -> list[str]:
-    """The correct step lines for a chain prompt, evaluated left to right: "7+5-3=" -> ["7+5=12", "12-3=9"]."""
-    value, terms = parse_chain(prompt)
-    steps = []
-    for op, term in terms:
-        new = apply_op(value, op, term)
-        steps.append(f"{value}{op}{term}={new}")
-        value = new
-    return steps
-
-
-def chain_step_rewards(prompts: list[str], completions: list[str], **kwargs) -> list[list[float]]:
-    """Process supervision for the chain task: step k (line k of the completion) gets 1.0 iff it is exactly
-    the k-th correct step "<correct running value><op><term>=<correct value>", else 0.0.
-
-    A step is judged against the correct running value, not the model's own, so a wrong step is not
-    excused later. Lines beyond the needed ones get 0.0. Always `len(out[i]) == completions[i].count("\\n") + 1`
-    (an empty completion gives [0.0]), so step i ends at the i-th separator or the end of the completion.
-    """
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    out = []
-    for prompt, completion in zip(prompts, completions):
-        wanted = chain_steps(_text(prompt))
-        lines = _text(completion).split("\n")
-        out.append([float(k < len(wanted) and line.strip() == wanted[k]) for k, line in enumerate(lines)])
-    return out
-
-
-# Short names accepted by `resolve_reward_fn` (e.g. `reward_fns: [exact_match]` in a YAML config).
-REWARD_FNS: dict[str, Callable] = {
-    "exact_match": exact_match,
-    "final_answer_match": final_answer_match,
-    "chain_final_correct": chain_final_correct,
-    "chain_step_rewards": chain_step_rewards,
-}
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -170,7 +28,7 @@ def resolve_reward_fn(spec: str | Callable) -> Callable:
     """A callable passes through; a string is a built-in name (`REWARD_FNS`), "package.module.function"
     or "package.module:function" (the colon form allows nested attributes: "pkg.mod:Class.method")."""
     if callable(spec):
-        return spec
+        return _instance(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"reward function spec must be a callable or an import path string, got {spec!r}")
     spec = spec.strip()
@@ -205,8 +63,19 @@ def resolve_reward_fn(spec: str | Callable) -> Callable:
             obj = getattr(obj, attr)
         if not callable(obj):
             raise ValueError(f"reward function {spec!r} is not callable (it is a {type(obj).__name__})")
-        return obj
+        return _instance(obj)
     raise ValueError(f"reward function {spec!r}: cannot import module {candidates[0][0]!r}")
+
+
+def _instance(obj: Callable) -> Callable:
+    """A `RewardSource` class (e.g. named in YAML by its import path) as an instance built with no arguments."""
+    if isinstance(obj, type) and issubclass(obj, RewardSource):
+        try:
+            return obj()
+        except Exception as err:
+            raise ValueError(f"reward source {obj.__qualname__!r} could not be built with no arguments: "
+                             f"{type(err).__name__}: {err}") from err
+    return obj
 
 
 def reward_fn_name(fn: Callable) -> str:
@@ -253,6 +122,8 @@ def _accepted_keywords(fn: Callable) -> frozenset[str] | None:
 
 def check_signature(fn: Callable, columns: Sequence[str]) -> None:
     """A RewardFunctionError telling the user to add `**kwargs` when fn cannot take the dataset's columns."""
+    if isinstance(fn, RewardSource):  # a source takes the columns as one dict
+        return
     try:
         accepted = _accepted_keywords(fn)
     except TypeError:  # an unhashable callable: checked by the call itself
@@ -358,83 +229,6 @@ def trl_inputs(prompts: Sequence[str], completions: Sequence[str], columns: dict
         return list(prompts), list(completions), columns
     conversational = [[{"role": "assistant", "content": text}] for text in completions]
     return [list(m) for m in messages], conversational, columns
-
-
-def call_reward_fns(
-    fns: Sequence[Callable],
-    weights: Sequence[float] | torch.Tensor | None,
-    prompts: list[str],
-    completions: list[str],
-    columns: dict[str, list] | None = None,
-    nonfinite: str = "error",
-    stats: dict[str, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score completions with every fn; return (total [B] float32, per_fn [n_fns, B] float32).
-
-    None/NaN from a fn means "no opinion": it is skipped in the weighted sum, and a row is NaN only when
-    every fn abstained on it (TRL's semantics; the caller decides what a NaN row means, e.g. drop it).
-    ±inf or a float32-overflowing value stops with a RewardFunctionError naming the function, row and value, or
-    (`nonfinite="missing"`) counts as no opinion and is counted in `stats["nonfinite"]`. Each function gets its
-    own copies of the inputs, so one that mutates them cannot corrupt the next one's.
-    """
-    w = _weights_tensor(fns, weights)  # [n_fns]
-    prompts, completions, columns = _check_inputs(prompts, completions, columns)
-    B = len(completions)
-    per_fn = torch.empty(len(fns), B, dtype=torch.float32)  # [n_fns, B]
-    for i, fn in enumerate(fns):
-        out = _call(fn, prompts, completions, columns)
-        if isinstance(out, torch.Tensor):
-            out = out.flatten().tolist()
-        if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != B:
-            got = len(out) if hasattr(out, "__len__") and not isinstance(out, (str, bytes)) else type(out).__name__
-            raise RewardFunctionError(f"reward function {reward_fn_name(fn)!r} returned {got} values for {B} "
-                                      f"completions")
-        per_fn[i] = torch.tensor([_to_float(fn, v, f"row {j}", nonfinite, stats) for j, v in enumerate(out)],
-                                 dtype=torch.float32)
-    weighted = per_fn * w[:, None]  # [n_fns, B]; NaN stays NaN (even at weight 0)
-    total = torch.nansum(weighted, dim=0)  # [B]
-    total[torch.isnan(per_fn).all(dim=0)] = math.nan
-    return total, per_fn
-
-
-def call_step_reward_fns(
-    fns: Sequence[Callable],
-    weights: Sequence[float] | torch.Tensor | None,
-    prompts: list[str],
-    completions: list[str],
-    columns: dict[str, list] | None = None,
-    nonfinite: str = "error",
-    stats: dict[str, int] | None = None,
-) -> list[list[float]]:
-    """Process supervision: each fn returns one list of step rewards per completion; the weighted sum is
-    taken step by step. All fns must give the same number of steps for a completion (they must agree on
-    where steps end). None/NaN steps are skipped as in `call_reward_fns` (NaN only if every fn abstains);
-    non-finite steps are handled as there (`nonfinite`, `stats`)."""
-    w = _weights_tensor(fns, weights).tolist()
-    prompts, completions, columns = _check_inputs(prompts, completions, columns)
-    B = len(completions)
-    totals: list[list[float]] | None = None
-    counted: list[list[int]] = []
-    for fi, fn in enumerate(fns):
-        out = _call(fn, prompts, completions, columns)
-        if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != B:
-            got = len(out) if hasattr(out, "__len__") and not isinstance(out, (str, bytes)) else type(out).__name__
-            raise RewardFunctionError(f"step reward function {reward_fn_name(fn)!r} returned {got} step lists for "
-                               f"{B} completions")
-        if totals is None:
-            totals = [[0.0] * _n_steps(fn, steps, j) for j, steps in enumerate(out)]
-            counted = [[0] * len(t) for t in totals]
-        for j, steps in enumerate(out):
-            if _n_steps(fn, steps, j) != len(totals[j]):
-                raise RewardFunctionError(f"step reward function {reward_fn_name(fn)!r} gave {len(steps)} steps for "
-                                   f"completion {j} but {reward_fn_name(fns[0])!r} gave {len(totals[j])}")
-            for k, v in enumerate(steps):
-                r = _to_float(fn, v, f"completion {j} step {k}", nonfinite, stats)
-                if not math.isnan(r):
-                    totals[j][k] += w[fi] * r
-                    counted[j][k] += 1
-    assert totals is not None
-    return [[t if c else math.nan for t, c in zip(row, cnt)] for row, cnt in zip(totals, counted)]
 
 
 def _n_steps(fn: Callable, steps: Any, j: int) -> int:
