@@ -33,8 +33,7 @@ def greedy_accuracy(model_or_path, task, examples: list[dict], max_new_tokens: i
             mask[i, P - len(e):] = 1
         device = next(model.parameters()).device
         out = sample(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False,
-                     return_logprobs=False)
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
         completions = decode_completions(tokenizer, out.completion_ids, out.completion_mask)
         columns = {k: [ex[k] for ex in chunk] for k in chunk[0] if k not in ("prompt",)}
         _, per_fn = call_reward_fns(verifier, None, [ex["prompt"] for ex in chunk], completions, columns)
