@@ -7,6 +7,7 @@ import dataclasses
 import lightning as L
 import pytest
 import torch
+from conftest import run_script
 
 from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
 from rlhf_lightning.rollout import (HFEngine, RolloutEngine, SamplingParams, base, completion_logprobs, engine_names,
@@ -135,3 +136,43 @@ def test_the_base_class_names_what_is_missing():
     with pytest.raises(NotImplementedError, match="RolloutEngine does not implement generate"):
         RolloutEngine(torch.nn.Linear(1, 1)).generate(torch.ones(1, 1), torch.ones(1, 1),
                                                       SamplingParams(max_new_tokens=1, eos_token_id=1, pad_token_id=0))
+
+
+ENGINE_PKG = '''
+import dataclasses
+from pathlib import Path
+
+from rlhf_lightning import GRPOModule
+from rlhf_lightning.rollout import HFEngine, register_engine
+
+
+@register_engine("always_greedy")
+class AlwaysGreedy(HFEngine):
+    def generate(self, prompt_ids, prompt_mask, params, generator=None):
+        with Path("generate_calls.txt").open("a") as f:
+            f.write(f"{params.do_sample}\\n")
+        return super().generate(prompt_ids, prompt_mask, dataclasses.replace(params, do_sample=False), generator)
+
+
+class MyGRPO(GRPOModule):
+    """Only here so that `--model my_engine_pkg.MyGRPO` imports this module, and with it the registration."""
+'''
+
+
+@pytest.mark.slow
+def test_a_registered_engine_is_selected_from_the_cli(tmp_path):
+    (tmp_path / "my_engine_pkg.py").write_text(ENGINE_PKG)
+    args = ["fit", "--model", "my_engine_pkg.MyGRPO", "--data", "rlhf_lightning.PromptDataModule",
+            "--model.reward_fns", "[rlhf_lightning.rewards.exact_match]", "--model.group_size", "2",
+            "--model.max_new_tokens", "3", "--data.task", "addition", "--data.num_train", "8", "--data.num_val", "0",
+            "--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.logger", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    bad = run_script([*args, "--model.rollout_engine", "always_gredy"], tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == ("rlhf-lightning: error: rollout_engine must be "
+                                                   "auto|hf|fast|always_greedy, got 'always_gredy'")
+    assert not (tmp_path / "generate_calls.txt").exists()
+    ok = run_script([*args, "--model.rollout_engine", "always_greedy"], tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "generate_calls.txt").read_text() == "True\n"  # the one rollout, with the hparams' params
