@@ -10,8 +10,16 @@ import torch
 from conftest import run_script
 
 from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
-from rlhf_lightning.rollout import (HFEngine, RolloutEngine, SamplingParams, base, completion_logprobs, engine_names,
-                                    get_engine, register_engine)
+from rlhf_lightning.rollout import (
+    HFEngine,
+    RolloutEngine,
+    SamplingParams,
+    base,
+    completion_logprobs,
+    engine_names,
+    get_engine,
+    register_engine,
+)
 
 
 def first_char_is_digit(prompts, completions, **kwargs):
