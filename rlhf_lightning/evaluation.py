@@ -36,7 +36,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             mask[i, P - len(e):] = 1
         s = sample(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   do_sample=generator is not None, generator=generator, return_logprobs=False)
+                   do_sample=generator is not None, generator=generator)
         out += decode_completions(tokenizer, s.completion_ids, s.completion_mask)
     return out
 

@@ -1,4 +1,4 @@
-"""The fast decode engine (rlhf_lightning.fast_decode) against the HF engine of `rollout.sample`.
+"""The fast decode engine (rlhf_lightning.rollout.fast) against the HF engine of `rollout.sample`.
 
 Random-weight models built from configs: the `tiny` Llama preset (GQA), a Qwen2 with q/k/v biases and GQA, a
 Mistral, and Llama variants (dynamic rope, linear rope, biases everywhere). Prompts are left-padded to different
@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rlhf_lightning.fast_decode import FastDecoder, ineligibility_reason
 from rlhf_lightning.models import load_causal_lm
-from rlhf_lightning.rollout import _decoder, _HFDecoder, sample
+from rlhf_lightning.rollout import sample
+from rlhf_lightning.rollout.engines import decoder_for as _decoder
+from rlhf_lightning.rollout.fast import FastDecoder, ineligibility_reason
+from rlhf_lightning.rollout.hf import HFDecoder as _HFDecoder
 
 PAD = 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
@@ -197,7 +199,7 @@ def test_sliding_window_longer_than_the_sequence_is_eligible() -> None:
 
 def test_unknown_engine_is_rejected() -> None:
     ids, mask = left_pad(PROMPTS)
-    with pytest.raises(ValueError, match="engine must be one of"):
+    with pytest.raises(ValueError, match=r"engine must be auto\|hf\|fast, got 'vllm'"):
         sample(build("tiny"), ids, mask, max_new_tokens=2, eos_token_id=1, pad_token_id=PAD, engine="vllm")
 
 

@@ -280,7 +280,7 @@ def test_can_fuse_adamw_only_plain_float_tensors_without_amp():
 @pytest.mark.parametrize("engine, fast_steps", [("auto", True), ("hf", False)])
 def test_rollout_engine_picks_who_computes_the_logits(tmp_path, monkeypatch, engine, fast_steps):
     """`auto` samples the plain Llama preset with the lean fast_decode engine; `hf` with the model's forward."""
-    from rlhf_lightning import fast_decode
+    from rlhf_lightning.rollout import fast as fast_decode
 
     calls = []
     real_step = fast_decode.FastDecoder.step

@@ -8,12 +8,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_lightning.rollout import (
     RolloutBatch,
-    _filter_logits,
     completion_logprobs,
     decode_completions,
     position_ids_from_mask,
     sample,
 )
+from rlhf_lightning.rollout.sampler import _filter_logits
 
 PAD = 0
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15], [3]]
@@ -375,7 +375,7 @@ def test_static_and_dynamic_cache_sample_the_same(make, eos: int) -> None:
 def test_static_cache_is_used_only_where_the_model_supports_it(model: Qwen2ForCausalLM) -> None:
     from transformers import StaticCache
 
-    from rlhf_lightning.rollout import _static_cache
+    from rlhf_lightning.rollout.hf import _static_cache
 
     assert isinstance(_static_cache(model, 20), StaticCache)
     assert _static_cache(torch.nn.Linear(2, 2), 20) is None  # not a transformers model: the dynamic cache
@@ -383,7 +383,7 @@ def test_static_cache_is_used_only_where_the_model_supports_it(model: Qwen2ForCa
 
 def test_sampling_under_autocast_keeps_the_dynamic_cache(model: Qwen2ForCausalLM) -> None:
     """bf16 autocast (Lightning's bf16-mixed) samples without error, through the dynamic cache."""
-    from rlhf_lightning.rollout import _static_cache
+    from rlhf_lightning.rollout.hf import _static_cache
 
     ids, mask = left_pad(PROMPTS)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -299,7 +299,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_disabled(tmp_path):
     base = load_causal_lm("tiny", seed=0).eval()
     batch = next(iter(_prompts_loader()))
     s = sample(m.policy, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=4, eos_token_id=1,
-               pad_token_id=0, return_logprobs=False)
+               pad_token_id=0)
     ctx = dict(prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask, completion_ids=s.completion_ids,
                completion_mask=s.completion_mask)
     with torch.no_grad(), m.reference_policy() as ref:

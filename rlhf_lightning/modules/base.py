@@ -48,9 +48,9 @@ class PolicyModuleBase(L.LightningModule):
             `adapter` (only the adapter, reloaded with `peft.PeftModel.from_pretrained(base, dir)`).
         gradient_checkpointing: recompute each decoder layer's activations in backward instead of storing them
             (less activation memory, one more forward per layer in backward); works under every strategy.
-        rollout_engine: who computes the logits while sampling (`rollout.sample`'s `engine`): `auto` (the lean
-            `fast_decode` engine where the policy is a plain HF Llama/Qwen2/Mistral, else the model's own
-            forward), `hf` (always the model's forward) or `fast` (fail with the reason if it cannot apply).
+        rollout_engine: the registered `rollout.RolloutEngine` that samples (`rollout.register_engine`): `auto`
+            (the lean `rollout.fast` decoder where the policy is a plain HF Llama/Qwen2/Mistral, else the model's
+            own forward), `hf` (always the model's forward) or `fast` (fail with the reason if it cannot apply).
         nonfinite_rewards: a reward that is ±inf or overflows float32 (1e300): `error` (default: the run stops with
             one line naming the reward function, row and value, after writing error.ckpt) or `missing` (it counts
             as "no reward", like None, and is counted in `reward/nonfinite_count`).
@@ -122,11 +122,11 @@ class PolicyModuleBase(L.LightningModule):
         self._lora_reference = False  # True: π_ref is the policy with its adapter disabled
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
-        from ..rollout import ENGINES
+        from ..rollout import get_engine
 
-        if rollout_engine not in ENGINES:
-            raise ValueError(f"rollout_engine must be {'|'.join(ENGINES)}, got {rollout_engine!r}")
         self.rollout_engine = rollout_engine
+        self._engine_cls = get_engine(rollout_engine, setting="rollout_engine")  # an unknown name fails here
+        self._engine = None  # built on first use, on the policy as it is then (after LoRA / sharding)
         self.val_max_new_tokens = val_max_new_tokens
         self.optimizer_steps = 0
         self.rollouts = 0
@@ -406,6 +406,37 @@ class PolicyModuleBase(L.LightningModule):
         """Wrap every sampling loop on the policy (see `parallel.sampling_context`: ranks stop at different steps)."""
         return parallel.sampling_context(self.policy)
 
+    # ------------------------------------------------------------------------------------ rollout engine
+    @property
+    def engine(self):
+        """The `rollout_engine` (a `rollout.RolloutEngine`) on the policy, built at the first sampling call."""
+        if self._engine is None:
+            self._engine = self._engine_cls(self.policy)
+        return self._engine
+
+    def sampling_params(self, greedy: bool = False, max_new_tokens: int | None = None):
+        """The `rollout.SamplingParams` of the hyperparameters (top_p / top_k where the module has them), or
+        greedy decoding of `max_new_tokens` (validation, baselines)."""
+        from ..rollout import SamplingParams
+
+        hp, ids = self.hparams, dict(eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        if greedy:
+            return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, **ids)
+        return SamplingParams(max_new_tokens=hp.max_new_tokens, min_new_tokens=hp.min_new_tokens,
+                              temperature=hp.temperature, top_p=hp.get("top_p", 1.0), top_k=hp.get("top_k", 0), **ids)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params,
+                 generator: torch.Generator | None = None):
+        """A `RolloutBatch` from the engine, inside `sampling_context` (every sampling call goes through here)."""
+        with self.sampling_context():
+            return self.engine.generate(prompt_ids, prompt_mask, params, generator)
+
+    def policy_stepped(self) -> None:
+        """After each optimizer step: count it, and hand the updated policy to the engine (`sync_weights`)."""
+        self.optimizer_steps += 1
+        self.engine.sync_weights(self.policy)
+
     # ------------------------------------------------------------------------------------ RL machinery
     def _make_reference(self) -> torch.nn.Module | None:
         """A frozen copy of the initial policy: π_ref of the KL penalty (run in eval mode by the no-grad passes).
@@ -453,13 +484,8 @@ class PolicyModuleBase(L.LightningModule):
     @torch.no_grad()
     def greedy_samples(self, batch: dict[str, Any], max_new_tokens: int | None = None):
         """Greedy `RolloutBatch` of the batch's prompts (token ids and masks)."""
-        from ..rollout import sample
-
-        with self.sampling_context():
-            return sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
-                          max_new_tokens=max_new_tokens or self.val_max_new_tokens,
-                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                          do_sample=False, return_logprobs=False, engine=self.rollout_engine)
+        params = self.sampling_params(greedy=True, max_new_tokens=max_new_tokens or self.val_max_new_tokens)
+        return self.generate(batch["prompt_ids"], batch["prompt_mask"], params)
 
     def greedy_completions(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
         from ..rollout import decode_completions

@@ -3,7 +3,7 @@
 One `training_step` = one rollout + its updates:
 
     1. rollout            each prompt is repeated G times *inside* the step (a group never spans ranks) and
-                          sampled with the KV-cache engine (`rollout.sample`), under no_grad, eval mode
+                          sampled with the `rollout_engine` (`rollout.RolloutEngine`), under no_grad, eval mode
                           (dynamic sampling: all-equal groups re-sampled, `dynamic_sampling_max_tries` rounds)
     2. compute_rewards    reward functions (TRL signature) -> one reward per completion (outcome) or one reward
                           per reasoning step (process); None/NaN = "no reward" (advantage 0, counted)
@@ -22,7 +22,7 @@ optimizer steps, so `trainer.max_steps` = rollouts x num_iterations x minibatche
 rollout index (Lightning's batch counter), the same as for PPO.
 
 Hooks a subclass overrides (each is small and documented below):
-    rollout(batch) -> Rollout              sampling (swap in another engine, e.g. vLLM, here)
+    rollout(batch) -> Rollout              sampling through `self.engine` (a new engine: docs/extending.md)
     compute_rewards(prompts, completions, batch) -> Tensor [N] (outcome) or list[list[float]] (process)
     compute_advantages(rewards, rollout) -> Tensor [N] or [N, T]
     policy_loss(logp, old_logp, advantages, mask, normalizer) -> (loss, stats)
@@ -43,7 +43,7 @@ from torch import Tensor
 from .. import losses, parallel
 from ..algorithms import dynamic_sampling
 from ..algorithms.advantages import AdvantageInputs, Estimator, get_estimator
-from ..rollout import RolloutBatch, completion_logprobs, decode_completions, sample
+from ..rollout import RolloutBatch, completion_logprobs, decode_completions
 from .base import PolicyModuleBase, grad_norm
 
 
@@ -226,15 +226,10 @@ class GRPOModule(PolicyModuleBase):
     # ------------------------------------------------------------------------------------------ hooks
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Sample `group_size` completions per prompt. Rows i*G .. i*G+G-1 share prompt i."""
-        hp, G = self.hparams, self.hparams.group_size
+        G = self.hparams.group_size
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, dim=0)  # [N, P], N = B*G
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, dim=0)  # [N, P]
-        with self.sampling_context():
-            samples = sample(self.policy, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                             min_new_tokens=hp.min_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
-                             top_k=hp.top_k, eos_token_id=self.tokenizer.eos_token_id,
-                             pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
-                             return_logprobs=False, engine=self.rollout_engine)
+        samples = self.generate(prompt_ids, prompt_mask, self.sampling_params(), self._generator())
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         rollout = Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=G))
@@ -487,7 +482,7 @@ class GRPOModule(PolicyModuleBase):
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 sched.step()
-                self.optimizer_steps += 1
+                self.policy_stepped()
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["loss"] = sum(step_losses) / len(step_losses)

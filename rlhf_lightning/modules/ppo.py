@@ -3,7 +3,7 @@
 The classic RLHF optimizer as Ziegler et al. 2019, InstructGPT and "The N+ Implementation Details of RLHF with
 PPO" (Huang et al. 2024; the recipe of TRL's last PPOTrainer) describe it. One `training_step` = one rollout:
 
-    1. rollout            one completion per prompt, KV-cache sampling (`rollout.sample`) at `temperature`,
+    1. rollout            one completion per prompt, sampling with the `rollout_engine` at `temperature`,
                           under no_grad, eval mode; the sampler pads after EOS ("EOS truncation")
     2. no-grad passes     old log-probs log π_old (= the sampling policy), values V_old(s_t) from the critic and
                           reference log-probs log π_ref, all at the same temperature, eval mode. With one epoch
@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from .. import losses
 from ..algorithms.advantages import AdvantageInputs, get_estimator
 from ..rewards import RewardModelSource, RewardOutput
-from ..rollout import RolloutBatch, completion_logprobs, decode_completions, position_ids_from_mask, sample
+from ..rollout import RolloutBatch, completion_logprobs, decode_completions, position_ids_from_mask
 from .base import PolicyModuleBase, grad_norm
 from .grpo import Rollout
 
@@ -350,13 +350,7 @@ class PPOModule(PolicyModuleBase):
     # ------------------------------------------------------------------------------------------ hooks
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """One completion per prompt, sampled from π at `temperature` (eval mode, no grad, pad after EOS)."""
-        hp = self.hparams
-        with self.sampling_context():
-            samples = sample(self.policy, batch["prompt_ids"], batch["prompt_mask"],
-                             max_new_tokens=hp.max_new_tokens, min_new_tokens=hp.min_new_tokens,
-                             temperature=hp.temperature, eos_token_id=self.tokenizer.eos_token_id,
-                             pad_token_id=self.tokenizer.pad_token_id, generator=self._generator(),
-                             return_logprobs=False, engine=self.rollout_engine)
+        samples = self.generate(batch["prompt_ids"], batch["prompt_mask"], self.sampling_params(), self._generator())
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         return Rollout(samples, list(batch["prompts"]), completions, self.reward_columns(batch))
 
@@ -600,7 +594,7 @@ class PPOModule(PolicyModuleBase):
                         self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                     opt.step()
                     sched.step()
-                self.optimizer_steps += 1
+                self.policy_stepped()
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out["actor_grad_norm"] = sum(norms["actor"]) / len(norms["actor"])
         out["critic_grad_norm"] = sum(norms["critic"]) / len(norms["critic"])

@@ -1,4 +1,4 @@
-"""A lean decode engine for `rollout.sample` on the standard HF Llama-family layout.
+"""The `fast` engine's decoder: a lean forward for the standard HF Llama-family layout (`rollout.sample`).
 
 Why: on small models a decode step pays a lot of per-op overhead on top of its matmuls. HF's `LlamaForCausalLM`
 forward with a `StaticCache` runs well over a hundred small ops per token (mask building, cache bookkeeping,
@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import position_ids_from_mask
 
 # model class -> the module classes of its layout, all from the same transformers file.
 _FAMILIES = {
@@ -237,14 +239,12 @@ def _residual_linear(residual: Tensor, x: Tensor, weight_t: Tensor, bias: Tensor
 class FastDecoder:
     """Functional prefill + one-token decode steps over packed weights and an in-place KV cache.
 
-    Same interface as the HF decoder in `rollout.py`: `prefill()` then `step(token)` repeatedly, each returning the
+    Same interface as `hf.HFDecoder`: `prefill()` then `step(token)` repeatedly, each returning the
     next-token logits [B, V] in the model's dtype. Build it only after `ineligibility_reason(...)` returned None.
     """
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int) -> None:
-        from .rollout import position_ids_from_mask
-
         cfg = model.config
         inner = model.model
         B, P = prompt_ids.shape
