@@ -134,7 +134,8 @@ def policy_mistakes(model_or_path: Any, task: Task, rows: list[dict], seed: int 
     out: list[str | None] = []
     for i in range(len(rows)):
         block = range(i * tries, (i + 1) * tries)
-        out.append(next((completions[j] for j in block if not right[j]), None))
+        # an empty sample (EOS at once) is wrong but no answer: a pair needs a rejected text (checked at load)
+        out.append(next((completions[j] for j in block if not right[j] and completions[j].strip()), None))
     return out
 
 

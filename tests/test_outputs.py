@@ -35,7 +35,9 @@ RL = [*ONE_EPOCH, *SMALL_DATA, "--trainer.val_check_interval", "2", "--model.ini
 SHRUNK = {
     "sft_arithmetic": [*ONE_EPOCH, *SMALL_DATA, "--trainer.val_check_interval", "2",
                        "--model.init_args.val_max_new_tokens", "4"],
-    "rm_arithmetic": [*ONE_EPOCH, *SMALL_DATA],
+    # the RM starts from the SFT export and is trained on its mistakes (configs/rm_arithmetic.yaml)
+    "rm_arithmetic": [*ONE_EPOCH, *SMALL_DATA, "--model.init_args.model_name_or_path", "{sft}",
+                      "--data.init_args.negatives_model", "{sft}"],
     "grpo_arithmetic": [*RL, "--model.init_args.group_size", "2"],
     # (validation of step rewards is another issue's item: this run checks the outputs, so it skips validation;
     # check_val_every_n_epoch 1 makes ModelCheckpoint save at the epoch end instead of after a validation)
