@@ -207,7 +207,8 @@ def test_the_documented_source_example_runs():
     from pathlib import Path
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
-    block = re.search(r"```python\n(.*?)```", page, flags=re.S).group(1)
+    section = page[page.index("## Where a new reward source goes"):]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     namespace: dict = {}
     exec(compile("\n".join(line[2:] for line in block.splitlines()), "extending.md", "exec"), namespace)
     out = WeightedSources([namespace["Brevity"](), "exact_match"], [1.0, 1.0]).score(
