@@ -74,20 +74,20 @@ class RewardModelSource(RewardSource):
             if not self.std > 0:
                 raise ValueError(f"std must be > 0 to normalise, got {self.std}")
 
+    def _recorded(self, name: str) -> float | None:
+        """`reward_<name>` as recorded with the model: a live module's latest validation, else its export's config."""
+        source = self._module if self._module is not None else self.model.config
+        return getattr(source, f"reward_{name}", None)
+
     @property
     def mean(self) -> float | None:
-        """The explicit `mean`, else the one recorded with the model (a live module's latest validation)."""
-        if self._mean is not None:
-            return self._mean
-        return self._module.reward_mean if self._module is not None else getattr(self.model.config, "reward_mean",
-                                                                                  None)
+        """The explicit `mean`, else the one recorded with the model."""
+        return self._mean if self._mean is not None else self._recorded("mean")
 
     @property
     def std(self) -> float | None:
-        if self._std is not None:
-            return self._std
-        return self._module.reward_std if self._module is not None else getattr(self.model.config, "reward_std",
-                                                                                 None)
+        """The explicit `std`, else the one recorded with the model."""
+        return self._std if self._std is not None else self._recorded("std")
 
     def statistics(self) -> tuple[float | None, float | None]:
         return self.mean, self.std
