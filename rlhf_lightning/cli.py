@@ -21,21 +21,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 
-from .loggers import root_loggers  # noqa: E402
-from .messages import OneLineErrorParser, check_checkpoint_file, check_writable  # noqa: E402
-from .reliability import (  # noqa: E402
-    CheckpointOnError,
-    ConfigError,
-    GracefulShutdown,
-    LastCheckpoint,
-    TrainingFailure,
-    use_atomic_checkpoints,
-)
+from .infra.checkpoints import CheckpointOnError, LastCheckpoint, use_atomic_checkpoints  # noqa: E402
+from .infra.errors import ConfigError, TrainingFailure  # noqa: E402
+from .infra.loggers import root_loggers  # noqa: E402
+from .infra.messages import OneLineErrorParser, check_checkpoint_file, check_writable  # noqa: E402
+from .infra.shutdown import GracefulShutdown  # noqa: E402
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # TensorBoard is the default logger; runs land in <default_root_dir>/runs/<name>/version_<n>/ with hf_model/
     # beside the events (RunLogger: no save_dir, so the folder follows --trainer.default_root_dir)
-    "logger": {"class_path": "rlhf_lightning.loggers.RunLogger", "init_args": {"name": "rlhf"}},
+    "logger": {"class_path": "rlhf_lightning.infra.loggers.RunLogger", "init_args": {"name": "rlhf"}},
     "log_every_n_steps": 1,
 }
 
@@ -73,7 +68,7 @@ class RLHFLightningCLI(LightningCLI):
         machine Lightning would otherwise stop first with an unrelated "requires a GPU" message), root a
         `RunLogger` without `save_dir` at `default_root_dir`, check that the output folders accept files (before
         any work is done), then make checkpoint writes atomic."""
-        from .parallel import check_strategy
+        from .infra.parallel import check_strategy
 
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         check_strategy(self.model, config.get("strategy"))

@@ -151,7 +151,7 @@ def row_where(row: dict, index: int, source: str) -> str:
 def check_columns(rows: list[dict], required: list[str], source: str, hint: str) -> None:
     """Each `required` column, and each column any row has a value in, is present and not null in every row
     (reward functions read columns by name; a row without one would fail in a late batch). Raises ConfigError."""
-    from .reliability import ConfigError
+    from .infra.errors import ConfigError
 
     first: dict[str, int] = {}  # column -> index of the first row with a value in it
     for i, row in enumerate(rows):
@@ -175,7 +175,7 @@ def check_columns(rows: list[dict], required: list[str], source: str, hint: str)
 def check_reserved_columns(rows: list[dict], reserved: set[str], source: str) -> None:
     """No data column may be named like a key the batches (or the reward functions' arguments) already use: it
     would silently replace that key, or collide with it in the reward call. Raises ConfigError."""
-    from .reliability import ConfigError
+    from .infra.errors import ConfigError
 
     clashes = sorted(reserved & {k for row in rows for k in row})
     if clashes:
@@ -185,7 +185,7 @@ def check_reserved_columns(rows: list[dict], reserved: set[str], source: str) ->
 
 def check_each_row(rows: list[dict], check: Any, source: str) -> None:
     """`check(row)` on every row; its ValueError becomes a ConfigError naming the row's file and line."""
-    from .reliability import ConfigError
+    from .infra.errors import ConfigError
 
     for i, row in enumerate(rows):
         try:
@@ -488,7 +488,7 @@ class PromptDataModule(L.LightningDataModule):
         elif hp.val_fraction > 0 and len(rows) > 1:
             n_val = max(1, int(round(len(rows) * hp.val_fraction)))
             if n_val >= len(rows):
-                from .reliability import ConfigError
+                from .infra.errors import ConfigError
 
                 raise ConfigError(f"data.val_fraction={hp.val_fraction} holds out {n_val} of the {len(rows)} rows of "
                                   f"{hp.path!r}, leaving none to train on; lower val_fraction or add rows")
@@ -563,13 +563,13 @@ class PromptDataModule(L.LightningDataModule):
         try:
             return self._prompt_text(row[self.hparams.prompt_column])
         except Exception as err:  # noqa: BLE001 - e.g. a tokenizer without a chat template: one line naming the row
-            from .reliability import ConfigError
+            from .infra.errors import ConfigError
 
             raise ConfigError(f"{row_where(row, index, split)}: could not render the prompt: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
     def _tokenize(self, rows: list[dict], where: str) -> list[dict]:
-        from .reliability import ConfigError
+        from .infra.errors import ConfigError
 
         hp, tok = self.hparams, self.tokenizer
         out, truncated, dropped = [], [], 0
@@ -639,7 +639,7 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ranks = self.trainer.world_size if self.trainer is not None else 1
         if len(self.train_rows) < self.hparams.batch_size * ranks:  # drop_last: not one batch, nothing would train
-            from .reliability import ConfigError
+            from .infra.errors import ConfigError
 
             raise ConfigError(f"data: {len(self.train_rows)} training rows make no full batch of batch_size="
                               f"{self.hparams.batch_size} x {ranks} rank(s); lower data.batch_size or add rows")

@@ -41,8 +41,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .infra.parallel import run_dir
 from .modules.reward_model import bradley_terry_loss
-from .parallel import run_dir
 from .preference import reward_input_ids, right_pad
 from .rewards import RewardModelSource, call_reward_fns, resolve_reward_fn
 

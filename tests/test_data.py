@@ -14,7 +14,7 @@ import torch
 from conftest import char_ids
 
 from rlhf_lightning.data import PromptDataModule, ResumableSampler
-from rlhf_lightning.reliability import ConfigError
+from rlhf_lightning.infra.errors import ConfigError
 
 ROWS = [
     {"prompt": "1+2=", "answer": "3", "id": 0},

@@ -92,7 +92,7 @@ def _export_dir(config_paths: list[Path]) -> str:
         trainer.update((yaml.safe_load(path.read_text()) or {}).get("trainer", {}))
     logger = trainer.get("logger") or {}
     init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
-    # a RunLogger without save_dir writes under <default_root_dir>/runs (rlhf_lightning.loggers)
+    # a RunLogger without save_dir writes under <default_root_dir>/runs (rlhf_lightning.infra.loggers)
     root = init.get("save_dir") or os.path.join(trainer.get("default_root_dir") or ".", "runs")
     return os.path.normpath(f"{root}/{init.get('name', 'lightning_logs')}/version_0/hf_model")
 

@@ -16,7 +16,7 @@ import torch
 from conftest import run_script, tensorboard_scalars
 
 from rlhf_lightning import GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModel, SFTModule
-from rlhf_lightning.reliability import NonFiniteError, NonFiniteWeightsError, RewardFunctionError
+from rlhf_lightning.infra.errors import NonFiniteError, NonFiniteWeightsError, RewardFunctionError
 from rlhf_lightning.rewards import call_reward_fns, call_step_reward_fns
 from rlhf_lightning.rollout import sample
 

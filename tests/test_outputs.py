@@ -1,7 +1,7 @@
 """Where a run's outputs go, through the installed `rlhf-lightning` console script, shipped configs as shipped.
 
 Lightning's contract: `--trainer.default_root_dir X` puts every output of a run under X. The CLI's logger
-(`rlhf_lightning.loggers.RunLogger`, which the shipped configs use to name their run) writes to
+(`rlhf_lightning.infra.loggers.RunLogger`, which the shipped configs use to name their run) writes to
 `<default_root_dir>/runs/<name>/version_<n>/`, so events, `config.yaml`, `checkpoints/` and `hf_model/` land there;
 default_root_dir defaults to the current folder, which keeps the README's `runs/...` paths valid.
 """
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from rlhf_lightning.cli import cli_main
-from rlhf_lightning.loggers import RunLogger
+from rlhf_lightning.infra.loggers import RunLogger
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -85,7 +85,7 @@ def test_no_shipped_config_pins_the_log_folder(name, tmp_path, capsys, monkeypat
     assert not exit_.value.code
     printed = yaml.safe_load(capsys.readouterr().out)
     logger = printed["trainer"]["logger"]
-    assert logger["class_path"] == "rlhf_lightning.loggers.RunLogger", logger
+    assert logger["class_path"] == "rlhf_lightning.infra.loggers.RunLogger", logger
     assert logger["init_args"]["save_dir"] is None and logger["init_args"]["name"] == name
     rooted = RunLogger(**logger["init_args"]).rooted_at(printed["trainer"]["default_root_dir"])
     assert Path(rooted.log_dir) == root / "runs" / name / "version_0"

@@ -20,10 +20,11 @@ import pytest
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-import rlhf_lightning.reliability as reliability
+import rlhf_lightning.infra.checkpoints as checkpoints
 from rlhf_lightning import GRPOModule, PromptDataModule
 from rlhf_lightning.cli import cli_main
-from rlhf_lightning.reliability import AtomicCheckpointIO, GracefulShutdown
+from rlhf_lightning.infra.checkpoints import AtomicCheckpointIO
+from rlhf_lightning.infra.shutdown import GracefulShutdown
 
 
 def _trainer(tmp_path, steps, **kw):
@@ -47,7 +48,7 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_whole(tm
         f.write(b"PK\x03\x04 half a zip file")  # what a torch.save cut short leaves behind
         raise KeyboardInterrupt  # the process is interrupted in the middle of the write
 
-    monkeypatch.setattr(reliability.torch, "save", dies_half_way)
+    monkeypatch.setattr(checkpoints.torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"global_step": 6, "w": torch.zeros(1000)}, last)
     monkeypatch.undo()
@@ -266,7 +267,7 @@ def test_ppo_resume_is_exact_with_another_global_seed(tmp_path):
 # ------------------------------------------------------------------------------------------------ CPU allocator
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from rlhf_lightning.cpu_allocator import keep_freed_memory
+from rlhf_lightning.infra.cpu_allocator import keep_freed_memory
 print(keep_freed_memory(), flush=True)
 x = torch.ones(64 * 2**20 // 4); del x  # 64 MiB, above glibc's largest mmap threshold
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -296,7 +297,7 @@ def test_cpu_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
 
 
 def test_cpu_allocator_bad_setting_is_one_line(monkeypatch):
-    from rlhf_lightning.cpu_allocator import allocator_setting
+    from rlhf_lightning.infra.cpu_allocator import allocator_setting
 
     monkeypatch.setenv("RLHF_LIGHTNING_CPU_ALLOCATOR", "jemalloc")
     with pytest.raises(ValueError, match="RLHF_LIGHTNING_CPU_ALLOCATOR must be 'cache'.*got 'jemalloc'"):
@@ -334,7 +335,7 @@ def test_any_failure_once_training_runs_leaves_error_ckpt_and_the_periodic_last_
     """error.ckpt was written for RewardFunctionError only; now for any exception, the CLI naming it last, and
     the periodic last.ckpt (every_n_batches configured to 2) is there too."""
     done = script(tmp_path, "--model", "test_reliability.FailsAtThirdRollout", *GRPO[2:], *TINY_RUN,
-                  "--trainer.max_steps", "8", "--trainer.callbacks+=rlhf_lightning.reliability.LastCheckpoint",
+                  "--trainer.max_steps", "8", "--trainer.callbacks+=rlhf_lightning.infra.checkpoints.LastCheckpoint",
                   "--trainer.callbacks.every_n_batches", "2")
     assert done.returncode == 1, done.stderr[-3000:]
     ckpt = Path("checkpoints") / "error.ckpt"

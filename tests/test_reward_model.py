@@ -182,7 +182,7 @@ PAIR_DEFECTS = [
 
 @pytest.mark.parametrize("bad, problem", [c[1:] for c in PAIR_DEFECTS], ids=[c[0] for c in PAIR_DEFECTS])
 def test_a_bad_pair_near_the_end_fails_at_load_with_its_line(tmp_path, bad, problem):
-    from rlhf_lightning.reliability import ConfigError
+    from rlhf_lightning.infra.errors import ConfigError
 
     rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2), "margin": 1.0} for i in range(9)]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows + [{"margin": 1.0, **bad}])

@@ -12,11 +12,11 @@ import torch
 from conftest import run_script
 
 from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
+from rlhf_lightning.infra.errors import RewardFunctionError
 from rlhf_lightning.iterative import IterativeRewardModelCallback
 from rlhf_lightning.models import load_sequence_classifier
 from rlhf_lightning.modules.reward_model import RewardModelScorer
 from rlhf_lightning.preference import reward_input_ids, right_pad
-from rlhf_lightning.reliability import RewardFunctionError
 from rlhf_lightning.rewards import (
     FunctionSource,
     RewardModelSource,

@@ -14,8 +14,8 @@ import torch
 
 from rlhf_lightning import GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModel, SFTModule
 from rlhf_lightning.cli import cli_main
+from rlhf_lightning.infra.parallel import FSDP2Strategy, check_strategy
 from rlhf_lightning.models import load_causal_lm
-from rlhf_lightning.parallel import FSDP2Strategy, check_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_lightning.reliability import RewardFunctionError
+from rlhf_lightning.infra.errors import RewardFunctionError
 from rlhf_lightning.rewards import (
     call_reward_fns,
     call_step_reward_fns,

@@ -20,10 +20,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .. import parallel
-from ..cpu_allocator import keep_freed_memory
+from ..infra import parallel
+from ..infra.checkpoints import collect_rng_states, restore_rng_states
+from ..infra.cpu_allocator import keep_freed_memory
+from ..infra.nonfinite import NonFiniteGuard, check_finite_model
 from ..models import load_causal_lm, model_source, save_export
-from ..reliability import NonFiniteGuard, check_finite_model, collect_rng_states, restore_rng_states
 from ..tokenizer import load_tokenizer
 
 
@@ -169,7 +170,7 @@ class PolicyModuleBase(L.LightningModule):
     def _check_reward_signatures(self) -> None:
         """Before the first step: each reward function accepts the columns the data will pass (one collated row
         shows which), else a config error telling the user to add `**kwargs`."""
-        from ..reliability import ConfigError, RewardFunctionError
+        from ..infra.errors import ConfigError, RewardFunctionError
         from ..rewards import check_signature
 
         datamodule = getattr(self._trainer, "datamodule", None)

@@ -40,9 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import losses, parallel
+from .. import losses
 from ..algorithms import dynamic_sampling
 from ..algorithms.advantages import AdvantageInputs, Estimator, get_estimator
+from ..infra import parallel
 from ..rollout import RolloutBatch, completion_logprobs, decode_completions
 from .base import PolicyModuleBase, grad_norm
 

@@ -33,8 +33,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from .. import parallel
-from ..cpu_allocator import keep_freed_memory
+from ..infra import parallel
+from ..infra.cpu_allocator import keep_freed_memory
+from ..infra.nonfinite import NonFiniteGuard, check_finite_model
 from ..models import (
     add_lora,
     check_lora_export,
@@ -45,7 +46,6 @@ from ..models import (
     save_export,
 )
 from ..preference import appends_eos
-from ..reliability import NonFiniteGuard, check_finite_model
 from ..rewards import RewardModelSource
 from ..tokenizer import load_tokenizer
 from .base import PolicyModuleBase

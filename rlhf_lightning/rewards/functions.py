@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..reliability import RewardFunctionError
+from ..infra.errors import RewardFunctionError
 from .builtin import CHAT_PROMPTS, REWARD_FNS, _check_aligned
 from .interface import RewardSource
 

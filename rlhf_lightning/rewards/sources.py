@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..reliability import RewardFunctionError
+from ..infra.errors import RewardFunctionError
 from .functions import (
     _call,
     _check_inputs,

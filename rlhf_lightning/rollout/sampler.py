@@ -41,7 +41,7 @@ def _check_logits(logits: Tensor, t: int) -> None:
     row_max = logits.amax(dim=-1)  # [B]
     bad = ~torch.isfinite(row_max)
     if bool(bad.any()):
-        from ..reliability import NonFiniteError
+        from ..infra.errors import NonFiniteError
 
         rows = bad.nonzero().flatten().tolist()
         raise NonFiniteError(f"sampling stopped: the policy's logits are NaN/inf at completion token {t} (rows "

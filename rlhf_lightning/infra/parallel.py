@@ -21,8 +21,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 FSDP_MISUSE = ("{name} uses manual optimization, which Lightning's FSDPStrategy does not support (Lightning "
-               "#19626, #19685); use FSDP2 instead: rlhf_lightning.parallel.FSDP2Strategy (a ModelParallelStrategy), "
-               "e.g. --config configs/fsdp.yaml")
+               "#19626, #19685); use FSDP2 instead: rlhf_lightning.infra.parallel.FSDP2Strategy (a "
+               "ModelParallelStrategy), e.g. --config configs/fsdp.yaml")
 
 
 class FSDP2Strategy(ModelParallelStrategy):

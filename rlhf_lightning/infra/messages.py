@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from .reliability import ConfigError
+from .errors import ConfigError
 
 # TRL config names whose rlhf_lightning name is not close in spelling (difflib would not find it)
 TRL_NAMES = {

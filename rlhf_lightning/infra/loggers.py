@@ -7,7 +7,7 @@ with `RunLogger` and leaves `save_dir` out:
 
     trainer:
       logger:
-        class_path: rlhf_lightning.loggers.RunLogger
+        class_path: rlhf_lightning.infra.loggers.RunLogger
         init_args: {name: grpo_arithmetic}
 
 and the CLI roots it at `<default_root_dir>/runs` when it builds the Trainer, so events, `config.yaml`,
