@@ -54,10 +54,10 @@ import yaml
 from _common import LOSS_TYPE, trl_grpo_config  # benchmarks/ is on sys.path when run as a script
 
 from rlhf_lightning import GRPOModule, PromptDataModule, SFTModule
+from rlhf_lightning.data.tasks import get_task
 from rlhf_lightning.evaluation import greedy_accuracy
 from rlhf_lightning.models import load_causal_lm
 from rlhf_lightning.rewards import exact_match
-from rlhf_lightning.tasks import get_task
 from rlhf_lightning.tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

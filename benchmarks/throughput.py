@@ -78,8 +78,8 @@ def read_prompts(root: Path, n: int) -> list[str]:
 def write_models(root: Path) -> dict[str, dict[str, str]]:
     """One random policy and one reward model (sequence classifier) per size, written with save_pretrained,
     plus the prompts (`prompts.json`, built-in 2-digit addition) every run draws from."""
+    from rlhf_lightning.data.tasks import get_task
     from rlhf_lightning.models import load_causal_lm, load_sequence_classifier
-    from rlhf_lightning.tasks import get_task
     from rlhf_lightning.tokenizer import load_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)

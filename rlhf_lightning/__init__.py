@@ -1,12 +1,11 @@
 """rlhf_lightning: PyTorch Lightning modules for RL fine-tuning of language models."""
 
-from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.iterative import IterativeRewardModelCallback
 from rlhf_lightning.modules.grpo import GRPOModule
 from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.modules.reward_model import RewardModel, RewardModelScorer
 from rlhf_lightning.modules.sft import SFTModule
-from rlhf_lightning.preference import PreferenceDataModule
 
 __all__ = ["GRPOModule", "IterativeRewardModelCallback", "PPOModule", "PreferenceDataModule", "PromptDataModule",
            "RewardModel", "RewardModelScorer", "SFTModule"]

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.set_num_threads(args.threads)
 
+    from .data.tasks import get_task
     from .evaluation import greedy_accuracy
-    from .tasks import get_task
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .infra.parallel import run_dir
 from .modules.reward_model import bradley_terry_loss
-from .preference import reward_input_ids, right_pad
 from .rewards import RewardModelSource, call_reward_fns, resolve_reward_fn
+from .rewards.model_inputs import reward_input_ids, right_pad
 
 Pair = dict[str, str]  # {"prompt", "chosen", "rejected"}
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .infra.paths import looks_like_path
+
 # Llama-style decoders built from scratch. `small` is the benchmark's model (hidden 256, 4 layers);
 # `medium` is the ~100M-parameter one (hidden 768, 12 layers, GPT-2-small shaped).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -60,9 +62,7 @@ def model_source(name_or_path: str) -> str:
         if not (path / "config.json").exists():
             raise ValueError(f"model directory {name_or_path!r} has no config.json (not a save_pretrained directory)")
         return "local"
-    looks_like_path = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-                       or os.sep + os.sep in name_or_path)
-    if looks_like_path:
+    if looks_like_path(name_or_path):
         raise ValueError(f"model path {name_or_path!r} does not exist")
     return "hub"
 

@@ -15,6 +15,8 @@ import warnings
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .infra.paths import looks_like_path
+
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN, UNK_TOKEN]  # ids 0, 1, 2
 # Fixed order, never reorder or insert: ids must stay stable so saved checkpoints keep their meaning.
@@ -54,14 +56,6 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.name_or_path = "char"
     return tokenizer
-
-
-def _looks_like_path(name: str) -> bool:
-    """A hub id is "name" or "org/name"; anything that reads as a filesystem path is treated as one."""
-    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
-        return True
-    parent = os.path.dirname(os.path.expanduser(name))
-    return bool(parent) and os.path.isdir(parent)
 
 
 def _hub_unreachable() -> bool:
@@ -118,7 +112,7 @@ def load_tokenizer(
             raise ValueError(f"could not load a tokenizer from directory {path!r}: {_first_line(err)}") from err
     elif os.path.exists(path):
         raise ValueError(f"tokenizer path {path!r} is a file; pass the directory written by save_pretrained")
-    elif _looks_like_path(name_or_path):
+    elif looks_like_path(name_or_path):
         raise ValueError(f"tokenizer path {name_or_path!r} does not exist")
     else:
         tokenizer = _load_from_hub(name_or_path, trust_remote_code)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import char_ids
 
-from rlhf_lightning.data import PromptDataModule, ResumableSampler
+from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.data.prompts import ResumableSampler
 from rlhf_lightning.infra.errors import ConfigError
 
 ROWS = [
@@ -311,7 +312,7 @@ def test_trainer_resume_sees_the_prompts_the_uninterrupted_run_saw(tmp_path):
 # ------------------------------------------------------------------------------------------- built-in tasks
 @pytest.mark.parametrize("task, task_kwargs", [("addition", {"digits": 3}), ("chain", {"num_terms": 3})])
 def test_builtin_tasks(char_tok, task, task_kwargs):
-    from rlhf_lightning.tasks import get_task
+    from rlhf_lightning.data.tasks import get_task
 
     dm = ready(char_tok, task=task, task_kwargs=task_kwargs, num_train=12, num_val=5, batch_size=4, seed=3,
                completion_column="completion")
@@ -463,7 +464,7 @@ def test_task_only_arguments_with_path_data_are_refused(tmp_path, argument):
     name, value = next(iter(argument.items()))
     with pytest.raises(ValueError, match=re.escape(f"data.{name}={value!r} applies to built-in tasks (`task`) only")):
         PromptDataModule(path=path, **argument)  # was: silently ignored, every row used
-    from rlhf_lightning.preference import PreferenceDataModule
+    from rlhf_lightning.data import PreferenceDataModule
 
     with pytest.raises(ValueError, match=re.escape(f"data.{name}={value!r} applies to built-in tasks")):
         PreferenceDataModule(path=path, **argument)

@@ -13,19 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
+from rlhf_lightning.data.negatives import make_preference_pairs, policy_mistakes, wrong_number
+from rlhf_lightning.data.tasks import AdditionTask, ChainArithmeticTask
 from rlhf_lightning.models import load_causal_lm
 from rlhf_lightning.modules.reward_model import RewardModel, RewardModelScorer, bradley_terry_loss
 from rlhf_lightning.modules.sft import SFTModule
-from rlhf_lightning.preference import (
-    PreferenceDataModule,
-    make_preference_pairs,
-    policy_mistakes,
-    reward_input_ids,
-    wrong_number,
-)
 from rlhf_lightning.rewards import chain_steps
-from rlhf_lightning.tasks import AdditionTask, ChainArithmeticTask
+from rlhf_lightning.rewards.model_inputs import reward_input_ids
 from rlhf_lightning.tokenizer import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,6 @@ from rlhf_lightning.infra.errors import RewardFunctionError
 from rlhf_lightning.iterative import IterativeRewardModelCallback
 from rlhf_lightning.models import load_sequence_classifier
 from rlhf_lightning.modules.reward_model import RewardModelScorer
-from rlhf_lightning.preference import reward_input_ids, right_pad
 from rlhf_lightning.rewards import (
     FunctionSource,
     RewardModelSource,
@@ -26,6 +25,7 @@ from rlhf_lightning.rewards import (
     exact_match,
     resolve_reward_fn,
 )
+from rlhf_lightning.rewards.model_inputs import reward_input_ids, right_pad
 from rlhf_lightning.rollout import RolloutBatch
 from rlhf_lightning.tokenizer import build_char_tokenizer
 

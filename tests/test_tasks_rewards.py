@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlhf_lightning.data.tasks import TASKS, AdditionTask, ChainArithmeticTask, Task, get_task
 from rlhf_lightning.infra.errors import RewardFunctionError
 from rlhf_lightning.rewards import (
     call_reward_fns,
@@ -21,7 +22,6 @@ from rlhf_lightning.rewards import (
     parse_chain,
     resolve_reward_fn,
 )
-from rlhf_lightning.tasks import TASKS, AdditionTask, ChainArithmeticTask, Task, get_task
 
 NAN = math.nan
 

@@ -7,6 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from rlhf_lightning.infra.paths import looks_like_path
 from rlhf_lightning.tokenizer import CHARS, build_char_tokenizer, load_tokenizer
 
 
@@ -99,6 +100,40 @@ def test_path_errors(tmp_path):
         load_tokenizer(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="non-empty string"):
         load_tokenizer("")
+
+
+@pytest.mark.parametrize("name, is_path", [
+    ("gpt2", False), ("Qwen/Qwen2.5-0.5B", False), ("openai/gsm8k", False),  # hub ids: `name` or `org/name`
+    ("./x", True), ("../x", True), (".", True), ("~/x", True), ("/abs/x", True),
+    ("x.jsonl", True), ("x.json", True), ("data/train.parquet", True), ("rows.CSV", True),  # data files
+    ("runs/sft/version_0/hf_model", True),  # more than one '/'
+    ("C:\\x", True), ("C:/x", True), ("org\\name", True),  # Windows paths
+])
+def test_one_rule_tells_a_local_path_from_a_hub_id(name, is_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder here shares a name with a hub org
+    assert looks_like_path(name) is is_path
+
+
+def test_a_name_whose_folder_exists_here_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path("runs/x")
+    (tmp_path / "runs").mkdir()
+    assert looks_like_path("runs/x")  # `./runs` exists: a local folder, not the hub org "runs"
+
+
+def test_models_tokenizers_and_data_use_the_same_rule(tmp_path, monkeypatch):
+    """A missing name the rule calls a path is "does not exist" at once for all three, never a hub lookup."""
+    from rlhf_lightning import PromptDataModule
+    from rlhf_lightning.models import model_source
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("./x", "a/b/c", "x.jsonl", "C:\\x"):
+        with pytest.raises(ValueError, match="does not exist"):
+            load_tokenizer(name)
+        with pytest.raises(ValueError, match="does not exist"):
+            model_source(name)
+        with pytest.raises(ValueError, match="does not exist"):
+            PromptDataModule(path=name)
 
 
 def test_hub_id_offline_is_one_clear_error(monkeypatch):

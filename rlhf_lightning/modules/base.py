@@ -149,7 +149,7 @@ class PolicyModuleBase(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ rewards
     def setup(self, stage: str) -> None:
-        from ..preference import PreferenceDataModule
+        from ..data import PreferenceDataModule
 
         if isinstance(getattr(self.trainer, "datamodule", None), PreferenceDataModule):
             raise ValueError(f"{type(self).__name__} trains on prompts, but the data is a PreferenceDataModule (pairs "

@@ -45,8 +45,8 @@ from ..models import (
     lora_config,
     save_export,
 )
-from ..preference import appends_eos
 from ..rewards import RewardModelSource
+from ..rewards.model_inputs import appends_eos
 from ..tokenizer import load_tokenizer
 from .base import PolicyModuleBase
 
@@ -218,8 +218,7 @@ class RewardModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimizer
     def setup(self, stage: str) -> None:
-        from ..data import PromptDataModule
-        from ..preference import PreferenceDataModule
+        from ..data import PreferenceDataModule, PromptDataModule
 
         data = getattr(self.trainer, "datamodule", None)
         if isinstance(data, PromptDataModule) and not isinstance(data, PreferenceDataModule):

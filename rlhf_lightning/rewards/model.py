@@ -102,7 +102,7 @@ class RewardModelSource(RewardSource):
             self.model.config.reward_mean, self.model.config.reward_std = mean, std
 
     def _prompt_text(self, prompt: Any) -> str:
-        from ..data import prompt_text
+        from ..data.rows import prompt_text
 
         return prompt_text(self.tokenizer, prompt)
 
@@ -114,7 +114,8 @@ class RewardModelSource(RewardSource):
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         """A TRL reward function: one score per (prompt, completion) text pair, as `reward_input_ids` builds it."""
-        from ..preference import response_text, reward_input_ids, right_pad
+        from ..data.rows import response_text
+        from .model_inputs import reward_input_ids, right_pad
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
