@@ -481,21 +481,6 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     return torch.where(var_r > 0, 1.0 - var_err / torch.where(var_r > 0, var_r, 1.0), 0.0)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy H = -Σ_v p_v log p_v of the softmax over the last dim, in float32.
-
-    Built on logsumexp; entries with logit -inf (masked vocabulary) have p = 0 and contribute exactly 0
-    (value and gradient), never 0·(-inf) = NaN. A row whose logits are all -inf has no distribution:
-    its entropy is reported as 0 (its gradient is undefined). logits [..., V] -> [...].
-    """
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [..., 1]
-    logp = z - lse  # [..., V]
-    p = logp.exp()  # [..., V]
-    h = -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)  # [...]
-    return torch.where(torch.isneginf(lse.squeeze(-1)), 0.0, h)
-
-
 # ----------------------------------------------------------------------------------------------------
 # KL coefficient controllers (Ziegler et al. 2019 §2.2)
 

@@ -187,10 +187,6 @@ def _check_trained_head(model: nn.Module, info: dict[str, Any], name_or_path: st
                          f"SFT export?); train one with RewardModel and pass its hf_model export")
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 
 

@@ -12,8 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_lightning.models import load_causal_lm
-from rlhf_lightning.rollout import sample
-from rlhf_lightning.rollout.engines import decoder_for as _decoder
+from rlhf_lightning.rollout import get_engine, sample
 from rlhf_lightning.rollout.fast import FastDecoder, ineligibility_reason
 from rlhf_lightning.rollout.hf import HFDecoder as _HFDecoder
 
@@ -21,6 +20,12 @@ PAD = 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
 SMALL = dict(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=64, max_position_embeddings=64)
+
+
+def _decoder(engine: str, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+             max_new_tokens: int, static_cache: bool = True):
+    """The decoder the decoder engine `engine` would run on this batch (which one `auto` picks)."""
+    return get_engine(engine)(model, static_cache=static_cache).decoder(prompt_ids, prompt_mask, max_new_tokens)
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ from rlhf_lightning.losses import (
     AdaptiveKLController,
     FixedKLController,
     aggregate,
-    entropy_from_logits,
     explained_variance,
     gae,
     group_advantages,
@@ -393,22 +392,6 @@ def test_explained_variance():
     close(explained_variance(values, returns, mask), 0.85)
     close(explained_variance(values, returns, mask * 0), 0.0)
     close(explained_variance(torch.zeros(3), torch.full((3,), 2.0), torch.ones(3)), 0.0)  # Var(R) = 0
-
-
-def test_entropy_from_logits():
-    logits = torch.tensor(
-        [[0.0, 0.0, -torch.inf], [0.0, math.log(3.0), -torch.inf], [-torch.inf] * 3], requires_grad=True
-    )
-    h = entropy_from_logits(logits)
-    close(h, [math.log(2.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), 0.0])
-    h[:2].sum().backward()
-    assert torch.isfinite(logits.grad[:2]).all()
-    # dH/dz_k = -p_k (log p_k + H); row 1: p = [0.25, 0.75]
-    h1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    close(logits.grad[1], [-0.25 * (math.log(0.25) + h1), -0.75 * (math.log(0.75) + h1), 0.0])
-    out = entropy_from_logits(torch.zeros(2, 4, dtype=torch.bfloat16))
-    assert out.shape == (2,) and out.dtype == torch.float32
-    close(out, [math.log(4.0)] * 2)
 
 
 def test_kl_controllers():

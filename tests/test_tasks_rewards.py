@@ -193,7 +193,7 @@ def test_resolve_reward_fn_errors(tmp_path, monkeypatch):
     cases = {
         "no_such_pkg_xyz.fn": r"'no_such_pkg_xyz.fn': cannot import module 'no_such_pkg_xyz'",
         "rlhf_lightning.rewards.nope": r"'rlhf_lightning.rewards.nope'.*has no attribute 'nope'",
-        "rlhf_lightning.rewards._NUMBER": r"'rlhf_lightning.rewards._NUMBER' is not callable",
+        "rlhf_lightning.rewards.builtin._NUMBER": r"'rlhf_lightning.rewards.builtin._NUMBER' is not callable",
         "math:pi": r"'math:pi' is not callable \(it is a float\)",
         "nodots": r"'nodots' is neither a built-in",
         "user_rewards_broken.fn": r"importing 'user_rewards_broken' failed: ModuleNotFoundError.*no_such_dependency",

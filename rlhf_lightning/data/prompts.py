@@ -13,7 +13,6 @@ so one `model_name_or_path` in the YAML decides both.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -406,10 +405,6 @@ class PromptDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.floor(len(self.train_rows) / self.hparams.batch_size))
 
     # ----------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -177,11 +177,10 @@ class CheckpointOnError(L.Callback):
     """
 
     def __init__(self) -> None:
-        self.saved_path: Path | None = None
         self._running = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._running, self.saved_path = True, None
+        self._running = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._running = False
@@ -198,7 +197,6 @@ class CheckpointOnError(L.Callback):
         except Exception as err:  # noqa: BLE001 - e.g. a full disk: report it beside the original error
             exception.checkpoint_error = f"{path} could not be written: {err}"  # type: ignore[attr-defined]
             return
-        self.saved_path = path
         exception.checkpoint_path = path  # type: ignore[attr-defined] - read by cli_main's message
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -44,7 +43,6 @@ class GracefulShutdown(L.Callback):
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.saved_path: Path | None = None
         self._previous: dict[int, Any] = {}
         self._abandonable = False  # the handler may raise StepAbandoned now
         self._phase = "setup"  # named in the exit message
@@ -85,7 +83,7 @@ class GracefulShutdown(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.received, self.saved_path, self._boundary = None, None, None
+        self.received, self._boundary = None, None
         self._single = trainer.world_size == 1
         self._install(trainer)
         self._enter(trainer, "setup", True)
@@ -155,7 +153,6 @@ class GracefulShutdown(L.Callback):
             trainer.save_checkpoint(path)
         else:
             save_step_boundary(trainer, self._boundary, path)
-        self.saved_path = path
         step = self._boundary["global_step"] if not live and self._boundary else trainer.global_step
         name = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         dropped = "" if live else f" (dropped the unfinished work of {self._phase})"

@@ -24,8 +24,6 @@ Layout: `builtin` (the verifiers), `functions` (resolving and checking functions
 `RewardOutput`), `sources` (function sources and the weighted combination), `model` (the reward model).
 """
 
-from .builtin import _CHAIN as _CHAIN  # kept importable from the old module path (rlhf_lightning.rewards._NUMBER)
-from .builtin import _NUMBER as _NUMBER
 from .builtin import (
     CHAT_PROMPTS,
     REWARD_FNS,

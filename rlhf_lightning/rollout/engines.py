@@ -3,10 +3,9 @@ order, which is the order error messages list them in)."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .base import get_engine, register_engine
+from .base import register_engine
 from .hf import HFDecoder
 from .sampler import DecoderEngine
 
@@ -44,8 +43,3 @@ class FastEngine(DecoderEngine):
             raise ValueError(f"engine='fast' cannot decode this model: {reason}")
         return FastDecoder(self.model, prompt_ids, prompt_mask, max_new_tokens)
 
-
-def decoder_for(engine: str, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
-                static_cache: bool = True):
-    """The decoder the decoder engine `engine` would run on this batch (which one `auto` picks, for tests)."""
-    return get_engine(engine)(model, static_cache=static_cache).decoder(prompt_ids, prompt_mask, max_new_tokens)

@@ -18,14 +18,12 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log π(completion token | prefix) for every completion position, from ONE forward pass. [B, T] float32
 
     The model is asked only for the last T+1 positions' logits (`logits_to_keep`), the first T of which predict
     the completion tokens; prompt positions never reach the LM head. Log-probs are computed as
-    gathered logit - logsumexp over (logits / temperature) in float32, so no [B, T, V] log_softmax is kept;
-    `chunk_size` (rows at a time, default all) bounds the float32 upcast for big vocabularies.
+    gathered logit - logsumexp over (logits / temperature) in float32, so no [B, T, V] log_softmax is kept.
     Masked positions are 0. With `return_entropy`, also returns the per-token entropy [B, T] of the same
     distribution (0 where masked). Differentiable when called with grad enabled.
     """
@@ -56,22 +54,15 @@ def completion_logprobs(
     )
     logits = out.logits[:, :-1, :]  # [B, T, V]: position P-1+t predicts completion token t
 
-    step = chunk_size or B
-    lps: list[Tensor] = []
-    ents: list[Tensor] = []
-    for i in range(0, B, step):
-        z = logits[i : i + step].float()  # [b, T, V]
-        if temperature != 1.0:
-            z = z / temperature
-        lse = torch.logsumexp(z, dim=-1)  # [b, T]
-        lps.append(z.gather(-1, completion_ids[i : i + step, :, None]).squeeze(-1) - lse)  # [b, T]
-        if return_entropy:
-            # H = logsumexp(z) - sum_v softmax(z)_v * z_v
-            ents.append(lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1))  # [b, T]
-    logprobs = torch.where(mask, torch.cat(lps, dim=0), 0.0)  # [B, T]
+    z = logits.float()  # [B, T, V]
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)  # [B, T]
+    logprobs = torch.where(mask, z.gather(-1, completion_ids[:, :, None]).squeeze(-1) - lse, 0.0)  # [B, T]
     if not return_entropy:
         return logprobs
-    entropy = torch.where(mask, torch.cat(ents, dim=0), 0.0)  # [B, T]
+    # H = logsumexp(z) - sum_v softmax(z)_v * z_v
+    entropy = torch.where(mask, lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1), 0.0)  # [B, T]
     return logprobs, entropy
 
 
