@@ -19,7 +19,7 @@ NEGATIVE_KINDS = ("random", "digit", "near", "policy")
 POLICY_TRIES = 4
 
 # Uniformly random wrong answers: what a small model learns best, and the best teacher for the other kinds too
-# (measured; the numbers are in the PreferenceDataModule docstring).
+# (measured: docs/reward_model.md, "Which negatives teach").
 DEFAULT_NEGATIVES: dict[str, float] = {"random": 1.0}
 
 

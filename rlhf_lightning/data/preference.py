@@ -38,38 +38,19 @@ class PreferenceDataModule(PromptDataModule):
     the tokenizer work as in `PromptDataModule` (this class reuses its loading, splitting and loaders).
 
     Built-in pairs (`task`): the reward model must *verify* a sum, which a small model learns only for some
-    kinds of wrong answer. Measured on this machine (tiny preset from scratch, 2-digit addition, lr 1e-3,
-    batch 64, ~38.5k training pairs; accuracy on 1000 fresh held-out pairs of each kind, prompts never trained on):
-
-        training negatives          steps   random   digit   near
-        random (the default)         1800    0.946   0.834   0.681   (the former shipped config)
-        random                       1200    0.902   0.672   0.582
-        random 0.75 + digit 0.25     1800    0.929   0.740   0.586
-        digit                        1800    0.474   0.703   0.583
-        random 0.5 + digit 0.5        600    0.792   0.598   0.552   (`small` preset: 0.753 0.591 0.562)
-        (rows 2-5 on the tiny preset's earlier Qwen2 form, same sizes; row 1 with it repeated: 0.944 0.813 0.664)
-
-    So the default is `negatives: {random: 1.0}`, uniformly random wrong sums. A random wrong sum is usually off
-    in magnitude or length, so the model first learns roughly how big a+b is and then sharpens it; that makes it
-    the best synthetic teacher for *every* kind, near misses included. One-digit corruptions (`digit`) keep length
-    and magnitude and give no gradient toward that easier sub-skill (trained alone they rank random wrong sums
-    below chance); near misses (`near`: ±1, ±2, ±10) demand exact addition from the first step and stay near
-    chance, as the issue measured. Validation prompts are removed from the training pairs (~35% of 2-digit rows:
-    small operands repeat), so held-out accuracy measures generalisation, not memorised sums.
+    kinds of wrong answer. The default is `negatives: {random: 1.0}`, uniformly random wrong sums: a random wrong
+    sum is usually off in magnitude or length, so the model first learns roughly how big a+b is and then sharpens
+    it, which makes it the best synthetic teacher for *every* kind, near misses included. One-digit corruptions
+    (`digit`) keep length and magnitude and give no gradient toward that easier sub-skill; near misses (`near`:
+    ±1, ±2, ±10) demand exact addition from the first step and stay near chance. Validation prompts are removed
+    from the training pairs (small operands repeat), so held-out accuracy measures generalisation, not memorised
+    sums.
 
     For RL the pairs that matter are the *policy's* mistakes, and a policy's mistakes are near misses
     (96+1=98). `policy` negatives are exactly those: `negatives_model` (the SFT export) samples each prompt up to
-    `POLICY_TRIES` times at temperature 1 and its first wrong completion is the rejected side. Measured against
-    the SFT export of configs/sft_arithmetic.yaml (0.845 greedy): on 200 held-out prompts x 8 samples, the share
-    of its 547 wrong samples that the RM scores below the right answer (3 epochs of ~38.5k pairs each):
-
-        RM init   training negatives                          right > policy's mistake
-        tiny      random                                      0.744   (the former shipped config)
-        tiny      random 0.5 + near 0.25 + digit 0.25         0.589
-        SFT       random                                      0.748
-        SFT       random 0.5 + near 0.25 + digit 0.25         0.828
-        SFT       policy 0.5 + random 0.25 + near/digit 0.125 0.826
-        SFT       policy                                      0.903   (configs/rm_arithmetic.yaml)
+    `POLICY_TRIES` times at temperature 1 and its first wrong completion is the rejected side; an RM trained on
+    them from the SFT export ranks the policy's own mistakes best (configs/rm_arithmetic.yaml). The accuracies
+    behind both choices are in docs/reward_model.md ("Which negatives teach").
 
     Args:
         path / task / task_kwargs / num_train / num_val / subset / split / val_split / val_path / val_fraction /

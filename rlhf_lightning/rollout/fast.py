@@ -14,24 +14,12 @@ exact module layout it was verified on, no hooks or forward overrides it would b
 (they replace the `nn.Linear` projections), no DTensor (FSDP2) parameters, no autocast, one float dtype, SiLU MLP,
 and no sliding window that could cut a sequence of this length. Anything else keeps the HF path.
 
-Measured: `sample(..., min_new_tokens=64, max_new_tokens=64)` on 64 rows, prompts 5-7 tokens left-padded, 1 torch
-thread on the shared 2-core CPU, engines interleaved, median wall time (other jobs ran, so `small` has several
-series: their ratios agree better than their absolute times):
-    small  (hidden 256, 4 layers)  fp32  hf 1.058 s  fast 0.701 s (-34%, 7 runs); earlier series 0.966 / 0.670,
-                                         0.876 / 0.621, 1.204 / 0.843 (-29% .. -31%, before the fused residuals)
-    medium (hidden 768, 12 layers) fp32  hf 16.4 s   fast 14.6 s  (-11%, 3 runs)
-    small                          bf16  hf 2.52 s   fast 2.07 s  (5 runs; bf16 matmuls at 64 rows are ~4x slower
-                                                                    than fp32 on this CPU, so bf16 does not pay here)
-Where the fast engine's time goes (small, fp32, profiler): matmuls 45% (they run at ~100-130 GFLOP/s at 64 rows),
-attention 24% (it reads the whole written cache prefix every step: memory-bound), everything else ~30% (half of
-it the shared token-choice loop). On `medium` matmuls are 70%, so per-op savings matter less.
-Design choices measured on the same shapes: weights pre-transposed for `x @ W_t` (15-20% faster matmuls than
-`F.linear`); gate/up kept as two matmuls (a fused 256 x 2048 matrix ran 545 us vs 2 x 197 us: it overflows the
-2 MB L2); q/k/v fused (neutral at 256 x 768, one op instead of three); `F.rms_norm` (one fused op, 17 vs 22 us
-at 64 x 256 and bit-identical in fp32). `torch.compile` of the per-token step (fullgraph) did not win, so it is
-not offered: static shapes (whole cache + mask, column as a tensor) compiled in 15 s and then ran 11.7 ms/token
-against 9.1 ms eager (attending to the whole preallocated cache costs more than compiling saves); dynamic shapes
-over the written prefix compiled in 19 s and then matched eager (0.696 vs 0.693 s for 63 tokens, 5 rounds).
+It pays most where per-op overhead dominates (small models: matmuls are under half of its time there), less where
+the matmuls do (`medium`). Design choices, each decided by a measurement: weights pre-transposed for `x @ W_t`
+(faster than `F.linear`'s transposed operand); gate/up kept as two matmuls (a fused matrix overflows the L2);
+q/k/v fused (one op instead of three); `F.rms_norm` (one fused op, bit-identical in fp32); no `torch.compile` of
+the per-token step (it did not win, with static or dynamic shapes). The timings, shapes and profiles are in
+docs/performance.md ("The `fast` decode engine").
 """
 
 from __future__ import annotations
@@ -212,8 +200,8 @@ def _packed(*linears: nn.Linear) -> tuple[Tensor, Tensor | None]:
     """The weights of `linears` side by side as one [in, sum(out)] matrix, and their biases.
 
     On CPU the matrix is transposed into a contiguous copy once here, because `x @ W_t` with a contiguous [in, out]
-    matrix ran 15-20% faster than `F.linear(x, W)` (BLAS with a transposed operand) for every projection shape of
-    the presets (64 rows, 1 thread). Elsewhere (GPU BLAS transposes for free) it stays a view, so a single
+    matrix ran faster than `F.linear(x, W)` (BLAS with a transposed operand) for every projection shape of the
+    presets (docs/performance.md). Elsewhere (GPU BLAS transposes for free) it stays a view, so a single
     projection costs no copy of its weight; only the q/k/v concatenation copies.
     """
     weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears], dim=0)

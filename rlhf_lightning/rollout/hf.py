@@ -1,8 +1,8 @@
 """The model's own forward as a decoder (the `hf` engine's logits), over a static or dynamic KV cache.
 
 The cache is a preallocated `StaticCache` by default: a growing `DynamicCache` re-copies every layer's keys and
-values at every token (`torch.cat`); the static cache writes one column in place. Sampling 64 x 64 tokens from
-the `small` preset on one CPU thread took 8% less CPU time with it (1.30 vs 1.42 s, three runs each).
+values at every token (`torch.cat`); the static cache writes one column in place, which costs less CPU time
+(measured in docs/performance.md, "The `hf` engine's static KV cache").
 """
 
 from __future__ import annotations
