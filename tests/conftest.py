@@ -1,4 +1,5 @@
-"""Shared fixtures: the char tokenizer (built once) and quiet, tmp-rooted Trainer settings.
+"""Shared fixtures: the char tokenizer (built once), quiet, tmp-rooted Trainer settings, and the launchers of
+runs in other processes (the console script; two-process DDP / FSDP2 runs).
 
 Every test that trains or exports roots its run in `tmp_path`, so the suite leaves nothing in the repository.
 """
@@ -40,15 +41,54 @@ def trainer_kwargs(tmp_path: Path) -> dict[str, Any]:
             "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", "devices": 1}
 
 
+REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "rlhf-lightning"  # the console script users run (pip install -e .)
+
+
+def subprocess_env(*paths: Path | str) -> dict[str, str]:
+    """This environment with `paths` first on PYTHONPATH and one OpenMP thread per process."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), *inherited]), "OMP_NUM_THREADS": "1"}
 
 
 def run_script(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """The installed console script in `cwd`, with `cwd` first on PYTHONPATH (where a user's `my_pkg.py` lives)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=subprocess_env(cwd), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+# ------------------------------------------------------------------------------------ runs on two processes
+def run_processes(command: list[str], cwd: Path, *paths: Path | str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """`command`: a run that Lightning spreads over several processes (`devices=2`: DDP and FSDP2 launch the other
+    rank themselves, gloo on CPU), with `paths` and this checkout importable. It must exit 0; else the end of its
+    stderr is the failure message."""
+    out = subprocess.run(command, check=False, capture_output=True, text=True, env=subprocess_env(*paths, REPO),
+                         timeout=timeout, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def run_script_processes(tmp_path: Path, source: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The Python script `source` (it trains with `devices=2`), written to `tmp_path` and run there with `args`."""
+    script = tmp_path / "two_processes.py"
+    script.write_text(source)
+    return run_processes([sys.executable, str(script), *args], tmp_path, timeout=timeout)
+
+
+# A reward that a random tiny policy can move (exact_match is 0 for every sample: zero advantages, no gradient,
+# so two runs would agree trivially). Written to a file so the CLI's processes can import it by path.
+DIGIT_REWARD = "def digit_reward(prompts, completions, **kwargs):\n" \
+               "    return [float(c[:1].isdigit()) for c in completions]\n"
+
+
+def run_cli_processes(tmp_path: Path, name: str, args: list[str]) -> Path:
+    """`python -m rlhf_lightning fit ...` from the repository root, with `digit_reward.py` importable from
+    `tmp_path` (Lightning launches the second rank); -> its default_root_dir, `tmp_path / name`."""
+    (tmp_path / "digit_reward.py").write_text(DIGIT_REWARD)
+    root = tmp_path / name
+    run_processes([sys.executable, "-m", "rlhf_lightning", "fit", *args, "--trainer.default_root_dir", str(root)],
+                  REPO, tmp_path)
+    return root
 
 
 def tensorboard_scalars(root: Path) -> dict[str, list[float]]:

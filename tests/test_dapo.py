@@ -236,17 +236,10 @@ def test_dynamic_sampling_under_ddp_each_rank_resamples_its_own_and_steps_togeth
     """2 gloo processes: each rank re-samples its own groups, none waits on the other, and both take the same
     optimizer steps."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    script = tmp_path / "ddp_dynamic.py"
-    script.write_text(DDP_DYNAMIC)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script), str(tmp_path), "40"], check=False, capture_output=True,
-                         text=True, env=env, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    from conftest import run_script_processes
+
+    run_script_processes(tmp_path, DDP_DYNAMIC, str(tmp_path), "40")
     ranks = [[json.loads(line) for line in (tmp_path / f"rank_{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 2
     assert [row[2] for row in ranks[0]] == [row[2] for row in ranks[1]] == [1, 2]  # same optimizer steps
@@ -259,7 +252,8 @@ def test_dynamic_sampling_under_fsdp2_finishes(tmp_path):
     """FSDP2 all-gathers the weights in every sampling call: ranks re-sampling different numbers of rounds would
     wait on each other forever. The shipped config + configs/fsdp.yaml on 2 processes, re-sampling on, ends and
     exports (the ranks go round together)."""
-    from test_scaling import SMALL, TASKS, run_cli_processes
+    from conftest import run_cli_processes
+    from test_scaling import SMALL, TASKS
 
     root = run_cli_processes(tmp_path, "fsdp", [*TASKS["grpo"], "--config", "configs/fsdp.yaml",
                                                 "--trainer.devices", "2", *SMALL,

@@ -324,19 +324,12 @@ trainer.fit(m, PromptDataModule(task="addition", num_train=64, num_val=0, batch_
 def test_batch_scaled_advantages_under_ddp_are_those_of_one_process_on_the_whole_batch(tmp_path):
     """scale_rewards=batch on 2 gloo processes: each rank divides by the std of both ranks' rewards together."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from conftest import run_script_processes
 
     from rlhf_lightning.losses import group_advantages
 
-    script = tmp_path / "ddp_batch_scale.py"
-    script.write_text(DDP_BATCH_SCALE)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, capture_output=True, text=True,
-                         env=env, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_script_processes(tmp_path, DDP_BATCH_SCALE, str(tmp_path))
     steps: dict[int, dict[int, tuple]] = {}
     lines = [line for rank in (0, 1) for line in (tmp_path / f"adv_{rank}.jsonl").read_text().splitlines()]
     for line in lines:

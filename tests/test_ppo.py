@@ -399,16 +399,9 @@ print(f"RANK {trainer.global_rank} {m.rollouts} {trainer.global_step} {m.kl_ctl.
 def test_ddp_two_cpu_processes_train_in_lockstep(tmp_path):
     """Two gloo processes, separate critic, no find_unused_parameters: one combined backward per micro-batch
     gives every trainable parameter a gradient, so DDP's reducer is satisfied; both ranks end identical."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_script_processes
 
-    script = tmp_path / "ddp_ppo.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, capture_output=True, text=True,
-                         env=env, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script_processes(tmp_path, DDP_SCRIPT, str(tmp_path))
     ranks = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RANK"))
     assert [r[0] for r in ranks] == ["0", "1"]
     assert ranks[0][1:3] == ["2", "16"]  # 2 rollouts; global_step counts both optimizers

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import DIGIT_REWARD, REPO, SCRIPT, run_cli_processes, run_processes
 
 from rlhf_lightning import GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModel, SFTModule
 from rlhf_lightning.cli import cli_main
 from rlhf_lightning.infra.parallel import FSDP2Strategy, check_strategy
 from rlhf_lightning.models import load_causal_lm
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A reward that a random tiny policy can move (exact_match is 0 for every sample: zero advantages, no gradient,
-# so two runs would agree trivially). Written to a file so the CLI's processes can import it by path.
-DIGIT_REWARD = "def digit_reward(prompts, completions, **kwargs):\n" \
-               "    return [float(c[:1].isdigit()) for c in completions]\n"
 
 # Shrink a task config to a few rollouts (the same overrides for every strategy).
 SMALL = ["--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
@@ -57,17 +49,6 @@ def reward_model_args(task: str, tmp_path: Path) -> list[str]:
     load_sequence_classifier("tiny", tok, seed=7).save_pretrained(out)
     tok.save_pretrained(out)
     return ["--model.init_args.reward_model", str(out)]
-
-
-def run_cli_processes(tmp_path: Path, name: str, args: list[str]) -> Path:
-    """`python -m rlhf_lightning fit ...` in a subprocess (Lightning launches the second rank); -> its hf_model."""
-    (tmp_path / "digit_reward.py").write_text(DIGIT_REWARD)
-    root = tmp_path / name
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "rlhf_lightning", "fit", *args, "--trainer.default_root_dir", str(root)]
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=400, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -149,7 +130,6 @@ def test_sft_and_reward_model_train_under_fsdp2_and_export_full_weights(tmp_path
     assert max(float((got[k] - init[k]).abs().max()) for k in got) > 1e-3  # trained, and the full tensors came back
 
 
-SCRIPT = Path(sys.executable).parent / "rlhf-lightning"  # the console script users run
 # the README's scaling commands (task config + layer), with the CLI's default TensorBoard logger left ON
 GRPO_CONFIG, RM_CONFIG, FSDP_LAYER = (str(REPO / "configs" / f) for f in ("grpo_arithmetic.yaml", "rm_arithmetic.yaml",
                                                                           "fsdp.yaml"))
@@ -177,16 +157,12 @@ def test_readme_scaling_commands_with_the_default_logger_exit_0_and_export(tmp_p
     closed by peer") before `hf_model/` was written."""
     (tmp_path / "digit_reward.py").write_text(DIGIT_REWARD)
     root = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(tmp_path)]),
-           "OMP_NUM_THREADS": "1"}
     task = command.split("-")[0]
     args = [*README_SCALING[command], *SHRINK[task], "--trainer.accelerator", "cpu",
             "--trainer.limit_val_batches", "1", "--data.init_args.num_train", "64", "--data.init_args.num_val", "8",
             "--data.init_args.val_batch_size", "4", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(root)]
-    out = subprocess.run([str(SCRIPT), "fit", *args], check=False, capture_output=True, text=True, env=env,
-                         timeout=400, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_processes([str(SCRIPT), "fit", *args], tmp_path, tmp_path)
     name = {"grpo": "grpo_arithmetic", "rm": "rm_arithmetic"}[task]
     run = root / "runs" / name / "version_0"
     assert (run / "hf_model" / "config.json").exists(), sorted(str(p.relative_to(root)) for p in root.rglob("*"))
@@ -204,8 +180,6 @@ def test_iterative_rl_under_ddp_with_the_default_logger_exports_policy_and_rewar
     (tmp_path / "parity_label.py").write_text(PARITY_LABEL)
     RewardModel("tiny").export(tmp_path / "rm")
     root = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(tmp_path)]),
-           "OMP_NUM_THREADS": "1"}
     args = ["--config", str(REPO / "configs" / "grpo_iterative.yaml"), "--trainer.strategy", "ddp",
             "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
@@ -215,9 +189,7 @@ def test_iterative_rl_under_ddp_with_the_default_logger_exports_policy_and_rewar
             "16", "--trainer.callbacks.init_args.labeler", "parity_label.parity", "--data.init_args.batch_size", "4",
             "--data.init_args.num_train", "64", "--data.init_args.num_val", "8", "--data.init_args.val_batch_size",
             "4", "--trainer.default_root_dir", str(root)]
-    out = subprocess.run([str(SCRIPT), "fit", *args], check=False, capture_output=True, text=True, env=env,
-                         timeout=400, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_processes([str(SCRIPT), "fit", *args], tmp_path, tmp_path)
     run = root / "runs" / "grpo_iterative" / "version_0"
     assert (run / "hf_model" / "config.json").exists() and (run / "reward_model" / "config.json").exists()
 
