@@ -91,9 +91,6 @@ class PreferenceDataModule(PromptDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
     ):
-        if (path is None) == (task is None):
-            raise ValueError("PreferenceDataModule needs exactly one of `path` (file, folder or hub id) or `task` "
-                             "(built-in: addition, chain)")
         super().__init__(path=path, task=task, task_kwargs=task_kwargs, num_train=num_train, num_val=num_val,
                          subset=subset, split=split, val_split=val_split, val_path=val_path,
                          val_fraction=val_fraction, prompt_column=prompt_column, tokenizer=tokenizer,

@@ -171,7 +171,7 @@ class PromptDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if (path is None) == (task is None):
-            raise ValueError("PromptDataModule needs exactly one of `path` (file, folder or hub id) or `task` "
+            raise ValueError(f"{type(self).__name__} needs exactly one of `path` (file, folder or hub id) or `task` "
                              "(built-in: addition, chain)")
         for name, value in (("batch_size", batch_size), ("num_train", num_train), ("max_prompt_length",
                             max_prompt_length), ("max_length", max_length)):
