@@ -304,27 +304,11 @@ def policy_loss(
     _check_same_shape(logp, mask, "logp")
     _check_same_shape(old_logp, mask, "old_logp")
     m = mask.bool()
-    if advantages.shape == logp.shape[:1]:
-        adv = advantages.float().unsqueeze(1).expand_as(logp)  # [B, T]
-    elif advantages.shape == logp.shape:
-        adv = advantages.float()  # [B, T]
-    else:
-        raise ValueError(
-            f"advantages shape {tuple(advantages.shape)} must be [B] or [B, T] for logp {tuple(logp.shape)}"
-        )
     # Sanitise padding so garbage there cannot reach values or gradients.
-    adv = torch.where(m, adv.detach(), 0.0)  # [B, T]
+    adv = torch.where(m, _token_advantages(advantages, logp).detach(), 0.0)  # [B, T]
     lp = torch.where(m, logp.float(), 0.0)  # [B, T]
     old = torch.where(m, old_logp.float().detach(), 0.0)  # [B, T]
-
-    if level == "token":
-        log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
-        ratio = torch.exp(log_ratio)  # [B, T]
-    else:
-        seq_log_ratio = masked_mean(lp - old, m, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
-        seq_ratio = torch.exp(seq_log_ratio)  # [B], carries the sequence-level gradient
-        ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(lp - lp.detach())  # [B, T], value s_i
-        log_ratio = seq_log_ratio.detach().unsqueeze(1).expand_as(lp)  # [B, T], for stats only
+    ratio, log_ratio = _importance_ratio(lp, old, m, level)
 
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, T]
@@ -339,6 +323,27 @@ def policy_loss(
             "ratio_mean": masked_mean(r, m),
         }
     return loss, stats
+
+
+def _token_advantages(advantages: Tensor, logp: Tensor) -> Tensor:
+    """Advantages [B] (one per sequence) or [B, T] as float32 [B, T] (a [B] one broadcast over the tokens)."""
+    if advantages.shape == logp.shape[:1]:
+        return advantages.float().unsqueeze(1).expand_as(logp)  # [B, T]
+    if advantages.shape == logp.shape:
+        return advantages.float()  # [B, T]
+    raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [B] or [B, T] for logp {tuple(logp.shape)}")
+
+
+def _importance_ratio(lp: Tensor, old: Tensor, m: Tensor, level: str) -> tuple[Tensor, Tensor]:
+    """(ratio [B, T], log_ratio [B, T]) of `policy_loss`: per token, or GSPO's sequence ratio s_i whose value every
+    token carries while its gradient is the sequence's (log_ratio then only feeds the stats)."""
+    if level == "token":
+        log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
+        return torch.exp(log_ratio), log_ratio  # [B, T]
+    seq_log_ratio = masked_mean(lp - old, m, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
+    seq_ratio = torch.exp(seq_log_ratio)  # [B], carries the sequence-level gradient
+    ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(lp - lp.detach())  # [B, T], value s_i
+    return ratio, seq_log_ratio.detach().unsqueeze(1).expand_as(lp)  # [B, T], log_ratio for stats only
 
 
 def entropy_bonus(
