@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import shlex
@@ -14,6 +13,7 @@ from conftest import run_script, tensorboard_scalars
 
 import rlhf_lightning
 from rlhf_lightning.cli import cli_main
+from rlhf_lightning.messages import init_arg_names
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -59,7 +59,7 @@ def test_documented_command_parses(page, command, tmp_path, monkeypatch, capsys)
                                   "GRPOModule", "PPOModule", "IterativeRewardModelCallback"])
 def test_config_reference_lists_every_argument(name):
     reference = (REPO / "docs" / "configs.md").read_text()
-    params = [p for p in inspect.signature(getattr(rlhf_lightning, name).__init__).parameters if p != "self"]
+    params = init_arg_names(getattr(rlhf_lightning, name))  # every argument, **kwargs followed up the classes
     missing = [p for p in params if f"`{p}`" not in reference]
     assert not missing, f"docs/configs.md does not document {name}'s {missing}"
 
