@@ -317,28 +317,33 @@ def policy_loss(
     lp = torch.where(m, logp.float(), 0.0)  # [B, T]
     old = torch.where(m, old_logp.float().detach(), 0.0)  # [B, T]
 
-    if level == "token":
-        log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
-        ratio = torch.exp(log_ratio)  # [B, T]
-    else:
-        seq_log_ratio = masked_mean(lp - old, m, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
-        seq_ratio = torch.exp(seq_log_ratio)  # [B], carries the sequence-level gradient
-        ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(lp - lp.detach())  # [B, T], value s_i
-        log_ratio = seq_log_ratio.detach().unsqueeze(1).expand_as(lp)  # [B, T], for stats only
-
+    ratio, log_ratio = _importance_ratio(lp, old, m, level)  # [B, T] each
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, T]
     loss = aggregate(per_token, m, agg, normalizer=normalizer, max_len=max_len)
+    return loss, _ratio_stats(ratio.detach(), log_ratio.detach(), adv, m, clip_low, clip_high)
 
-    with torch.no_grad():
-        r = ratio.detach()
-        stats = {
-            "clip_frac_low": masked_mean(((adv < 0) & (r < 1.0 - clip_low)).float(), m),
-            "clip_frac_high": masked_mean(((adv > 0) & (r > 1.0 + clip_high)).float(), m),
-            "approx_kl": masked_mean((r - 1.0) - log_ratio.detach(), m),
-            "ratio_mean": masked_mean(r, m),
-        }
-    return loss, stats
+
+def _importance_ratio(lp: Tensor, old: Tensor, m: Tensor, level: str) -> tuple[Tensor, Tensor]:
+    """(ratio with its gradient, log-ratio for the stats) [B, T]: per token, or GSPO's sequence ratio."""
+    if level == "token":
+        log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
+        return torch.exp(log_ratio), log_ratio
+    seq_log_ratio = masked_mean(lp - old, m, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
+    seq_ratio = torch.exp(seq_log_ratio)  # [B], carries the sequence-level gradient
+    ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(lp - lp.detach())  # [B, T], value s_i
+    return ratio, seq_log_ratio.detach().unsqueeze(1).expand_as(lp)
+
+
+@torch.no_grad()
+def _ratio_stats(r: Tensor, log_ratio: Tensor, adv: Tensor, m: Tensor, clip_low: float,
+                 clip_high: float) -> dict[str, Tensor]:
+    return {
+        "clip_frac_low": masked_mean(((adv < 0) & (r < 1.0 - clip_low)).float(), m),
+        "clip_frac_high": masked_mean(((adv > 0) & (r > 1.0 + clip_high)).float(), m),
+        "approx_kl": masked_mean((r - 1.0) - log_ratio, m),
+        "ratio_mean": masked_mean(r, m),
+    }
 
 
 def entropy_bonus(

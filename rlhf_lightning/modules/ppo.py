@@ -53,6 +53,7 @@ from ..algorithms.advantages import AdvantageInputs, get_estimator
 from ..algorithms.critic import ValueModel, disable_dropout_in_model, has_active_dropout
 from ..algorithms.policy_losses import PolicyLossInputs, get_policy_loss
 from ..rewards import RewardModelSource, RewardOutput
+from ..rewards.model import load_frozen_reward_model
 from ..rollout import RolloutBatch, completion_logprobs, join_prompt_completion, token_logprobs
 from .rl import RLModule, RLStep
 
@@ -154,32 +155,10 @@ class PPOModule(RLModule):
 
     # ------------------------------------------------------------------------------------------ set-up
     def _load_reward_model(self, name_or_path: str) -> nn.Module:
-        """A frozen sequence classifier that shares the policy's tokenizer (checked), with a `score` head."""
-        from ..models import load_sequence_classifier
-        from ..tokenizer import load_tokenizer
-
-        if str(name_or_path).endswith(".ckpt"):
-            raise ValueError(f"reward_model {name_or_path!r} is a Lightning checkpoint; pass the RewardModel's "
-                             "hf_model export directory (written by save_pretrained at the end of its fit)")
         hp = self.hparams
-        rm = load_sequence_classifier(name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
-                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed, require_trained_head=True)
-        if not isinstance(getattr(rm, "score", None), nn.Linear) or rm.score.out_features != 1:
-            raise ValueError(f"reward_model {name_or_path!r} ({type(rm).__name__}) has no scalar `score` head "
-                             "(Linear(hidden, 1)); use a sequence classifier with num_labels=1")
-        try:
-            rm_tokenizer = load_tokenizer(name_or_path, trust_remote_code=hp.trust_remote_code)
-        except ValueError:  # a directory without tokenizer files: only the embedding size can be checked
-            rm_tokenizer = None
-        if rm_tokenizer is not None and rm_tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"reward_model {name_or_path!r} has a different tokenizer than the policy "
-                             f"{hp.tokenizer_name_or_path or hp.model_name_or_path!r}; PPO scores the policy's "
-                             "token ids directly, so both must share one vocabulary")
-        if rm.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            raise ValueError(f"reward_model {name_or_path!r} embeds {rm.get_input_embeddings().num_embeddings} "
-                             f"tokens but the policy's tokenizer has {len(self.tokenizer)}")
-        rm.requires_grad_(False)  # frozen; `reward_model_scores` switches it to eval mode for every use
-        return rm
+        return load_frozen_reward_model(name_or_path, self.tokenizer, hp.tokenizer_name_or_path or
+                                        hp.model_name_or_path, torch_dtype=hp.torch_dtype,
+                                        trust_remote_code=hp.trust_remote_code, seed=hp.seed)
 
     def _make_critic(self) -> ValueModel:
         with torch.random.fork_rng(devices=[]):  # a fresh value head is seeded like the presets: reproducible runs
