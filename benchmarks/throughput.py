@@ -178,13 +178,13 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
     phases = PhaseTimer()
     phases.wrap(module, "rollout", "generation")
     if algo == "grpo":
-        phases.wrap(module, "_logprobs_no_grad", "no-grad passes")
+        phases.wrap(module, "logprobs_no_grad", "no-grad passes")
     else:
         phases.wrap(module, "_no_grad_passes", "no-grad passes")  # not called at 1 epoch x 1 minibatch (fused)
-        phases.wrap(module, "_reference_logprobs", "no-grad passes")
+        phases.wrap(module, "reference_logprobs", "no-grad passes")
         phases.wrap(module, "compute_rewards", "no-grad passes")  # the reward model's forward
-    phases.wrap(module, "_update", "forward+backward+step")
-    if algo == "ppo":  # the fused PPO update's forward runs before `_update` (`PPOModule.fuses_old_passes`)
+    phases.wrap(module, "update", "forward+backward+step")
+    if algo == "ppo":  # the fused PPO update's forward runs before `update` (`PPOModule.fuses_old_passes`)
         phases.wrap(module, "policy_and_values", "forward+backward+step", grad=True)
     data = PromptDataModule(task="addition", num_train=prompts * (steps + 2), num_val=0, batch_size=prompts)
     times: list[float] = []

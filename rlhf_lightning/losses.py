@@ -304,46 +304,46 @@ def policy_loss(
     _check_same_shape(logp, mask, "logp")
     _check_same_shape(old_logp, mask, "old_logp")
     m = mask.bool()
+    if advantages.shape == logp.shape[:1]:
+        adv = advantages.float().unsqueeze(1).expand_as(logp)  # [B, T]
+    elif advantages.shape == logp.shape:
+        adv = advantages.float()  # [B, T]
+    else:
+        raise ValueError(
+            f"advantages shape {tuple(advantages.shape)} must be [B] or [B, T] for logp {tuple(logp.shape)}"
+        )
     # Sanitise padding so garbage there cannot reach values or gradients.
-    adv = torch.where(m, _token_advantages(advantages, logp).detach(), 0.0)  # [B, T]
+    adv = torch.where(m, adv.detach(), 0.0)  # [B, T]
     lp = torch.where(m, logp.float(), 0.0)  # [B, T]
     old = torch.where(m, old_logp.float().detach(), 0.0)  # [B, T]
-    ratio, log_ratio = _importance_ratio(lp, old, m, level)
 
+    ratio, log_ratio = _importance_ratio(lp, old, m, level)  # [B, T] each
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, T]
     loss = aggregate(per_token, m, agg, normalizer=normalizer, max_len=max_len)
-
-    with torch.no_grad():
-        r = ratio.detach()
-        stats = {
-            "clip_frac_low": masked_mean(((adv < 0) & (r < 1.0 - clip_low)).float(), m),
-            "clip_frac_high": masked_mean(((adv > 0) & (r > 1.0 + clip_high)).float(), m),
-            "approx_kl": masked_mean((r - 1.0) - log_ratio.detach(), m),
-            "ratio_mean": masked_mean(r, m),
-        }
-    return loss, stats
-
-
-def _token_advantages(advantages: Tensor, logp: Tensor) -> Tensor:
-    """Advantages [B] (one per sequence) or [B, T] as float32 [B, T] (a [B] one broadcast over the tokens)."""
-    if advantages.shape == logp.shape[:1]:
-        return advantages.float().unsqueeze(1).expand_as(logp)  # [B, T]
-    if advantages.shape == logp.shape:
-        return advantages.float()  # [B, T]
-    raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [B] or [B, T] for logp {tuple(logp.shape)}")
+    return loss, _ratio_stats(ratio.detach(), log_ratio.detach(), adv, m, clip_low, clip_high)
 
 
 def _importance_ratio(lp: Tensor, old: Tensor, m: Tensor, level: str) -> tuple[Tensor, Tensor]:
-    """(ratio [B, T], log_ratio [B, T]) of `policy_loss`: per token, or GSPO's sequence ratio s_i whose value every
-    token carries while its gradient is the sequence's (log_ratio then only feeds the stats)."""
+    """(ratio with its gradient, log-ratio for the stats) [B, T]: per token, or GSPO's sequence ratio."""
     if level == "token":
         log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
-        return torch.exp(log_ratio), log_ratio  # [B, T]
+        return torch.exp(log_ratio), log_ratio
     seq_log_ratio = masked_mean(lp - old, m, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
     seq_ratio = torch.exp(seq_log_ratio)  # [B], carries the sequence-level gradient
     ratio = seq_ratio.detach().unsqueeze(1) * torch.exp(lp - lp.detach())  # [B, T], value s_i
-    return ratio, seq_log_ratio.detach().unsqueeze(1).expand_as(lp)  # [B, T], log_ratio for stats only
+    return ratio, seq_log_ratio.detach().unsqueeze(1).expand_as(lp)
+
+
+@torch.no_grad()
+def _ratio_stats(r: Tensor, log_ratio: Tensor, adv: Tensor, m: Tensor, clip_low: float,
+                 clip_high: float) -> dict[str, Tensor]:
+    return {
+        "clip_frac_low": masked_mean(((adv < 0) & (r < 1.0 - clip_low)).float(), m),
+        "clip_frac_high": masked_mean(((adv > 0) & (r > 1.0 + clip_high)).float(), m),
+        "approx_kl": masked_mean((r - 1.0) - log_ratio, m),
+        "ratio_mean": masked_mean(r, m),
+    }
 
 
 def entropy_bonus(

@@ -36,16 +36,16 @@ def _data(batch_size=4):
 
 
 def _record_log_steps(module: GRPOModule) -> list[dict]:
-    """Every rollout's (merged) rollout, rewards, group_std_zero and rollout metrics, as `_log_step` sees them."""
+    """Every rollout's (merged) rollout, rewards, uninformative groups and rollout metrics, as `log_step` sees them."""
     seen: list[dict] = []
-    log_step = module._log_step
+    log_step = module.log_step
 
-    def recording(rollout, rewards, advantages, group_std_zero, loss_mask, stats, t_gen, t_train, metrics):
-        seen.append(dict(rollout=rollout, rewards=rewards.clone(), zero=group_std_zero.clone(), metrics=dict(metrics),
-                         stats=dict(stats)))
-        return log_step(rollout, rewards, advantages, group_std_zero, loss_mask, stats, t_gen, t_train, metrics)
+    def recording(step):
+        seen.append(dict(rollout=step.rollout, rewards=step.scores.clone(), zero=step.uninformative.clone(),
+                         metrics=dict(step.metrics), stats=dict(step.stats)))
+        return log_step(step)
 
-    module._log_step = recording
+    module.log_step = recording
     return seen
 
 
@@ -147,14 +147,15 @@ def test_dynamic_sampling_keeps_per_function_rewards_aligned_with_remax(tmp_path
                         max_new_tokens=4, drop_uninformative_groups=True, dynamic_sampling_max_tries=40,
                         advantage_estimator="remax", log_samples_every_n_steps=0)
     per_fn = []
-    log_step = module._log_step
+    log_step = module.log_step
 
-    def recording(*args):
-        per_source = args[0].per_source  # the rollout's reward/<name> values, one reward function here
-        per_fn.append((next(iter(per_source.values())).clone(), args[1].clone(), args[-1]["rollout/resample_rounds"]))
-        return log_step(*args)
+    def recording(step):
+        per_source = step.rollout.per_source  # the rollout's reward/<name> values, one reward function here
+        per_fn.append((next(iter(per_source.values())).clone(), step.scores.clone(),
+                       step.metrics["rollout/resample_rounds"]))
+        return log_step(step)
 
-    module._log_step = recording
+    module.log_step = recording
     _trainer(tmp_path, 1).fit(module, _data())
     logged, rewards, rounds = per_fn[0]
     assert rounds >= 1 and logged.shape == rewards.shape and torch.equal(logged, rewards)
@@ -215,12 +216,11 @@ def first_char_is_digit(prompts, completions, **kwargs):
     return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
 
 class Recording(GRPOModule):
-    def _log_step(self, rollout, rewards, advantages, group_std_zero, loss_mask, stats, t_gen, t_train, metrics):
+    def log_step(self, step):
         with open(f"{sys.argv[1]}/rank_{self.global_rank}.jsonl", "a") as f:
-            f.write(json.dumps([int(metrics["rollout/resample_rounds"]), int(metrics["rollout/informative_groups"]),
-                                self.optimizer_steps]) + "\\n")
-        return super()._log_step(rollout, rewards, advantages, group_std_zero, loss_mask, stats, t_gen, t_train,
-                                 metrics)
+            f.write(json.dumps([int(step.metrics["rollout/resample_rounds"]),
+                                int(step.metrics["rollout/informative_groups"]), self.optimizer_steps]) + "\\n")
+        return super().log_step(step)
 
 m = Recording("tiny", reward_fns=[first_char_is_digit], group_size=4, beta=0.0, max_new_tokens=4,
               drop_uninformative_groups=True, dynamic_sampling_max_tries=int(sys.argv[2]), log_samples_every_n_steps=0)
@@ -329,7 +329,7 @@ def test_entropy_bonus_keeps_the_policy_entropy_up(tmp_path):
     """Learning to start with a digit makes the policy peaked (its entropy falls); the bonus holds it up."""
     _, _, _, off = _entropy_run(tmp_path / "off", 0.0, steps=8, reward=first_char_is_digit)
     _, _, _, on = _entropy_run(tmp_path / "on", 1.0, steps=8, reward=first_char_is_digit)
-    off_h, on_h = [s["stats"]["entropy"] for s in off], [s["stats"]["entropy"] for s in on]
+    off_h, on_h = [s["stats"]["policy/entropy"] for s in off], [s["stats"]["policy/entropy"] for s in on]
     assert off_h[-1] < off_h[0] and on_h[-1] > off_h[-1] + 0.1, (off_h, on_h)
 
 
@@ -337,8 +337,7 @@ def test_merge_rollouts_puts_each_new_group_in_its_old_place_by_hand():
     """Groups of 2; group 1 of a 3-group rollout is replaced by group 0 of a re-sample with longer completions
     and a longer prompt: the rows move together, completions are right-padded, prompts left-padded."""
     from rlhf_lightning.algorithms import dynamic_sampling as ds
-    from rlhf_lightning.modules.grpo import Rollout
-    from rlhf_lightning.rollout import RolloutBatch
+    from rlhf_lightning.rollout import Rollout, RolloutBatch
 
     def rollout(n, p_len, t_len, tag):
         samples = RolloutBatch(prompt_ids=torch.full((n, p_len), tag), prompt_mask=torch.ones(n, p_len),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from conftest import run_script, tensorboard_scalars
 
 import rlhf_lightning
 from rlhf_lightning.cli import cli_main
+from rlhf_lightning.infra.messages import init_arg_names
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -59,7 +60,7 @@ def test_documented_command_parses(page, command, tmp_path, monkeypatch, capsys)
                                   "GRPOModule", "PPOModule", "IterativeRewardModelCallback"])
 def test_config_reference_lists_every_argument(name):
     reference = (REPO / "docs" / "configs.md").read_text()
-    params = [p for p in inspect.signature(getattr(rlhf_lightning, name).__init__).parameters if p != "self"]
+    params = init_arg_names(getattr(rlhf_lightning, name))  # every argument, **kwargs followed up the classes
     missing = [p for p in params if f"`{p}`" not in reference]
     assert not missing, f"docs/configs.md does not document {name}'s {missing}"
 
@@ -149,3 +150,143 @@ def test_readme_subclass_snippet_trains_and_validates_through_its_hook(cls, tmp_
     assert "val/reward" in scalars, sorted(scalars)
     assert all(-1 <= v <= -0.4 for v in scalars["val/reward"]), scalars["val/reward"]  # ≤ 6 characters
     assert len(scalars["reward/mean"]) == 2  # two rollouts were trained
+
+
+# ------------------------------------------------------------------------------ docs/extending.md's code, executed
+EXTENDING = REPO / "docs" / "extending.md"
+
+
+def extending_section(title: str) -> str:
+    """The text of docs/extending.md's `## <title>` section, up to the next `## ` heading."""
+    page = EXTENDING.read_text()
+    start = page.index(f"\n## {title}\n")
+    end = page.find("\n## ", start + 1)
+    return page[start:] if end == -1 else page[start:end]
+
+
+def section_python_blocks(title: str) -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", extending_section(title), flags=re.S)
+    assert blocks, f"docs/extending.md's {title!r} section has no python block"
+    return [textwrap.dedent(b) for b in blocks]
+
+
+def run_section(title: str) -> dict:
+    """Every python block of the section, in order, in one namespace: what pasting them into one file does."""
+    namespace: dict = {"__name__": "extending_md"}
+    for i, block in enumerate(section_python_blocks(title)):
+        exec(compile(block, f"docs/extending.md ({title}, block {i + 1})", "exec"), namespace)
+    return namespace
+
+
+def run_section_tests(namespace: dict) -> list[str]:
+    """Call the section's `test_*` functions (they take no fixtures); their names."""
+    tests = [name for name, fn in namespace.items() if name.startswith("test_") and callable(fn)]
+    assert tests, "the section shows no test"
+    for name in tests:
+        namespace[name]()
+    return tests
+
+
+def digit_share(prompts, completions, **kwargs):
+    """A dense reward a random tiny policy can move: the share of digits in the completion."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def train_two_rollouts(module, tmp_path):
+    """Two rollouts of 8 addition prompts on the tiny preset; the policy's weights before and after."""
+    import lightning as L
+    import torch
+
+    from rlhf_lightning import PromptDataModule
+
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, PromptDataModule(task="addition", num_train=32, num_val=0, batch_size=8))
+    moved = any(not torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))
+    return trainer, moved
+
+
+def test_the_training_step_shown_is_the_code():
+    """The data-path section quotes `RLModule.training_step` verbatim."""
+    import inspect
+
+    from rlhf_lightning.modules.rl import RLModule
+
+    shown = [b for b in section_python_blocks("The data path in the folders") if "def training_step" in b]
+    assert shown == [textwrap.dedent(inspect.getsource(RLModule.training_step))]
+
+
+def test_the_documented_estimator_registers_passes_its_test_and_trains(tmp_path):
+    """One function + one registration + one test, as the page shows them; then `advantage_estimator:` selects it."""
+    import lightning as L
+
+    from rlhf_lightning import GRPOModule
+    from rlhf_lightning.algorithms.advantages import ESTIMATORS
+
+    try:
+        namespace = run_section("Where a new advantage estimator goes")
+        assert ESTIMATORS["max_baseline"].fn is namespace["max_baseline"]
+        assert run_section_tests(namespace) == ["test_max_baseline_hand_computed"]
+        L.seed_everything(0)
+        module = GRPOModule("tiny", reward_fns=[digit_share], advantage_estimator="max_baseline", group_size=4,
+                            max_new_tokens=4, beta=0.0, lr=1e-3, log_samples_every_n_steps=0)
+        assert module.estimator.fn is namespace["max_baseline"]
+        _, moved = train_two_rollouts(module, tmp_path)
+        assert moved and module.rollouts == 2
+    finally:
+        ESTIMATORS.pop("max_baseline", None)
+    with pytest.raises(ValueError, match="advantage_estimator must be one of"):
+        GRPOModule("tiny", advantage_estimator="max_baseline")  # gone again: nothing leaks into other tests
+
+
+def test_the_documented_policy_loss_registers_passes_its_test_and_trains(tmp_path):
+    import lightning as L
+
+    from rlhf_lightning import GRPOModule
+    from rlhf_lightning.algorithms.policy_losses import POLICY_LOSSES
+
+    try:
+        namespace = run_section("Where a new policy loss goes")
+        assert POLICY_LOSSES["dual_clip"] is namespace["dual_clip"]
+        assert run_section_tests(namespace) == ["test_dual_clip_hand_computed"]
+        L.seed_everything(0)
+        module = GRPOModule("tiny", reward_fns=[digit_share], importance_sampling="dual_clip", group_size=4,
+                            max_new_tokens=4, beta=0.0, lr=1e-3, log_samples_every_n_steps=0)
+        trainer, moved = train_two_rollouts(module, tmp_path)
+        assert moved and "policy/dual_clip_frac" in trainer.callback_metrics  # its stats are logged
+    finally:
+        POLICY_LOSSES.pop("dual_clip", None)
+
+
+def test_the_documented_task_is_a_task_the_data_module_builds():
+    from rlhf_lightning import PromptDataModule
+    from rlhf_lightning.data.tasks import TASKS
+
+    try:
+        namespace = run_section("Where a new task goes")
+        data = PromptDataModule(task="reverse", task_kwargs={"length": 4}, num_train=8, num_val=0, batch_size=4)
+        assert isinstance(data.task, namespace["ReverseTask"])
+        rows = data.task.make_examples(8, seed=0)
+        assert rows == data.task.make_examples(8, seed=0)  # a pure function of the seed
+        verifier = data.task.reward_fns[0]
+        assert verifier([r["prompt"] for r in rows], [r["completion"] for r in rows],
+                        answer=[r["answer"] for r in rows]) == [1.0] * 8
+        assert all(len(r["completion"]) <= data.task.max_completion_length for r in rows)
+    finally:
+        TASKS.pop("reverse", None)
+
+
+def test_the_documented_rl_algorithm_trains(tmp_path):
+    """The REINFORCE module of the page, verbatim, trains 2 rollouts on the tiny preset: the weights move, one
+    optimizer step per rollout, and its own metric is logged."""
+    import lightning as L
+
+    namespace = run_section("Where a new RL algorithm goes")
+    L.seed_everything(0)
+    module = namespace["ReinforceModule"]("tiny", reward_fns=[digit_share], max_new_tokens=4, lr=1e-3,
+                                          log_samples_every_n_steps=0)
+    trainer, moved = train_two_rollouts(module, tmp_path)
+    assert moved
+    assert (module.rollouts, module.optimizer_steps) == (2, 2)
+    assert {"reward/mean", "policy/advantage_abs_mean", "policy/loss"} <= set(trainer.callback_metrics)

@@ -90,8 +90,7 @@ def test_micro_batching_does_not_change_the_gradient(tmp_path, agg):
 
 def test_step_boundaries_map_steps_to_tokens():
     """Process supervision: step k of a completion ends at the token holding its last character."""
-    from rlhf_lightning.modules.grpo import Rollout
-    from rlhf_lightning.rollout import RolloutBatch
+    from rlhf_lightning.rollout import Rollout, RolloutBatch
 
     module = GRPOModule(model_name_or_path="tiny", group_size=2, beta=0.0, supervision="process")
     module.step_separator = "\n"
@@ -147,17 +146,17 @@ def test_mask_truncated_and_drop_uninformative_groups_mask_the_right_rows(tmp_pa
     L.seed_everything(0)
     module = GRPOModule(model_name_or_path="tiny", reward_fns=[mixed_groups], group_size=4, beta=0.1,
                         max_new_tokens=4, mask_truncated=mask_truncated, drop_uninformative_groups=drop)
-    seen, rollout, update = [], module.rollout, module._update
+    seen, rollout, update = [], module.rollout, module.update
 
     def recording_rollout(batch):
         seen.append({"rollout": rollout(batch)})
         return seen[-1]["rollout"]
 
-    def recording_update(ctx, advantages, loss_mask, old_logp, ref_logp):
-        seen[-1].update(loss_mask=loss_mask.clone(), advantages=advantages.clone())
-        return update(ctx, advantages, loss_mask, old_logp, ref_logp)
+    def recording_update(step):
+        seen[-1].update(loss_mask=step.loss_mask.clone(), advantages=step.advantages.clone())
+        return update(step)
 
-    module.rollout, module._update = recording_rollout, recording_update
+    module.rollout, module.update = recording_rollout, recording_update
     _trainer(tmp_path, 2).fit(module, _data())
     assert len(seen) == 2
     for step in seen:

@@ -78,18 +78,18 @@ def test_dr_grpo_is_grpo_without_std_scaling(tmp_path):
 def test_reinforce_pp_puts_the_kl_in_the_reward_and_not_in_the_loss(tmp_path):
     module = _module(beta=0.05, advantage_estimator="reinforce_pp")
     seen = {}
-    compute, update = module.compute_advantages, module._update
+    compute, update = module.compute_advantages, module.update
 
     def spy_advantages(rewards, rollout):
         seen["rewards"], seen["kl"], seen["mask"] = rewards, rollout.kl, rollout.samples.completion_mask
         seen["adv"] = compute(rewards, rollout)
         return seen["adv"]
 
-    def spy_update(ctx, advantages, loss_mask, old_logp, ref_logp):
-        seen["old_logp"], seen["ref_logp"] = old_logp, ref_logp
-        return update(ctx, advantages, loss_mask, old_logp, ref_logp)
+    def spy_update(step):
+        seen["old_logp"], seen["ref_logp"] = step.old_logp, step.ref_logp
+        return update(step)
 
-    module.compute_advantages, module._update = spy_advantages, spy_update
+    module.compute_advantages, module.update = spy_advantages, spy_update
     L.seed_everything(0)
     _fit(tmp_path, module, 2)  # the second rollout's: after one update the policy differs from the reference
     N, T = seen["mask"].shape

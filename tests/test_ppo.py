@@ -18,9 +18,9 @@ from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.data.tasks import AdditionTask
 from rlhf_lightning.evaluation import greedy_accuracy
 from rlhf_lightning.models import load_causal_lm, load_sequence_classifier
-from rlhf_lightning.modules.ppo import PPOModule, token_logprobs
+from rlhf_lightning.modules.ppo import PPOModule
 from rlhf_lightning.rewards import reward_fn_name
-from rlhf_lightning.rollout import RolloutBatch, completion_logprobs, sample
+from rlhf_lightning.rollout import RolloutBatch, completion_logprobs, sample, token_logprobs
 from rlhf_lightning.tokenizer import build_char_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

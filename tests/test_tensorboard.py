@@ -114,7 +114,7 @@ def _reduce_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from rlhf_lightning.modules.base import reduce_step_metrics
+    from rlhf_lightning.modules.step_logging import reduce_step_metrics
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     results: list[object] = []

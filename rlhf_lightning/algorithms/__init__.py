@@ -1,1 +1,2 @@
-"""The algorithms' pure math, looked up by name (see `advantages` for the advantage-estimator registry)."""
+"""The algorithms' pure math, looked up by name: `advantages` (estimators), `policy_losses`, `dynamic_sampling`
+(DAPO's re-sampling bookkeeping), `process` (step rewards to token positions), `critic` (PPO's value model)."""

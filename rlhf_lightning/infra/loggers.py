@@ -37,6 +37,7 @@ class RunLogger(TensorBoardLogger):
                  log_graph: bool = False, default_hp_metric: bool = True, prefix: str = "",
                  sub_dir: str | None = None, **kwargs: Any):
         self.follows_root_dir = save_dir is None
+        self.writes_default_hp_metric = default_hp_metric  # False: the final hp_metric comes with the hparams
         # kept to build the rooted copy (`rooted_at`) with the same settings
         self._settings = dict(name=name, version=version, log_graph=log_graph, default_hp_metric=default_hp_metric,
                               prefix=prefix, sub_dir=sub_dir, **kwargs)

@@ -1,16 +1,18 @@
-"""What every policy-training module shares: loading, reward functions, greedy validation, optimizers, export.
+"""What every policy-training module shares: loading, rewards, greedy validation, optimizers, export, checkpoints.
 
-Subclasses (SFT, GRPO, PPO) add their own `training_step`. Counters:
-- `self.rollouts` / `self.optimizer_steps` are explicit (Lightning's `global_step` counts every optimizer's
-  steps in manual optimization, so it is not the same quantity across modules). TensorBoard's x-axis is
-  `trainer.global_step` for SFT and "rollout steps" for RL modules (see `log_step`).
+Subclasses: `SFTModule` (automatic optimization) and `rl.RLModule` (GRPO, PPO: the shared RL loop). Counters:
+`self.rollouts` / `self.optimizer_steps` are explicit (Lightning's `global_step` counts every optimizer's steps in
+manual optimization, so it is not the same quantity across modules).
+
+Arguments are declared once, where they belong: here the model / reward / optimizer ones, in `RLModule` the
+sampling and update ones every RL module has, in each module its algorithm's. Subclasses take the rest as
+`**kwargs` (jsonargparse follows them, so the CLI and `--help` list every argument), and each class adds its own
+range checks to `hparam_checks`, all run before any model is loaded.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +28,10 @@ from ..infra.cpu_allocator import keep_freed_memory
 from ..infra.nonfinite import NonFiniteGuard, check_finite_model
 from ..models import load_causal_lm, model_source, save_export
 from ..tokenizer import load_tokenizer
+from .scoring import RewardScoring
 
 
-class PolicyModuleBase(L.LightningModule):
+class PolicyModuleBase(RewardScoring, L.LightningModule):
     """Base for modules that train a causal-LM policy. Not used directly.
 
     Shared init arguments (subclasses forward them):
@@ -75,7 +78,6 @@ class PolicyModuleBase(L.LightningModule):
         trust_remote_code: bool = False,
         val_max_new_tokens: int = 32,
         seed: int = 0,
-        *,
         lora: dict[str, Any] | None = None,
         lora_export: str = "merged",
         gradient_checkpointing: bool = False,
@@ -83,30 +85,19 @@ class PolicyModuleBase(L.LightningModule):
         nonfinite_rewards: str = "error",
         max_nonfinite_steps: int = 3,
     ):
-        # subclasses call save_hyperparameters() before this (to validate first); LightningModule.__init__ resets
-        # the flag it set, and without it Lightning never writes the hyperparameters to the logger (HParams tab)
-        log_hyperparams = self.__dict__.get("_log_hyperparams", False)
         super().__init__()
-        self._log_hyperparams = log_hyperparams
-        if not (isinstance(lr, (int, float)) and 0 < lr < 1):
-            raise ValueError(f"lr must be in (0, 1), got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if lr_schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"lr_schedule must be constant|cosine|linear, got {lr_schedule!r}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if val_max_new_tokens < 1:
-            raise ValueError(f"val_max_new_tokens must be >= 1, got {val_max_new_tokens}")
-        from ..rewards import NONFINITE_MODES, check_reward_weights, resolve_reward_fn
+        # every class's arguments (subclasses' frames included): the checkpoint's and the logger's hyperparameters
+        self.save_hyperparameters()
+        for ok, message in self.hparam_checks(self.hparams):
+            if not ok:
+                raise ValueError(message)
+        from ..rewards import check_reward_weights, resolve_reward_fn
 
-        if nonfinite_rewards not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite_rewards must be {'|'.join(NONFINITE_MODES)}, got {nonfinite_rewards!r}")
         self.nonfinite_rewards = nonfinite_rewards
         self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
         self._reward_stats: dict[str, int] = {}  # the last scoring's counts (non-finite rewards made missing)
         self.reward_funcs: list[Callable] = [resolve_reward_fn(f) for f in (reward_fns or [])]
-        if reward_fns and "reward_fns" in self.hparams:
+        if reward_fns:
             # checkpoints store import paths, not function objects (weights_only loading refuses pickled code)
             self.hparams["reward_fns"] = [f if isinstance(f, str) else _import_path(f) for f in reward_fns]
         self.reward_weights = check_reward_weights(reward_weights, len(self.reward_funcs))
@@ -131,8 +122,23 @@ class PolicyModuleBase(L.LightningModule):
         self.val_max_new_tokens = val_max_new_tokens
         self.optimizer_steps = 0
         self.rollouts = 0
-        self.sample_generator: torch.Generator | None = None  # RL modules' sampling RNG, see _generator
-        self._sample_generator_state: torch.Tensor | None = None
+
+    def hparam_checks(self, hp) -> list[tuple[bool, str]]:
+        """(holds, one-line message) for every range check of the arguments; subclasses add theirs. Run on the
+        hyperparameters before any model is loaded."""
+        from ..rewards import NONFINITE_MODES
+
+        return [
+            (isinstance(hp.lr, (int, float)) and 0 < hp.lr < 1, f"lr must be in (0, 1), got {hp.lr!r}"),
+            (hp.weight_decay >= 0, f"weight_decay must be >= 0, got {hp.weight_decay}"),
+            (hp.lr_schedule in ("constant", "cosine", "linear"), f"lr_schedule must be constant|cosine|linear, got "
+             f"{hp.lr_schedule!r}"),
+            (hp.warmup_steps >= 0, f"warmup_steps must be >= 0, got {hp.warmup_steps}"),
+            (hp.val_max_new_tokens is None or hp.val_max_new_tokens >= 1, f"val_max_new_tokens must be >= 1, got "
+             f"{hp.val_max_new_tokens}"),
+            (hp.nonfinite_rewards in NONFINITE_MODES, f"nonfinite_rewards must be {'|'.join(NONFINITE_MODES)}, got "
+             f"{hp.nonfinite_rewards!r}"),
+        ]
 
     # ------------------------------------------------------------------------------------------ trainer
     @property
@@ -167,27 +173,6 @@ class PolicyModuleBase(L.LightningModule):
                     self.reward_weights = None
         self._check_reward_signatures()
 
-    def _check_reward_signatures(self) -> None:
-        """Before the first step: each reward function accepts the columns the data will pass (one collated row
-        shows which), else a config error telling the user to add `**kwargs`."""
-        from ..infra.errors import ConfigError, RewardFunctionError
-        from ..rewards import check_signature
-
-        datamodule = getattr(self._trainer, "datamodule", None)
-        rows = getattr(datamodule, "train_rows", None)
-        if not self.reward_funcs or not rows or not callable(getattr(datamodule, "collate", None)):
-            return
-        columns = list(self.reward_columns(datamodule.collate(rows[:1])))
-        for fn in self.reward_funcs:
-            try:
-                check_signature(fn, columns)
-            except RewardFunctionError as err:
-                raise ConfigError(str(err)) from err
-
-    def data_task(self):
-        """The datamodule's built-in task (its verifiers), or None."""
-        return getattr(getattr(self._trainer, "datamodule", None), "task", None)
-
     minibatch_unit = "completions"  # what a rollout's minibatches split (GRPO: whole groups)
 
     def check_minibatches(self, units: int) -> None:
@@ -198,172 +183,6 @@ class PolicyModuleBase(L.LightningModule):
         if units < mb:
             raise ValueError(f"minibatches={mb} is more than the {units} {self.minibatch_unit} of a rollout "
                              f"(data.batch_size={units} per rank); raise data.batch_size or lower minibatches")
-
-    def default_reward_fns(self, task) -> Sequence[Callable]:
-        """Reward functions used when none are configured and the data is a built-in task."""
-        return task.reward_fns
-
-    @staticmethod
-    def reward_columns(batch: dict[str, Any], repeat: int = 1) -> dict[str, list]:
-        """The batch's extra dataset columns, each repeated `repeat` times per row (aligned with completions)."""
-        skip = {"prompt_ids", "prompt_mask", "prompts", "input_ids", "attention_mask", "labels"}
-        return {k: [v for v in vals for _ in range(repeat)] for k, vals in batch.items()
-                if k not in skip and isinstance(vals, list)}
-
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], fns=None):
-        """(total [B], per-function [F, B]) rewards of `fns` (default: the reward functions); NaN = 'no reward'."""
-        from ..rewards import call_reward_fns
-
-        fns = self.reward_funcs if fns is None else fns
-        weights = self.reward_weights if fns is self.reward_funcs else None
-        return call_reward_fns(fns, weights, prompts, completions, columns, self.nonfinite_rewards,
-                               self._reward_stats)
-
-    process_rewards = False  # True: the reward sources give step rewards (GRPO's supervision=process)
-
-    def reward_source(self):
-        """The module's reward as one `RewardSource`: `reward_fns` (functions or sources) weighted by
-        `reward_weights`, with non-finite values handled as `nonfinite_rewards` says."""
-        from ..rewards import WeightedSources
-
-        return WeightedSources(self.reward_funcs, self.reward_weights, self.process_rewards, self.nonfinite_rewards,
-                               self._reward_stats)
-
-    def score_sources(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
-        """The library's own `RewardOutput` of a rollout: `reward_source()` scored (PPO adds its reward model)."""
-        return self.reward_source().score(prompts, completions, batch["columns"])
-
-    def compute_rewards(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
-        """Outcome rewards [N] (NaN = no reward; process supervision: N lists of step rewards) of the weighted
-        reward sources; `batch["columns"]` holds the dataset columns aligned with completions. Override for a new
-        task; training and validation both score through it."""
-        return self.score_sources(prompts, completions, batch).rewards
-
-    def score_rollout(self, prompts: list[str], completions: list[str], batch: dict[str, Any]):
-        """The `RewardOutput` of `compute_rewards` (a subclass's own included: its rewards, no per-source values),
-        with ±inf / float32-overflowing values stopped or made missing as `nonfinite_rewards` says. The one
-        scoring path of training and validation."""
-        from ..rewards import RewardOutput, check_finite_rewards
-
-        self._reward_stats = {}
-        hook = self.compute_rewards
-        if _is_library_hook(hook):  # the sources themselves: their per-source values come along
-            out = self.score_sources(prompts, completions, batch)
-        else:
-            out = RewardOutput(hook(prompts, completions, batch))
-        rewards = out.rewards
-        if isinstance(rewards, torch.Tensor):  # a subclass may build it on the CPU
-            rewards = rewards.to(self.device)
-        out.rewards = check_finite_rewards(rewards, f"{type(self).__name__}.compute_rewards", self.nonfinite_rewards,
-                                           self._reward_stats)
-        return out
-
-    def has_reward(self) -> bool:
-        """Whether validation can score: reward functions, or a `compute_rewards` of the user's own."""
-        owner = next(c for c in type(self).__mro__ if "compute_rewards" in c.__dict__)
-        return bool(self.reward_funcs) or not owner.__module__.startswith("rlhf_lightning.")
-
-    def outcome_rewards(self, rewards) -> torch.Tensor:
-        """One reward per completion [N]: the rewards themselves, or (process supervision: step lists) each
-        completion's mean step reward over the steps that got one (NaN when none did)."""
-        if isinstance(rewards, torch.Tensor):
-            return rewards.float().to(self.device)
-        vals = []
-        for steps in rewards:
-            got = [float(v) for v in steps if v is not None and not math.isnan(float(v))]
-            vals.append(sum(got) / len(got) if got else math.nan)
-        return torch.tensor(vals, device=self.device)
-
-    # ------------------------------------------------------------------------------------------ logging
-    def log_step_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
-        """Log a dict of scalars once per rollout, reduced across ranks in ONE collective (`reduce_step_metrics`).
-
-        `self.log_dict` costs a few ms per key (result collections, per-key syncs); an RL step logs ~30 keys.
-        Keys ending in `_max` are max-reduced, the rest averaged. The step is Lightning's batch counter, the
-        same x-axis Lightning uses for `val/` metrics, so for every RL module the x-axis is the rollout index.
-        """
-        keys = list(metrics)
-        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).detach().reshape(()).cpu()
-                              for k in keys]).to(self.device)  # [K]
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            values = reduce_step_metrics(keys, values)
-        out = dict(zip(keys, values.tolist()))
-        # visible to callbacks (ModelCheckpoint(monitor="reward/mean"), EarlyStopping) like self.log'd values
-        as_tensors = {k: v.detach().clone() for k, v in zip(keys, values.cpu())}
-        self.trainer.callback_metrics.update(as_tensors)
-        self.trainer.logged_metrics.update(as_tensors)
-        if self.logger is not None:
-            self.logger.log_metrics(out, step=self.trainer.fit_loop.epoch_loop._batches_that_stepped)
-        return out
-
-    def log_sample_table(self, prompts: list[str], completions: list[str], rewards: torch.Tensor,
-                         advantages: torch.Tensor, max_rows: int = 8) -> None:
-        """A markdown table of sample completions in TensorBoard's Text tab (rank 0, TensorBoard loggers)."""
-        experiment = getattr(self.logger, "experiment", None) if self.trainer.global_rank == 0 else None
-        if experiment is None or not hasattr(experiment, "add_text"):
-            return
-        adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # process supervision: first token's
-
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|").replace("\n", "⏎")[:200]
-
-        rows = ["| prompt | completion | reward | advantage |", "| --- | --- | --- | --- |"]
-        for i in range(min(max_rows, len(completions))):
-            rows.append(f"| {cell(prompts[i])} | {cell(completions[i])} | {float(rewards[i]):.3f} | "
-                        f"{float(adv[i]):.3f} |")
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        experiment.add_text("samples", "\n".join(rows), global_step=step)
-
-    def per_function_reward_metrics(self, per_source: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """`reward/<function name>` and `reward/<function name>_std`: each reward function's mean and std over
-        the rows that got a reward (unweighted, so a hacked component shows even when its weight is small)."""
-        out: dict[str, Any] = {}
-        for name, row in per_source.items():
-            ok = ~torch.isnan(row)
-            out[f"reward/{name}"] = row[ok].mean() if ok.any() else torch.zeros(())
-            out[f"reward/{name}_std"] = row[ok].std() if ok.sum() > 1 else torch.zeros(())
-        return out
-
-    def log_histograms(self, values: dict[str, torch.Tensor]) -> None:
-        """Histograms (TensorBoard's Histograms/Distributions tabs) of this rank's values, rank 0 only.
-
-        Not reduced across ranks: gathering whole reward/advantage vectors every N steps would cost a collective
-        of variable size for a picture that one rank's sample already shows. NaN entries are dropped.
-        """
-        experiment = getattr(self.logger, "experiment", None) if self.trainer.global_rank == 0 else None
-        if experiment is None or not hasattr(experiment, "add_histogram"):
-            return
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        for tag, x in values.items():
-            x = x.detach().float().flatten().cpu()
-            x = x[~torch.isnan(x)]
-            if x.numel():
-                experiment.add_histogram(tag, x, global_step=step)
-
-    def should_log_samples(self) -> bool:
-        """True on the rollouts that log the sample table and histograms: the 1st, then every
-        `log_samples_every_n_steps` (0 = never)."""
-        every = self.hparams.get("log_samples_every_n_steps", 0)
-        return bool(every) and (self.rollouts - 1) % every == 0
-
-    def on_train_end(self) -> None:
-        """The run's final metric in TensorBoard's HParams tab: `hp_metric` = the last rollout's `reward/mean`.
-
-        Lightning's TensorBoardLogger writes the hyperparameters with `hp_metric` (-1) when fit starts; the
-        HParams tab shows a metric's last value, so logging the final reward under that key completes the row.
-        With `default_hp_metric=False` nothing was written, so the hyperparameters are written here with it.
-        """
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        final = self.trainer.callback_metrics.get("reward/mean")
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in self.loggers:
-            if not isinstance(logger, TensorBoardLogger) or final is None:
-                continue
-            if logger._default_hp_metric:
-                logger.log_metrics({"hp_metric": float(final)}, step=step)
-            else:
-                logger.log_hyperparams(self.hparams, metrics={"hp_metric": float(final)}, step=step)
 
     # ------------------------------------------------------------------------------------ LoRA, scaling
     def apply_lora(self) -> None:
@@ -433,55 +252,6 @@ class PolicyModuleBase(L.LightningModule):
         with self.sampling_context():
             return self.engine.generate(prompt_ids, prompt_mask, params, generator)
 
-    def policy_stepped(self) -> None:
-        """After each optimizer step: count it, and hand the updated policy to the engine (`sync_weights`)."""
-        self.optimizer_steps += 1
-        self.engine.sync_weights(self.policy)
-
-    # ------------------------------------------------------------------------------------ RL machinery
-    def _make_reference(self) -> torch.nn.Module | None:
-        """A frozen copy of the initial policy: π_ref of the KL penalty (run in eval mode by the no-grad passes).
-
-        With LoRA there is no copy: the base model with the adapter disabled is exactly the initial policy.
-        """
-        if self.lora_config is not None:
-            self._lora_reference = True
-            return None
-        ref = copy.deepcopy(self.policy)
-        ref.requires_grad_(False)
-        return ref
-
-    def _generator(self) -> torch.Generator:
-        """The sampling RNG stream: its own generator, seeded per rank (`sample_seed`), saved in checkpoints."""
-        if self.sample_generator is None or self.sample_generator.device != self.device:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank)
-            if self._sample_generator_state is not None:
-                gen.set_state(self._sample_generator_state)
-                self._sample_generator_state = None
-            self.sample_generator = gen
-        return self.sample_generator
-
-    def _micro_batches(self, n: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Row indices split into chunks of `micro_batch_size` (None = one chunk)."""
-        rows = torch.arange(n, device=self.device) if rows is None else rows
-        size = self.hparams.micro_batch_size or len(rows)
-        return list(rows.split(size))
-
-    def _global_count(self, value: torch.Tensor) -> float:
-        """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
-        return float(self._global_sum(value.float()))
-
-    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """`value` summed over all ranks (a copy, on value's device and dtype; itself with one process)."""
-        value = value.detach().clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            summed = value.to(self.device)  # NCCL reduces device tensors only
-            torch.distributed.all_reduce(summed)
-            value = summed.to(value.device)
-        return value
-
-    # --------------------------------------------------------------------------------------- validation
     @torch.no_grad()
     def greedy_samples(self, batch: dict[str, Any], max_new_tokens: int | None = None):
         """Greedy `RolloutBatch` of the batch's prompts (token ids and masks)."""
@@ -493,45 +263,6 @@ class PolicyModuleBase(L.LightningModule):
 
         out = self.greedy_samples(batch, max_new_tokens)
         return decode_completions(self.tokenizer, out.completion_ids, out.completion_mask)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Greedy completions on held-out prompts: `val/reward`, and `val/accuracy` for 0/1 verifiers."""
-        if self.has_reward():
-            self.log_reward_fn_metrics(batch, self.greedy_samples(batch))
-
-    def log_reward_fn_metrics(self, batch: dict[str, Any], samples) -> None:
-        """`val/reward`: the mean reward of the greedy `samples` through `score_rollout` (the training path, so a
-        subclass's `compute_rewards` is what validation measures; process supervision: the mean step reward;
-        'no reward' counts 0). `val/accuracy`: the mean of `validation_verifier` when its values are all 0/1."""
-        from ..rollout import decode_completions
-
-        completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
-        columns = self.reward_columns(batch)
-        scored = self.score_rollout(batch["prompts"], completions, {**batch, "columns": columns, "samples": samples})
-        rewards = scored.rewards
-        B = len(completions)
-        self.log("val/reward", torch.nan_to_num(self.outcome_rewards(rewards)).mean(), batch_size=B, sync_dist=True,
-                 prog_bar=True)
-        verified = self._verifier_values(batch["prompts"], completions, columns, scored.per_source)
-        if verified is not None and bool(((verified == 0) | (verified == 1)).all()):
-            self.log("val/accuracy", verified.mean(), batch_size=B, sync_dist=True, prog_bar=True)
-
-    def validation_verifier(self) -> Callable | None:
-        """The reward function whose 0/1 values are `val/accuracy`: the first reward function (for a built-in
-        task with no reward_fns configured, the task's verifier)."""
-        return self.reward_funcs[0] if self.reward_funcs else None
-
-    def _verifier_values(self, prompts: list[str], completions: list[str], columns: dict[str, list],
-                         per_source: dict[str, torch.Tensor]):
-        """The verifier's values [B]: reused from the scoring just done (`per_source`) when it scored the verifier,
-        else its own call (a subclass's compute_rewards, process supervision, PPO's reward model alone)."""
-        fn = self.validation_verifier()
-        if fn is None:
-            return None
-        # per_source is keyed by name: reuse only when every reward function has its own entry, the first first
-        if self.reward_funcs and fn is self.reward_funcs[0] and len(per_source) == len(self.reward_funcs):
-            return next(iter(per_source.values()))
-        return self.score(prompts, completions, columns, fns=[fn])[1][0]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -640,33 +371,13 @@ class PolicyModuleBase(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf_counters"] = {"optimizer_steps": self.optimizer_steps, "rollouts": self.rollouts,
                                        "skipped_steps": self.nonfinite_guard.skipped}
-        states = self._generator_states()
-        if any(state is not None for state in states):
-            checkpoint["sample_generator_states"] = states
         checkpoint["rng_states"] = collect_rng_states()  # torch/CUDA/python/numpy: dropout, user reward fns
-
-    def _generator_states(self) -> list[torch.Tensor | None]:
-        """Every rank's sampling-generator state, indexed by rank. Lightning calls `on_save_checkpoint` on all ranks
-        but writes rank 0's dict: saving rank 0's state alone would give every rank one stream after a resume."""
-        state = self.sample_generator.get_state() if self.sample_generator is not None else None
-        dist = torch.distributed
-        if self._trainer is None or self.trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return [state]
-        states: list[torch.Tensor | None] = [None] * self.trainer.world_size
-        dist.all_gather_object(states, state)
-        return states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("rlhf_counters", {})
         self.optimizer_steps = counters.get("optimizer_steps", 0)
         self.rollouts = counters.get("rollouts", 0)
         self.nonfinite_guard.skipped = counters.get("skipped_steps", 0)
-        states = checkpoint.get("sample_generator_states")
-        if states is None and "sample_generator_state" in checkpoint:  # checkpoints written before per-rank states
-            states = [checkpoint["sample_generator_state"]]
-        # a rank the checkpoint has no state for (more ranks than when it was saved) starts its seeded stream
-        self._sample_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
-        self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
         self._pending_rng_states = checkpoint.get("rng_states")
 
     # ------------------------------------------------------------------------------------ non-finite guard
@@ -719,22 +430,6 @@ def check_manual_optimization_flags(module: L.LightningModule, trainer: L.Traine
                          f"by norm with model.max_grad_norm (null = off): remove the trainer flag")
 
 
-def reduce_step_metrics(keys: list[str], values: torch.Tensor) -> torch.Tensor:
-    """Values [K] of `keys` reduced over all ranks in one all_gather: keys ending in `_max` max-reduced, the rest
-    averaged. Every rank must log the same keys in the same order; a checksum of the key names travels with the
-    values, so a rank that logs other keys stops the run with an error instead of averaging unrelated numbers."""
-    checksum = float(zlib.crc32("\x1f".join(keys).encode()) & 0xFFFFFF)  # < 2**24: exact in float32
-    local = torch.cat([values.float(), values.new_tensor([checksum], dtype=torch.float32)])  # [K + 1]
-    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, local)
-    table = torch.stack(gathered)  # [W, K + 1]
-    if not bool((table[:, -1] == checksum).all()):
-        raise ValueError(f"ranks logged different metric keys in log_step_metrics (rank "
-                         f"{torch.distributed.get_rank()}: {keys}); log the same keys on every rank")
-    is_max = torch.tensor([k.endswith("_max") for k in keys], device=values.device)
-    return torch.where(is_max, table[:, :-1].max(0).values, table[:, :-1].mean(0))
-
-
 def _can_fuse_adamw(params: list, precision_plugin: Any) -> bool:
     """Whether AdamW can run fused: one kernel per update instead of ~10 passes over every tensor (on the `medium`
     preset, one CPU thread: 0.15 s of CPU per step against 0.54-0.86 s unfused; TRL's default optimizer is fused too).
@@ -756,12 +451,6 @@ def grad_norm(params) -> torch.Tensor:
     """Global L2 norm of the parameters' gradients (0 when none has a gradient)."""
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
-
-
-def _is_library_hook(method: Callable) -> bool:
-    """Whether a bound `compute_rewards` is this package's own (not a subclass's, nor a wrapper set on the instance)."""
-    func = getattr(method, "__func__", None)
-    return func is not None and getattr(func, "__module__", "").startswith("rlhf_lightning.")
 
 
 def _import_path(fn: Callable) -> str:

@@ -1,23 +1,21 @@
 """PPO for LMs: actor + critic, KL penalty in the reward, GAE, two optimizers under manual optimization.
 
 The classic RLHF optimizer as Ziegler et al. 2019, InstructGPT and "The N+ Implementation Details of RLHF with
-PPO" (Huang et al. 2024; the recipe of TRL's last PPOTrainer) describe it. One `training_step` = one rollout:
+PPO" (Huang et al. 2024; the recipe of TRL's last PPOTrainer) describe it: "critic + GAE, KL in the reward" on the
+shared RL loop (`rl.RLModule.training_step`):
 
-    1. rollout            one completion per prompt, sampling with the `rollout_engine` at `temperature`,
-                          under no_grad, eval mode; the sampler pads after EOS ("EOS truncation")
-    2. no-grad passes     old log-probs log π_old (= the sampling policy), values V_old(s_t) from the critic and
-                          reference log-probs log π_ref, all at the same temperature, eval mode. With one epoch
-                          of one minibatch, π_old and V_old are the update's own forward, detached (the same
-                          weights: `fuses_old_passes`), and only π_ref runs here
-    3. compute_rewards    the sequence score: reward model logit at the last real token and/or reward functions
-                          (TRL signature), summed; `missing_eos_penalty` is subtracted for truncated completions
-    4. token_rewards      r_t = -β·KL_t (k1 = log π_old - log π_ref) at every completion token, + score at the
-                          last real token (Ziegler eq. 2); optional reward whitening (scale only)
-    5. compute_advantages GAE(γ, λ) over the real tokens (values and rewards after the last one are ignored),
-                          returns = A + V_old, then advantage whitening
-    6. updates            `ppo_epochs` x `minibatches`: clipped surrogate + vf_coef · clipped value loss, one
+    1. rollout            one completion per prompt (the sampler pads after EOS, "EOS truncation"), scored by the
+                          reward model logit at the last real token and/or the reward functions (TRL signature),
+                          summed; `missing_eos_penalty` is subtracted for truncated completions
+    2. no-grad passes     old log-probs log π_old, values V_old(s_t) from the critic and reference log-probs
+                          log π_ref, at the sampling temperature, eval mode. With one epoch of one minibatch,
+                          π_old and V_old are the update's own forward, detached (`fuses_old_passes`)
+    3. advantages         r_t = -β·KL_t (k1 = log π_old - log π_ref) at every completion token, + score at the
+                          last real token (Ziegler eq. 2; optional reward whitening), then GAE(γ, λ) over the real
+                          tokens, returns = A + V_old, then advantage whitening (`gae` of the registry)
+    4. updates            `ppo_epochs` x `minibatches`: clipped surrogate + vf_coef · clipped value loss, one
                           backward, then the actor and the critic optimizers each clip, step and schedule
-    7. KL controller      adaptive β (Ziegler §2.2) sees the rollout's mean sequence KL; fixed otherwise
+    5. KL controller      adaptive β (Ziegler §2.2) sees the rollout's mean sequence KL; fixed otherwise
 
 Critic (`critic=`):
     separate  a `ValueModel`: its own copy of a causal-LM backbone + Linear(hidden, 1); initialised from the reward
@@ -28,9 +26,7 @@ Critic (`critic=`):
 
 Counting: Lightning's `trainer.global_step` counts every optimizer.step() of BOTH optimizers, so
     trainer.max_steps = 2 x rollouts x ppo_epochs x minibatches
-(e.g. `max_steps: 400` with 1 epoch and 1 minibatch is 200 rollouts). `self.rollouts` and `self.optimizer_steps`
-(actor updates) are explicit counters, saved in checkpoints. The TensorBoard x-axis is the rollout index
-(Lightning's batch counter), the same as GRPO's.
+(e.g. `max_steps: 400` with 1 epoch and 1 minibatch is 200 rollouts).
 
 Hooks a subclass overrides (as in GRPO):
     rollout(batch) -> Rollout
@@ -44,8 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,93 +50,29 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..algorithms.advantages import AdvantageInputs, get_estimator
+from ..algorithms.critic import ValueModel, disable_dropout_in_model, has_active_dropout
+from ..algorithms.policy_losses import PolicyLossInputs, get_policy_loss
 from ..rewards import RewardModelSource, RewardOutput
-from ..rollout import RolloutBatch, completion_logprobs, decode_completions, position_ids_from_mask
-from .base import PolicyModuleBase, grad_norm
-from .grpo import Rollout
+from ..rewards.model import load_frozen_reward_model
+from ..rollout import RolloutBatch, completion_logprobs, join_prompt_completion, token_logprobs
+from .rl import RLModule, RLStep
 
 
-class ValueModel(nn.Module):
-    """V(s_t) at every position: a causal-LM backbone (e.g. `Qwen2Model`) + a scalar `head` (Linear(hidden, 1)).
-
-    `backbone=None` is the shared critic: the module holds only the head, and the caller feeds it the policy's
-    last hidden state through `values_from_hidden` (so the policy backbone is not registered twice).
-    """
-
-    def __init__(self, backbone: nn.Module | None, hidden_size: int, head: nn.Linear | None = None):
-        super().__init__()
-        self.backbone = backbone
-        if head is None:
-            # A fresh head starts at V = 0 everywhere. A randomly initialised one (std 1/sqrt(hidden + 1), the
-            # "N+ details" reward-head init) gives values of std ~1 that differ token by token, and on the first
-            # rollouts those differences ARE the advantages: measured on the addition task, they wreck an SFT
-            # policy before the critic catches up. With V = 0 the first updates are REINFORCE on the whitened
-            # return, and the gradient still reaches the head (its input is not 0), so it learns from step 1.
-            head = nn.Linear(hidden_size, 1)
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
-        self.head = head
-
-    def values_from_hidden(self, hidden: Tensor) -> Tensor:
-        """hidden [B, L, H] -> values [B, L] (float32)."""
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        """Values at every position of input_ids [B, L] -> [B, L] float32 (separate critic only)."""
-        if self.backbone is None:
-            raise ValueError("a shared ValueModel has no backbone: call values_from_hidden with the policy's hidden "
-                             "states")
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state  # [B, L, H]
-        return self.values_from_hidden(hidden)
+@dataclass
+class PPOStep(RLStep):
+    raw_scores: Tensor | None = None  # [N] the sequence scores before the missing-EOS penalty
+    old_values: Tensor | None = None  # [N, T] V_old(s_t)
+    kl: Tensor | None = None  # [N, T] the per-token KL of the reward (0 on rows without a score)
+    kl_coef: float = 0.0  # β of this rollout (before the controller's update)
+    token_rewards: Tensor | None = None  # [N, T] -β·KL_t + score at the last real token
+    returns: Tensor | None = None  # [N, T] the critic's targets
 
 
-def disable_dropout_in_model(model: nn.Module) -> None:
-    """Set every dropout probability to 0 ("N+ details": with dropout on, the first PPO ratio is not 1 and the
-    KL/values of the rollout disagree with the training passes). Covers nn.Dropout and HF's attention dropout."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-
-
-def _active_dropout(model: nn.Module) -> bool:
-    """Whether a forward in train mode differs from eval mode through dropout (nn.Dropout p > 0 or HF's
-    `attention_dropout`)."""
-    def active(m: nn.Module) -> bool:
-        rate = getattr(m, "attention_dropout", None)
-        return (isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(rate, float) and rate > 0)
-
-    return any(active(m) for m in model.modules())
-
-
-def token_logprobs(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                   temperature: float) -> tuple[Tensor, Tensor]:
-    """(log π(token) [B, T], entropy [B, T]) of logits [B, T, V] at `temperature`; 0 where the mask is 0.
-
-    The same math as `rollout.completion_logprobs` (tests check they agree), for the shared critic whose single
-    forward also yields the hidden states the value head reads.
-    """
-    z = logits.float() / temperature  # [B, T, V]
-    lse = torch.logsumexp(z, dim=-1)  # [B, T]
-    logp = z.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - lse  # [B, T]
-    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # [B, T]
-    mask = completion_mask.bool()
-    return torch.where(mask, logp, 0.0), torch.where(mask, entropy, 0.0)
-
-
-def _join(ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """prompt (left-padded) + completion (right-padded) -> input_ids, attention_mask, position_ids [B, P + T]."""
-    input_ids = torch.cat([ctx["prompt_ids"], ctx["completion_ids"]], dim=1)  # [B, P + T]
-    attn = torch.cat([ctx["prompt_mask"].long(), ctx["completion_mask"].long()], dim=1)  # [B, P + T]
-    return input_ids, attn, position_ids_from_mask(attn)
-
-
-class PPOModule(PolicyModuleBase):
+class PPOModule(RLModule):
     """PPO with a critic for LMs (Ziegler et al. 2019; "The N+ Implementation Details of RLHF with PPO").
 
-    Args (beyond `PolicyModuleBase`'s model / reward / optimizer arguments; `lr` is the actor's):
+    Args (beyond `RLModule`'s sampling / update arguments and `PolicyModuleBase`'s model / reward /
+    optimizer ones; `lr` is the actor's):
         reward_model: a `save_pretrained` directory (e.g. `RewardModel`'s `hf_model` export), a hub id or a
             preset, loadable as a sequence classifier with a `score` head and the policy's tokenizer. Its score is
             the logit at the last real token of prompt + completion. Summed with `reward_fns` when both are set.
@@ -155,25 +86,17 @@ class PPOModule(PolicyModuleBase):
         adaptive_kl, kl_target, kl_horizon: Ziegler's proportional controller steering the rollout's mean
             sequence KL (sum over tokens) toward `kl_target`; `kl_horizon` is in completions (TRL: 6, 10000).
         gamma, lam: GAE discount and λ (RLHF convention: γ = 1, λ = 0.95).
-        clip_low, clip_high: ε of the clipped surrogate below / above 1.
         value_clip: the value update is clipped to ±value_clip around the rollout's values (None = off).
         vf_coef: weight of the value loss in the one backward (loss = pg + vf_coef · vf). With a separate critic
             it only scales the critic's gradient; with a shared one it sets how much the value loss moves the
             shared backbone.
-        ppo_epochs, minibatches: passes over each rollout x optimizer steps per pass (rows shuffled per pass).
-        micro_batch_size: rows per forward/backward inside a minibatch (None = the whole minibatch); the losses
-            are normalised over the minibatch's tokens on all ranks, so this does not change the update.
+        ppo_epochs: passes over each rollout; `minibatches` optimizer steps per pass (rows shuffled per pass).
         whiten_advantages: normalise advantages to mean 0, std 1 over the rollout's real tokens.
         whiten_rewards: scale the per-token rewards to std 1 (mean kept) before GAE ("N+ details" option).
         missing_eos_penalty: subtracted from the score of completions with no EOS within `max_new_tokens`.
-        max_new_tokens, min_new_tokens, temperature: sampling; the temperature also divides the logits of every
-            log-prob pass (old, reference, training), so ratio and KL compare the distribution sampled.
-            No top-k / top-p: PPO's ratio and KL assume samples from the plain temperature-scaled policy.
-        max_grad_norm: gradient clipping of each optimizer's parameters (None = off).
+        max_new_tokens, min_new_tokens, temperature: (RLModule's) sampling. No top-k / top-p: PPO's ratio and KL
+            assume samples from the plain temperature-scaled policy.
         disable_dropout: set dropout to 0 in policy and critic (see `disable_dropout_in_model`).
-        sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints).
-        log_samples_every_n_steps: text table of sample completions and histograms of scores / advantages every
-            N rollouts (0 = off).
         lora, lora_export, gradient_checkpointing, rollout_engine, nonfinite_rewards, max_nonfinite_steps: see
             `PolicyModuleBase` (the guard covers both optimizers). With LoRA the adapter
             is on the actor only (the critic is built from the plain model first) and π_ref is the actor with its
@@ -182,13 +105,14 @@ class PPOModule(PolicyModuleBase):
 
     fuse_old_passes: bool = True  # see `fuses_old_passes`
     optimizer_names = ("the actor", "the critic")
+    loss_metric = "policy/total_loss"
+    progress_bar = {"reward": "reward/score", "kl": "policy/kl_seq"}
+    step_type = PPOStep
 
     def __init__(
         self,
         model_name_or_path: str = "tiny",
-        tokenizer_name_or_path: str | None = None,
-        reward_fns: Sequence[Any] | None = None,
-        reward_weights: Sequence[float] | None = None,
+        *,
         reward_model: str | None = None,
         critic: str = "separate",
         critic_lr: float | None = None,
@@ -199,48 +123,16 @@ class PPOModule(PolicyModuleBase):
         kl_horizon: int = 10000,
         gamma: float = 1.0,
         lam: float = 0.95,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
         value_clip: float | None = 0.2,
         vf_coef: float = 0.1,
         ppo_epochs: int = 4,
-        minibatches: int = 1,
-        micro_batch_size: int | None = None,
         whiten_advantages: bool = True,
         whiten_rewards: bool = False,
         missing_eos_penalty: float | None = None,
-        max_new_tokens: int = 32,
-        min_new_tokens: int = 0,
-        temperature: float = 1.0,
-        max_grad_norm: float | None = 1.0,
         disable_dropout: bool = True,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        min_lr_ratio: float = 0.1,
-        torch_dtype: str | None = None,
-        trust_remote_code: bool = False,
-        val_max_new_tokens: int | None = None,
-        sample_seed: int = 1234,
-        seed: int = 0,
-        log_samples_every_n_steps: int = 50,
-        lora: dict[str, Any] | None = None,
-        lora_export: str = "merged",
-        gradient_checkpointing: bool = False,
-        rollout_engine: str = "auto",
-        nonfinite_rewards: str = "error",
-        max_nonfinite_steps: int = 3,
+        **kwargs: Any,
     ):
-        self.save_hyperparameters()
-        _validate_ppo_args(self.hparams)
-        super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
-                         betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
-                         val_max_new_tokens or max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing, rollout_engine=rollout_engine,
-                         nonfinite_rewards=nonfinite_rewards, max_nonfinite_steps=max_nonfinite_steps)
-        self.automatic_optimization = False
+        super().__init__(model_name_or_path, **kwargs)
         self._explicit_reward_fns = bool(self.reward_funcs)
         if disable_dropout:
             disable_dropout_in_model(self.policy)
@@ -254,34 +146,19 @@ class PPOModule(PolicyModuleBase):
         self.kl_ctl = (losses.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
                        else losses.FixedKLController(kl_coef))
 
+    def hparam_checks(self, hp) -> list[tuple[bool, str]]:
+        return super().hparam_checks(hp) + _ppo_checks(hp)
+
+    @property
+    def epochs(self) -> int:
+        return self.hparams.ppo_epochs
+
     # ------------------------------------------------------------------------------------------ set-up
     def _load_reward_model(self, name_or_path: str) -> nn.Module:
-        """A frozen sequence classifier that shares the policy's tokenizer (checked), with a `score` head."""
-        from ..models import load_sequence_classifier
-        from ..tokenizer import load_tokenizer
-
-        if str(name_or_path).endswith(".ckpt"):
-            raise ValueError(f"reward_model {name_or_path!r} is a Lightning checkpoint; pass the RewardModel's "
-                             "hf_model export directory (written by save_pretrained at the end of its fit)")
         hp = self.hparams
-        rm = load_sequence_classifier(name_or_path, self.tokenizer, torch_dtype=hp.torch_dtype,
-                                      trust_remote_code=hp.trust_remote_code, seed=hp.seed, require_trained_head=True)
-        if not isinstance(getattr(rm, "score", None), nn.Linear) or rm.score.out_features != 1:
-            raise ValueError(f"reward_model {name_or_path!r} ({type(rm).__name__}) has no scalar `score` head "
-                             "(Linear(hidden, 1)); use a sequence classifier with num_labels=1")
-        try:
-            rm_tokenizer = load_tokenizer(name_or_path, trust_remote_code=hp.trust_remote_code)
-        except ValueError:  # a directory without tokenizer files: only the embedding size can be checked
-            rm_tokenizer = None
-        if rm_tokenizer is not None and rm_tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(f"reward_model {name_or_path!r} has a different tokenizer than the policy "
-                             f"{hp.tokenizer_name_or_path or hp.model_name_or_path!r}; PPO scores the policy's "
-                             "token ids directly, so both must share one vocabulary")
-        if rm.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            raise ValueError(f"reward_model {name_or_path!r} embeds {rm.get_input_embeddings().num_embeddings} "
-                             f"tokens but the policy's tokenizer has {len(self.tokenizer)}")
-        rm.requires_grad_(False)  # frozen; `reward_model_scores` switches it to eval mode for every use
-        return rm
+        return load_frozen_reward_model(name_or_path, self.tokenizer, hp.tokenizer_name_or_path or
+                                        hp.model_name_or_path, torch_dtype=hp.torch_dtype,
+                                        trust_remote_code=hp.trust_remote_code, seed=hp.seed)
 
     def _make_critic(self) -> ValueModel:
         with torch.random.fork_rng(devices=[]):  # a fresh value head is seeded like the presets: reproducible runs
@@ -336,30 +213,26 @@ class PPOModule(PolicyModuleBase):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.actor_parameters() + self.critic_parameters()
 
+    def optimizer_parameters(self) -> list[tuple[str, list[nn.Parameter]]]:
+        return [("policy/grad_norm", self.actor_parameters()), ("value/grad_norm", self.critic_parameters())]
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.policy, self.value_model]
+
     def configure_optimizers(self):
-        """Two AdamW optimizers (actor, critic), each with its own lr schedule; stepped by `_update`."""
+        """Two AdamW optimizers (actor, critic), each with its own lr schedule; stepped by `update`."""
         hp = self.hparams
         actor, actor_sched = self.build_optimizer(self.actor_parameters(), hp.lr)
         critic, critic_sched = self.build_optimizer(self.critic_parameters(), hp.critic_lr or hp.lr)
         return [actor, critic], [actor_sched, critic_sched]
 
-    def updates_per_batch(self) -> tuple[int, int]:
-        """ppo_epochs x minibatches steps of each of the two optimizers per rollout (see `schedule_horizon`)."""
-        return self.hparams.ppo_epochs * self.hparams.minibatches, 2
-
-    # ------------------------------------------------------------------------------------------ hooks
-    def rollout(self, batch: dict[str, Any]) -> Rollout:
-        """One completion per prompt, sampled from π at `temperature` (eval mode, no grad, pad after EOS)."""
-        samples = self.generate(batch["prompt_ids"], batch["prompt_mask"], self.sampling_params(), self._generator())
-        completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
-        return Rollout(samples, list(batch["prompts"]), completions, self.reward_columns(batch))
-
+    # ------------------------------------------------------------------------------------------ 1. rewards
     def score_sources(self, prompts: list[str], completions: list[str], batch: dict[str, Any]) -> RewardOutput:
         """Sequence scores [N]: reward-model score + weighted reward functions (NaN = no score; row skipped);
         per_source: the reward functions' values. What `compute_rewards` returns unless overridden.
 
         `batch["columns"]` holds the dataset columns aligned with completions, `batch["samples"]` the token ids
-        (`RolloutBatch`). The missing-EOS penalty is applied afterwards, by the caller.
+        (`RolloutBatch`). The missing-EOS penalty is applied afterwards (`sample_and_score`).
         """
         N = len(completions)
         total = torch.zeros(N, device=self.device)
@@ -374,85 +247,33 @@ class PPOModule(PolicyModuleBase):
             fn_total = torch.nan_to_num(fn_total)  # all functions abstained: the reward model still scores
         return RewardOutput(total + fn_total, fns.per_source)
 
-    def compute_advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """GAE over real tokens, returns = A + V (before whitening, "N+ details"), then optional whitening.
-
-        rewards, values, mask: [N, T] -> (advantages [N, T], returns [N, T]); 0 at masked positions.
-        """
-        hp = self.hparams
-        out = get_estimator("gae").fn(AdvantageInputs(mask=mask, token_rewards=rewards, values=values, gamma=hp.gamma,
-                                                      lam=hp.lam, whiten=hp.whiten_advantages))
-        return out.advantages, out.returns
-
-    def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                    normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """PPO's clipped surrogate per token, averaged over the minibatch's tokens (token-mean)."""
-        hp = self.hparams
-        return losses.policy_loss(logp, old_logp, advantages, mask, clip_low=hp.clip_low, clip_high=hp.clip_high,
-                                  level="token", agg="token-mean", normalizer=normalizer)
-
-    def value_loss(self, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                   normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """0.5 · max((V - R)², (V_clip - R)²), averaged over the minibatch's tokens."""
-        return losses.value_loss(values, old_values, returns, mask, clip_range=self.hparams.value_clip,
-                                 normalizer=normalizer)
-
-    # ------------------------------------------------------------------------------------------ forward passes
-    def policy_and_values(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(log π [n, T], entropy [n, T], V [n, T]) of completion tokens; V[t] is the value of the state before
-        token t (the position whose logits predict it). Differentiable when grad is enabled."""
-        hp = self.hparams
-        T = ctx["completion_ids"].shape[1]
-        if hp.critic == "shared":
-            # one forward: the logits give log-probs, the last hidden state (after the final norm) gives values
-            input_ids, attn, pos = _join(ctx)
-            out = self.policy(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                              logits_to_keep=T + 1, output_hidden_states=True)
-            logp, entropy = token_logprobs(out.logits[:, :-1], ctx["completion_ids"], ctx["completion_mask"],
-                                           hp.temperature)  # [n, T]
-            values = self.value_model.values_from_hidden(out.hidden_states[-1][:, -(T + 1):-1])  # [n, T]
-            return logp, entropy, values
-        logp, entropy = completion_logprobs(self.policy, **ctx, temperature=hp.temperature, return_entropy=True)
-        input_ids, attn, pos = _join(ctx)
-        values = self.value_model(input_ids, attn, pos)[:, -(T + 1):-1]  # [n, T]
-        return logp, entropy, values
-
     def reward_model_scores(self, samples: RolloutBatch) -> Tensor:
         """The reward model's logit at the last real token of prompt + completion (EOS when there is one). [N]"""
-        input_ids, attn, pos = _join(_ctx(samples))
+        input_ids, attn, pos = join_prompt_completion(**samples.model_inputs())
         return self._reward_model_source.score_ids(input_ids, attn, pos, self.hparams.micro_batch_size)
 
-    @torch.no_grad()
-    def _no_grad_passes(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Old log-probs, old values and reference log-probs of the rollout, in eval mode (dropout off)."""
-        modules = [self.policy, self.value_model]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        old_logp, old_values = [], []
-        for idx in self._micro_batches(ctx["completion_ids"].shape[0]):
-            mb = {k: v[idx] for k, v in ctx.items()}
-            logp, _, values = self.policy_and_values(mb)
-            old_logp.append(logp)
-            old_values.append(values)
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-        return torch.cat(old_logp), torch.cat(old_values), self._reference_logprobs(ctx)
+    def sample_and_score(self, batch: dict[str, Any]) -> PPOStep:
+        """The rollout and its sequence scores, minus `missing_eos_penalty` for completions without EOS."""
+        step = super().sample_and_score(batch)
+        step.raw_scores = step.rewards.float()  # [N]
+        step.scores = step.raw_scores.clone()
+        if self.hparams.missing_eos_penalty:
+            step.scores = step.scores - self.hparams.missing_eos_penalty * step.rollout.samples.is_truncated.float()
+        return step
 
-    @torch.no_grad()
-    def _reference_logprobs(self, ctx: dict[str, Tensor]) -> Tensor | None:
-        """log π_ref of the rollout's completion tokens [N, T] (None without a reference), in eval mode."""
-        ref_logp = []
-        with self.reference_policy() as ref:  # a separate pass: with LoRA it toggles the policy's adapter
-            if ref is None:
-                return None
-            mode = ref.training
-            ref.eval()
-            for idx in self._micro_batches(ctx["completion_ids"].shape[0]):
-                mb = {k: v[idx] for k, v in ctx.items()}
-                ref_logp.append(completion_logprobs(ref, **mb, temperature=self.hparams.temperature))
-            ref.train(mode)
-        return torch.cat(ref_logp)
+    # ------------------------------------------------------------------------------------------ 2. passes
+    def old_and_reference(self, step: PPOStep) -> None:
+        """π_ref, then π_old and V_old: a no-grad pass, or (`fuses_old_passes`) the update's own first forward,
+        with grad, detached, after the no-grad work so that its activations are freed before this graph is built."""
+        N = step.ctx["completion_ids"].shape[0]
+        if not self.fuses_old_passes(N):
+            step.old_logp, step.old_values, step.ref_logp = self._no_grad_passes(step.ctx)
+            return
+        step.ref_logp = self.reference_logprobs(step.ctx)
+        for module in self.trained_modules():
+            module.train()
+        step.forward = self.policy_and_values(step.ctx)  # (log π, entropy, V) [N, T] each, with grad
+        step.old_logp, step.old_values = step.forward[0].detach(), step.forward[2].detach()
 
     def fuses_old_passes(self, n_rows: int) -> bool:
         """Whether this rollout's π_old / V_old come from the update's own forward instead of a no-grad pass.
@@ -467,65 +288,118 @@ class PPOModule(PolicyModuleBase):
         hp = self.hparams
         return (self.fuse_old_passes and hp.ppo_epochs == 1 and hp.minibatches == 1
                 and (hp.micro_batch_size is None or hp.micro_batch_size >= n_rows)
-                and not any(_active_dropout(m) for m in (self.policy, self.value_model)))
+                and not any(has_active_dropout(m) for m in (self.policy, self.value_model)))
 
-    # ------------------------------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def policy_and_values(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(log π [n, T], entropy [n, T], V [n, T]) of completion tokens; V[t] is the value of the state before
+        token t (the position whose logits predict it). Differentiable when grad is enabled."""
         hp = self.hparams
-        t0 = time.perf_counter()
-        rollout = self.rollout(batch)
-        t_gen = time.perf_counter() - t0
-        s = rollout.samples
-        N = s.completion_ids.shape[0]
-        self.check_minibatches(N)
+        T = ctx["completion_ids"].shape[1]
+        input_ids, attn, pos = join_prompt_completion(**ctx)
+        if hp.critic == "shared":
+            # one forward: the logits give log-probs, the last hidden state (after the final norm) gives values
+            out = self.policy(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                              logits_to_keep=T + 1, output_hidden_states=True)
+            logp, entropy = token_logprobs(out.logits[:, :-1], ctx["completion_ids"], ctx["completion_mask"],
+                                           hp.temperature)  # [n, T]
+            values = self.value_model.values_from_hidden(out.hidden_states[-1][:, -(T + 1):-1])  # [n, T]
+            return logp, entropy, values
+        logp, entropy = completion_logprobs(self.policy, **ctx, temperature=hp.temperature, return_entropy=True)
+        values = self.value_model(input_ids, attn, pos)[:, -(T + 1):-1]  # [n, T]
+        return logp, entropy, values
 
-        t1 = time.perf_counter()
-        ctx = _ctx(s)
-        fused = self.fuses_old_passes(N)
-        if fused:  # π_old, V_old = the update's forward, detached (see `fuses_old_passes`)
-            ref_logp = self._reference_logprobs(ctx)  # [N, T] or None
+    @torch.no_grad()
+    def _no_grad_passes(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Old log-probs, old values and reference log-probs of the rollout, in eval mode (dropout off)."""
+        modules = [self.policy, self.value_model]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        old_logp, old_values = [], []
+        for idx in self._micro_batches(ctx["completion_ids"].shape[0]):
+            logp, _, values = self.policy_and_values({k: v[idx] for k, v in ctx.items()})
+            old_logp.append(logp)
+            old_values.append(values)
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        return torch.cat(old_logp), torch.cat(old_values), self.reference_logprobs(ctx)
+
+    # ------------------------------------------------------------------------------------------ 3. advantages
+    def compute_step_advantages(self, step: PPOStep) -> None:
+        """Per-token rewards -β·KL_t + score at the last real token, then GAE; rows with no score get no loss."""
+        hp = self.hparams
+        has_score = ~torch.isnan(step.scores)  # [N]
+        mask = step.rollout.samples.completion_mask.bool() & has_score.unsqueeze(-1)  # [N, T]
+        step.kl_coef = self.kl_ctl.value
+        if step.ref_logp is not None:
+            kl = losses.kl_estimate(step.old_logp, step.ref_logp, hp.kl_estimator)  # [N, T]
         else:
-            old_logp, old_values, ref_logp = self._no_grad_passes(ctx)  # [N, T] each
-
-        # ---- sequence scores: reward model and/or reward functions, then the missing-EOS penalty
-        scored = self.score_rollout(rollout.prompts, rollout.completions, {"columns": rollout.columns, "samples": s,
-                                                                           **batch})
-        raw_scores, rollout.per_source = scored.rewards.float(), scored.per_source  # [N]
-        scores = raw_scores.clone()
-        if hp.missing_eos_penalty:
-            scores = scores - hp.missing_eos_penalty * s.is_truncated.float()
-        has_score = ~torch.isnan(scores)  # [N]; rows with no score get no loss at all
-        mask = s.completion_mask.bool() & has_score.unsqueeze(-1)  # [N, T]
-        first_forward = None
-        if fused:  # after the no-grad work, so their activations are freed before this graph is built
-            self.policy.train()
-            self.value_model.train()
-            first_forward = self.policy_and_values(ctx)  # (log π, entropy, V) [N, T] each, with grad
-            old_logp, old_values = first_forward[0].detach(), first_forward[2].detach()
-
-        # ---- per-token rewards: -β·KL at every token, + score at the last real token
-        kl_coef = self.kl_ctl.value
-        if ref_logp is not None:
-            kl = losses.kl_estimate(old_logp, ref_logp, hp.kl_estimator)  # [N, T]
-        else:
-            kl = torch.zeros_like(old_logp)
-        kl = torch.where(mask, kl, 0.0)
-        rewards = losses.ppo_token_rewards(torch.nan_to_num(scores), kl, mask, kl_coef)  # [N, T]
+            kl = torch.zeros_like(step.old_logp)
+        step.kl = torch.where(mask, kl, 0.0)
+        rewards = losses.ppo_token_rewards(torch.nan_to_num(step.scores), step.kl, mask, step.kl_coef)  # [N, T]
         if hp.whiten_rewards:
             rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+        step.token_rewards = rewards
+        step.advantages, step.returns = self.compute_advantages(rewards, step.old_values, mask)  # [N, T] each
+        step.loss_mask = mask
 
-        # ---- GAE, returns, whitening; then the updates
-        advantages, returns = self.compute_advantages(rewards, old_values, mask)  # [N, T] each
-        update_stats = self._update(ctx, mask, old_logp, old_values, advantages, returns, first_forward)
-        t_train = time.perf_counter() - t1
+    def compute_advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """GAE over real tokens, returns = A + V (before whitening, "N+ details"), then optional whitening.
 
-        # ---- the KL controller sees the rollout's mean sequence KL (same on every rank)
-        seq_kl = kl.sum(-1)  # [N]
-        mean_seq_kl, n_rows = self._global_mean(seq_kl[has_score])
+        rewards, values, mask: [N, T] -> (advantages [N, T], returns [N, T]); 0 at masked positions.
+        """
+        hp = self.hparams
+        out = get_estimator("gae").fn(AdvantageInputs(mask=mask, token_rewards=rewards, values=values, gamma=hp.gamma,
+                                                      lam=hp.lam, whiten=hp.whiten_advantages))
+        return out.advantages, out.returns
+
+    # ------------------------------------------------------------------------------------------ 4. updates
+    def minibatch_rows(self, n_rows: int) -> list[Tensor]:
+        """Rows shuffled per epoch (the sampling generator: seeded, checkpointed), then `minibatches` slices."""
+        order = torch.randperm(n_rows, device=self.device, generator=self._generator())
+        return list(order.tensor_split(self.hparams.minibatches))
+
+    def micro_batch_loss(self, step: PPOStep, idx: Tensor, normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """pg + vf_coef · vf for rows `idx`, normalised by the minibatch's tokens on all ranks.
+
+        Why ONE backward of pg + vf_coef·vf rather than two: with a shared critic both losses run through the
+        same forward graph (two backwards would need retain_graph and walk the backbone twice); with a separate
+        critic they touch disjoint parameters, so the sum's gradient IS each loss's own gradient, and one
+        backward gives every trainable parameter a gradient, which is what DDP needs without
+        `find_unused_parameters`. Each optimizer then steps only its own parameters.
+        """
+        if step.forward is not None:  # fused: the one micro-batch holds every row, in `idx` order
+            logp, entropy, values = (t[idx] for t in step.forward)
+        else:
+            logp, entropy, values = self.policy_and_values({k: v[idx] for k, v in step.ctx.items()})  # with grad
+        m = step.loss_mask[idx]
+        pg_loss, stats = self.policy_loss(logp, step.old_logp[idx], step.advantages[idx], m, normalizer)
+        vf_loss, vstats = self.value_loss(values, step.old_values[idx], step.returns[idx], m, normalizer)
+        out = {f"policy/{k}": v for k, v in stats.items()}
+        out["value/clip_frac"] = vstats["value_clip_frac"]
+        out.update({"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(),
+                    "policy/entropy": losses.masked_mean(entropy.detach(), m)})
+        return pg_loss + self.hparams.vf_coef * vf_loss, out
+
+    def policy_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                    normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """PPO's clipped surrogate per token, averaged over the minibatch's tokens (token-mean)."""
+        hp = self.hparams
+        return get_policy_loss("token")(PolicyLossInputs(logp, old_logp, advantages, mask, clip_low=hp.clip_low,
+                                                         clip_high=hp.clip_high, agg="token-mean",
+                                                         normalizer=normalizer))
+
+    def value_loss(self, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                   normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """0.5 · max((V - R)², (V_clip - R)²), averaged over the minibatch's tokens."""
+        return losses.value_loss(values, old_values, returns, mask, clip_range=self.hparams.value_clip,
+                                 normalizer=normalizer)
+
+    def after_update(self, step: PPOStep) -> None:
+        """The KL controller sees the rollout's mean sequence KL (the same on every rank)."""
+        has = ~torch.isnan(step.scores)
+        mean_seq_kl, n_rows = self._global_mean(step.kl.sum(-1)[has])
         self.kl_ctl.update(mean_seq_kl, n_rows)
-        self.rollouts += 1
-        self._log_step(rollout, raw_scores, scores, kl, kl_coef, rewards, old_values, returns, advantages, mask,
-                       update_stats, t_gen, t_train)
 
     def _global_mean(self, x: Tensor) -> tuple[float, int]:
         """Mean and count of x [n] over all ranks."""
@@ -535,123 +409,40 @@ class PPOModule(PolicyModuleBase):
         total, count = float(stats[0]), int(stats[1])
         return total / max(count, 1), count
 
-    def _update(self, ctx: dict[str, Tensor], mask: Tensor, old_logp: Tensor, old_values: Tensor,
-                advantages: Tensor, returns: Tensor,
-                first_forward: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, float]:
-        """ppo_epochs x minibatches updates; each one: backward once, then clip/step/schedule both optimizers.
-
-        `first_forward`: the whole rollout's (log π, entropy, V) already computed with grad (fused old passes,
-        one epoch of one minibatch in one micro-batch); it is used instead of a second forward.
-
-        Why ONE backward of pg + vf_coef·vf rather than two: with a shared critic both losses run through the
-        same forward graph (two backwards would need retain_graph and walk the backbone twice); with a separate
-        critic they touch disjoint parameters, so the sum's gradient IS each loss's own gradient, and one
-        backward gives every trainable parameter a gradient, which is what DDP needs without
-        `find_unused_parameters`. Each optimizer then steps only its own parameters.
-        """
-        hp = self.hparams
-        actor_opt, critic_opt = self.optimizers()
-        actor_sched, critic_sched = self.lr_schedulers()
-        N = mask.shape[0]
-        world = self.trainer.world_size
-        sums: dict[str, float] = {}
-        count = 0
-        norms: dict[str, list[float]] = {"actor": [], "critic": []}
-        step_losses: list[float] = []
-        self.policy.train()
-        self.value_model.train()
-        for _ in range(hp.ppo_epochs):
-            order = torch.randperm(N, device=self.device, generator=self._generator())  # shuffle rows per epoch
-            for rows in order.tensor_split(hp.minibatches):  # exactly `minibatches` steps, as counted
-                normalizer = self._global_count(mask[rows].sum())  # tokens of this minibatch on all ranks
-                actor_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for idx in self._micro_batches(N, rows):
-                    mb = {k: v[idx] for k, v in ctx.items()}
-                    if first_forward is not None:  # the one micro-batch holds every row, in `idx` order
-                        logp, entropy, values = (t[idx] for t in first_forward)
-                    else:
-                        logp, entropy, values = self.policy_and_values(mb)  # [n, T] each, with grad
-                    m = mask[idx]
-                    pg_loss, stats = self.policy_loss(logp, old_logp[idx], advantages[idx], m, normalizer)
-                    vf_loss, vstats = self.value_loss(values, old_values[idx], returns[idx], m, normalizer)
-                    loss = pg_loss + hp.vf_coef * vf_loss
-                    # DDP averages gradients over ranks; the normaliser is already global, so undo the mean
-                    self.manual_backward(loss * world)
-                    stats.update(vstats)
-                    stats["pg_loss"], stats["vf_loss"] = pg_loss.detach(), vf_loss.detach()
-                    stats["entropy"] = losses.masked_mean(entropy.detach(), m)
-                    step_loss += float(loss.detach())
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    count += 1
-                step_losses.append(step_loss)
-                for name, opt, sched, params in (("actor", actor_opt, actor_sched, self.actor_parameters()),
-                                                 ("critic", critic_opt, critic_sched, self.critic_parameters())):
-                    norms[name].append(float(grad_norm(params)))  # before clipping: shows whether it bites
-                    if hp.max_grad_norm is not None:
-                        self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                    opt.step()
-                    sched.step()
-                self.policy_stepped()
-        out = {k: v / max(count, 1) for k, v in sums.items()}
-        out["actor_grad_norm"] = sum(norms["actor"]) / len(norms["actor"])
-        out["critic_grad_norm"] = sum(norms["critic"]) / len(norms["critic"])
-        out["loss"] = sum(step_losses) / len(step_losses)
-        return out
-
-    # ------------------------------------------------------------------------------------------ logging
-    def _log_step(self, rollout: Rollout, raw_scores: Tensor, scores: Tensor, kl: Tensor, kl_coef: float,
-                  rewards: Tensor, values: Tensor, returns: Tensor, advantages: Tensor, mask: Tensor,
-                  stats: dict[str, float], t_gen: float, t_train: float) -> None:
-        s = rollout.samples
-        N = len(rollout.completions)
-        has = ~torch.isnan(scores)
-        lengths = s.completion_mask.sum(-1).float()
-        n_tokens = float(s.completion_mask.sum())
+    # ------------------------------------------------------------------------------------------ 5. logging
+    def step_metrics(self, step: PPOStep) -> dict[str, Any]:
+        has, mask = ~torch.isnan(step.scores), step.loss_mask
         zero = torch.zeros((), device=self.device)
-        non_score = (-kl_coef * kl).sum(-1)  # [N] the KL part of each row's return
-        metrics = {
-            "reward/score": scores[has].mean() if has.any() else zero,
-            "reward/score_std": scores[has].std() if has.sum() > 1 else zero,
-            "reward/mean": raw_scores[has].mean() if has.any() else zero,  # before the missing-EOS penalty
-            "reward/std": raw_scores[has].std() if has.sum() > 1 else zero,
-            "reward/non_score": non_score[has].mean() if has.any() else zero,
-            "reward/total": (scores + non_score)[has].mean() if has.any() else zero,
+
+        def mean(x: Tensor) -> Tensor:
+            return x[has].mean() if has.any() else zero
+
+        def std(x: Tensor) -> Tensor:
+            return x[has].std() if has.sum() > 1 else zero
+
+        non_score = (-step.kl_coef * step.kl).sum(-1)  # [N] the KL part of each row's return
+        values, returns = step.old_values, step.returns
+        return {
+            "reward/score": mean(step.scores), "reward/score_std": std(step.scores),
+            "reward/mean": mean(step.raw_scores), "reward/std": std(step.raw_scores),  # before the EOS penalty
+            "reward/non_score": mean(non_score), "reward/total": mean(step.scores + non_score),
             "reward/missing_frac": (~has).float().mean(),
-            "policy/kl": losses.masked_mean(kl, mask),  # per token, as GRPO logs it
-            "policy/kl_seq": kl.sum(-1)[has].mean() if has.any() else zero,  # what the controller steers
-            "policy/kl_coef": torch.tensor(kl_coef),
+            "policy/kl": losses.masked_mean(step.kl, mask),  # per token, as GRPO logs it
+            "policy/kl_seq": mean(step.kl.sum(-1)),  # what the controller steers
+            "policy/kl_coef": torch.tensor(step.kl_coef),
             "value/mean": losses.masked_mean(values, mask),
             "value/return_mean": losses.masked_mean(returns, mask),
             "value/return_std": losses.masked_var(returns, mask).sqrt(),
             "value/explained_variance": losses.explained_variance(values, returns, mask),
-            "policy/advantage_abs_mean": losses.masked_mean(advantages.abs(), mask),
-            "rollout/completion_len_mean": lengths.mean(),
-            "rollout/completion_len_max": lengths.max(),
-            "rollout/truncated_frac": s.is_truncated.float().mean(),
-            "perf/tokens_per_s": torch.tensor(n_tokens / max(t_gen + t_train, 1e-9)),
-            "perf/generation_s": torch.tensor(t_gen),
-            "perf/training_s": torch.tensor(t_train),
-            "policy/lr": torch.tensor(self.optimizers()[0].param_groups[0]["lr"]),
+            "policy/advantage_abs_mean": losses.masked_mean(step.advantages.abs(), mask),
             "value/lr": torch.tensor(self.optimizers()[1].param_groups[0]["lr"]),
-            "perf/rollouts": torch.tensor(float(self.rollouts)),
-            "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
-        metrics.update(self.per_function_reward_metrics(rollout.per_source))
-        metrics.update(self.guard_metrics())
-        names = {"pg_loss": "policy/loss", "vf_loss": "value/loss", "value_clip_frac": "value/clip_frac",
-                 "critic_grad_norm": "value/grad_norm", "actor_grad_norm": "policy/grad_norm",
-                 "loss": "policy/total_loss"}
-        for k, v in stats.items():
-            metrics[names.get(k, f"policy/{k}")] = torch.tensor(v)
-        logged = self.log_step_metrics(metrics)
-        if self.should_log_samples():
-            self.log_sample_table(rollout.prompts, rollout.completions, scores, advantages)
-            self.log_histograms({"reward/histogram": scores, "policy/advantage_histogram": advantages[mask]})
-        self.log("reward", logged["reward/score"], prog_bar=True, logger=False, batch_size=N)
-        self.log("kl", logged["policy/kl_seq"], prog_bar=True, logger=False, batch_size=N)
+
+    def log_samples(self, step: PPOStep) -> None:
+        r = step.rollout
+        self.log_sample_table(r.prompts, r.completions, step.scores, step.advantages)
+        self.log_histograms({"reward/histogram": step.scores,
+                             "policy/advantage_histogram": step.advantages[step.loss_mask]})
 
     # ------------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -681,14 +472,9 @@ class PPOModule(PolicyModuleBase):
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
 
 
-def _ctx(samples: RolloutBatch) -> dict[str, Tensor]:
-    return {"prompt_ids": samples.prompt_ids, "prompt_mask": samples.prompt_mask,
-            "completion_ids": samples.completion_ids, "completion_mask": samples.completion_mask}
-
-
-def _validate_ppo_args(hp) -> None:
-    """One-line errors for out-of-range hyperparameters, before any model is loaded."""
-    checks = [
+def _ppo_checks(hp) -> list[tuple[bool, str]]:
+    """(holds, one-line message) for PPO's own arguments (`hparam_checks`)."""
+    return [
         (hp.critic in ("separate", "shared"), f"critic must be separate|shared, got {hp.critic!r}"),
         (hp.critic_lr is None or 0 < hp.critic_lr < 1, f"critic_lr must be in (0, 1) or null, got {hp.critic_lr!r}"),
         (hp.kl_coef >= 0, f"kl_coef must be >= 0, got {hp.kl_coef}"),
@@ -699,31 +485,14 @@ def _validate_ppo_args(hp) -> None:
          f"kl_horizon must be an integer >= 1, got {hp.kl_horizon!r}"),
         (0 <= hp.gamma <= 1, f"gamma must be in [0, 1], got {hp.gamma}"),
         (0 <= hp.lam <= 1, f"lam must be in [0, 1], got {hp.lam}"),
-        (0 <= hp.clip_low < 1, f"clip_low must be in [0, 1), got {hp.clip_low}"),
-        (hp.clip_high >= 0, f"clip_high must be >= 0, got {hp.clip_high}"),
         (hp.value_clip is None or hp.value_clip > 0, f"value_clip must be > 0 or null, got {hp.value_clip}"),
         (hp.vf_coef > 0, f"vf_coef must be > 0 (the critic learns only through the value loss), got {hp.vf_coef}"),
         (isinstance(hp.ppo_epochs, int) and hp.ppo_epochs >= 1,
          f"ppo_epochs must be an integer >= 1, got {hp.ppo_epochs!r}"),
-        (isinstance(hp.minibatches, int) and hp.minibatches >= 1,
-         f"minibatches must be an integer >= 1, got {hp.minibatches!r}"),
-        (hp.micro_batch_size is None or hp.micro_batch_size >= 1,
-         f"micro_batch_size must be >= 1 or null, got {hp.micro_batch_size!r}"),
         (hp.missing_eos_penalty is None or hp.missing_eos_penalty >= 0,
          f"missing_eos_penalty must be >= 0 (it is subtracted from the score), got {hp.missing_eos_penalty}"),
-        (isinstance(hp.max_new_tokens, int) and hp.max_new_tokens >= 1,
-         f"max_new_tokens must be >= 1, got {hp.max_new_tokens!r}"),
-        (0 <= hp.min_new_tokens <= hp.max_new_tokens,
-         f"min_new_tokens must be in [0, max_new_tokens={hp.max_new_tokens}], got {hp.min_new_tokens}"),
         (hp.temperature > 0 and math.isfinite(hp.temperature),
          f"temperature must be > 0 (PPO samples and scores the temperature-scaled policy), got {hp.temperature}"),
-        (hp.max_grad_norm is None or hp.max_grad_norm > 0,
-         f"max_grad_norm must be > 0 or null, got {hp.max_grad_norm}"),
         (hp.reward_model is None or (isinstance(hp.reward_model, (str, Path)) and str(hp.reward_model)),
          f"reward_model must be a directory, hub id or preset name, got {hp.reward_model!r}"),
-        (isinstance(hp.log_samples_every_n_steps, int) and hp.log_samples_every_n_steps >= 0,
-         f"log_samples_every_n_steps must be an integer >= 0, got {hp.log_samples_every_n_steps!r}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)

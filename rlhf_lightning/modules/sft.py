@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,38 +15,14 @@ class SFTModule(PolicyModuleBase):
     Use with `PromptDataModule(completion_column=...)` (built-in tasks have a `completion` column). The loss is the
     mean cross-entropy over completion tokens (EOS included), so the model learns where to stop. Validation
     reports `val/loss` and, with reward functions (or a built-in task), greedy `val/reward` / `val/accuracy`.
-    See `PolicyModuleBase` for the shared arguments (LoRA, gradient checkpointing and the non-finite guard included:
-    a step with a NaN/inf loss or gradient is skipped and counted in `train/skipped_steps`).
+    Args: `PolicyModuleBase`'s (model, reward functions for validation, optimizer; here lr 1e-3 with a cosine
+    schedule; LoRA, gradient checkpointing and the non-finite guard included: a step with a NaN/inf loss or
+    gradient is skipped and counted in `train/skipped_steps`).
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str = "tiny",
-        tokenizer_name_or_path: str | None = None,
-        reward_fns: Sequence[str] | None = None,
-        reward_weights: Sequence[float] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        lr_schedule: str = "cosine",
-        min_lr_ratio: float = 0.1,
-        torch_dtype: str | None = None,
-        trust_remote_code: bool = False,
-        val_max_new_tokens: int = 32,
-        seed: int = 0,
-        lora: dict[str, Any] | None = None,
-        lora_export: str = "merged",
-        gradient_checkpointing: bool = False,
-        nonfinite_rewards: str = "error",
-        max_nonfinite_steps: int = 3,
-    ):
-        self.save_hyperparameters()
-        super().__init__(model_name_or_path, tokenizer_name_or_path, reward_fns, reward_weights, lr, weight_decay,
-                         betas, warmup_steps, lr_schedule, min_lr_ratio, torch_dtype, trust_remote_code,
-                         val_max_new_tokens, seed, lora=lora, lora_export=lora_export,
-                         gradient_checkpointing=gradient_checkpointing, nonfinite_rewards=nonfinite_rewards,
-                         max_nonfinite_steps=max_nonfinite_steps)
+    def __init__(self, model_name_or_path: str = "tiny", *, lr: float = 1e-3, lr_schedule: str = "cosine",
+                 **kwargs: Any):
+        super().__init__(model_name_or_path, lr=lr, lr_schedule=lr_schedule, **kwargs)
         self.apply_lora()
 
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -152,7 +152,7 @@ class RewardModelSource(RewardSource):
             self.model.train(was_training)
 
     def _classifier_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # right-padded `reward_input_ids`: the classifier's "last non-pad token" is the last real one (preference.py)
+        # right-padded `reward_input_ids`: the classifier's "last non-pad token" is the last real one (model_inputs.py)
         return self.model(input_ids=ids, attention_mask=mask).logits[:, 0]  # [b]
 
     def _head_at_last_token(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -160,3 +160,34 @@ class RewardModelSource(RewardSource):
                                        use_cache=False).last_hidden_state  # [b, L, H]
         last = (torch.arange(attn.shape[1], device=attn.device) * attn).argmax(-1)  # [b] last attended position
         return self.model.score(hidden[torch.arange(len(ids), device=hidden.device), last]).squeeze(-1)  # [b]
+
+
+def load_frozen_reward_model(name_or_path: str | os.PathLike, policy_tokenizer: Any, policy_name: str, *,
+                             torch_dtype: str | None = None, trust_remote_code: bool = False,
+                             seed: int = 0) -> nn.Module:
+    """A frozen sequence classifier with a scalar `score` head that reads the policy's token ids directly (PPO's
+    `reward_model`): its tokenizer must be the policy's (`policy_name` names it in the error), its embedding
+    cover the policy's vocabulary. Scored through `RewardModelSource.score_ids`."""
+    from ..models import load_sequence_classifier
+    from ..tokenizer import load_tokenizer
+
+    if str(name_or_path).endswith(".ckpt"):
+        raise ValueError(f"reward_model {name_or_path!r} is a Lightning checkpoint; pass the RewardModel's "
+                         "hf_model export directory (written by save_pretrained at the end of its fit)")
+    rm = load_sequence_classifier(name_or_path, policy_tokenizer, torch_dtype=torch_dtype,
+                                  trust_remote_code=trust_remote_code, seed=seed, require_trained_head=True)
+    if not isinstance(getattr(rm, "score", None), nn.Linear) or rm.score.out_features != 1:
+        raise ValueError(f"reward_model {name_or_path!r} ({type(rm).__name__}) has no scalar `score` head "
+                         "(Linear(hidden, 1)); use a sequence classifier with num_labels=1")
+    try:
+        rm_tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError:  # a directory without tokenizer files: only the embedding size can be checked
+        rm_tokenizer = None
+    if rm_tokenizer is not None and rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise ValueError(f"reward_model {name_or_path!r} has a different tokenizer than the policy {policy_name!r}; "
+                         "PPO scores the policy's token ids directly, so both must share one vocabulary")
+    if rm.get_input_embeddings().num_embeddings < len(policy_tokenizer):
+        raise ValueError(f"reward_model {name_or_path!r} embeds {rm.get_input_embeddings().num_embeddings} "
+                         f"tokens but the policy's tokenizer has {len(policy_tokenizer)}")
+    rm.requires_grad_(False)  # frozen; `RewardModelSource` switches it to eval mode for every use
+    return rm

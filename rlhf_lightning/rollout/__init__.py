@@ -1,6 +1,7 @@
 """Rollouts: engines that sample completions from the policy, and the log-probs the losses differentiate.
 
-    base.py      the interface: `SamplingParams`, `RolloutBatch`, `RolloutEngine`, `register_engine` / `get_engine`
+    base.py      the interface: `SamplingParams`, `RolloutBatch`, `RolloutEngine`, `register_engine` / `get_engine`,
+                 and `Rollout` (a batch with its texts, dataset columns and rewards by source)
     sampler.py   the token-choice loop the built-in engines share (`decode`), and `sample`, its function form
     engines.py   the registered engines: `auto` (fast where exact, else hf), `hf`, `fast`
     hf.py        the model's own forward as a decoder, over a static or dynamic KV cache
@@ -11,19 +12,21 @@ A new engine is one `RolloutEngine` subclass + `@register_engine("name")` (docs/
 """
 
 from .base import (
+                   Rollout,
                    RolloutBatch,
                    RolloutEngine,
                    SamplingParams,
                    decode_completions,
                    engine_names,
                    get_engine,
+                   join_prompt_completion,
                    position_ids_from_mask,
                    register_engine,
 )
 from .engines import AutoEngine, FastEngine, HFEngine
-from .logprobs import completion_logprobs
+from .logprobs import completion_logprobs, token_logprobs
 from .sampler import DecoderEngine, sample
 
-__all__ = ["AutoEngine", "DecoderEngine", "FastEngine", "HFEngine", "RolloutBatch", "RolloutEngine", "SamplingParams",
-           "completion_logprobs", "decode_completions", "engine_names", "get_engine", "position_ids_from_mask",
-           "register_engine", "sample"]
+__all__ = ["AutoEngine", "DecoderEngine", "FastEngine", "HFEngine", "Rollout", "RolloutBatch", "RolloutEngine",
+           "SamplingParams", "completion_logprobs", "decode_completions", "engine_names", "get_engine",
+           "join_prompt_completion", "position_ids_from_mask", "register_engine", "sample", "token_logprobs"]

@@ -8,7 +8,7 @@ Positions are `cumsum(mask) - 1`, so a left-padded prompt gets the same rotary p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,25 @@ class RolloutBatch:
     def completion_lengths(self) -> Tensor:
         """Number of real completion tokens per row (EOS included). [B]"""
         return self.completion_mask.sum(dim=-1)
+
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        """The four id/mask tensors a log-prob pass reads (`completion_logprobs(model, **inputs)`)."""
+        return {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask,
+                "completion_ids": self.completion_ids, "completion_mask": self.completion_mask}
+
+
+@dataclass
+class Rollout:
+    """One rollout, as the rewards and the losses see it. Row i of a grouped rollout belongs to prompt i // G."""
+
+    samples: RolloutBatch  # prompt/completion ids and masks, behaviour log-probs
+    prompts: list[str]  # [N] prompt text per row
+    completions: list[str]  # [N] decoded completions (no EOS/pad)
+    columns: dict[str, list]  # dataset columns, aligned with rows
+    baseline_scores: Tensor | None = None  # [N] reward of the prompt's greedy completion (remax)
+    kl: Tensor | None = None  # [N, T] KL to the reference, set before the advantages when it shapes the reward
+    per_source: dict[str, Tensor] = field(default_factory=dict)  # reward/<name>: each source's rewards, once scored
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,14 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     value at pad positions is irrelevant (they are masked) and clamped to 0 so it stays a valid index.
     """
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def join_prompt_completion(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                           completion_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """prompt (left-padded) + completion (right-padded) -> (input_ids, attention_mask, position_ids) [B, P + T]."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P + T]
+    attn = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # [B, P + T]
+    return input_ids, attn, position_ids_from_mask(attn)
 
 
 def check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import check_prompt, position_ids_from_mask
+from .base import check_prompt, join_prompt_completion
 
 
 def completion_logprobs(
@@ -22,10 +22,9 @@ def completion_logprobs(
     """log π(completion token | prefix) for every completion position, from ONE forward pass. [B, T] float32
 
     The model is asked only for the last T+1 positions' logits (`logits_to_keep`), the first T of which predict
-    the completion tokens; prompt positions never reach the LM head. Log-probs are computed as
-    gathered logit - logsumexp over (logits / temperature) in float32, so no [B, T, V] log_softmax is kept.
-    Masked positions are 0. With `return_entropy`, also returns the per-token entropy [B, T] of the same
-    distribution (0 where masked). Differentiable when called with grad enabled.
+    the completion tokens; prompt positions never reach the LM head. Masked positions are 0. With
+    `return_entropy`, also returns the per-token entropy [B, T] of the same distribution (0 where masked).
+    Differentiable when called with grad enabled.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for completion_logprobs, got {temperature}")
@@ -38,31 +37,33 @@ def completion_logprobs(
     if completion_ids.size(0) != prompt_ids.size(0):
         raise ValueError(f"completion batch {completion_ids.size(0)} != prompt batch {prompt_ids.size(0)}")
     B, T = completion_ids.shape
-    mask = completion_mask.bool()  # [B, T]
     if T == 0:
         empty = torch.zeros(B, 0, device=completion_ids.device)
         return (empty, empty.clone()) if return_entropy else empty
-
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P + T]
-    attn = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # [B, P + T]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attn,
-        position_ids=position_ids_from_mask(attn),
-        use_cache=False,
-        logits_to_keep=T + 1,
-    )
+    input_ids, attn, position_ids = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                logits_to_keep=T + 1)
     logits = out.logits[:, :-1, :]  # [B, T, V]: position P-1+t predicts completion token t
+    logprobs, entropy = token_logprobs(logits, completion_ids, completion_mask, temperature, return_entropy)
+    return (logprobs, entropy) if return_entropy else logprobs
 
+
+def token_logprobs(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, temperature: float = 1.0,
+                   return_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(log π(token) [B, T], entropy [B, T] or None) of logits [B, T, V] at `temperature`; 0 where masked.
+
+    gathered logit - logsumexp(logits / temperature) in float32, so no [B, T, V] log_softmax is kept. The one
+    implementation behind `completion_logprobs` and PPO's shared critic (whose forward also yields the hidden
+    states its value head reads).
+    """
     z = logits.float()  # [B, T, V]
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)  # [B, T]
-    logprobs = torch.where(mask, z.gather(-1, completion_ids[:, :, None]).squeeze(-1) - lse, 0.0)  # [B, T]
+    mask = completion_mask.bool()  # [B, T]
+    logprobs = torch.where(mask, z.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - lse, 0.0)  # [B, T]
     if not return_entropy:
-        return logprobs
+        return logprobs, None
     # H = logsumexp(z) - sum_v softmax(z)_v * z_v
     entropy = torch.where(mask, lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1), 0.0)  # [B, T]
     return logprobs, entropy
-
-

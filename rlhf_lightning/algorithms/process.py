@@ -1,0 +1,40 @@
+"""Process supervision's bookkeeping (DeepSeekMath §4.1.3): where each reasoning step ends, in tokens.
+
+A step is a piece of the completion split by the step separator; it ends at its last character (the separator
+belongs to the next step's start). Character offsets map to tokens through the cumulative length of the
+decoded tokens, so any tokenizer whose tokens decode to the text's characters works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def step_boundaries(tokenizer, completions: list[str], completion_ids: Tensor, completion_mask: Tensor,
+                    step_rewards: list[list[float | None]], separator: str) -> tuple[Tensor, Tensor]:
+    """(rewards [N, S] padded with NaN, ends [N, S]: the completion-token index where step s ends, -1 = none).
+
+    S is the most steps any completion has (at least 1); a None step reward is NaN ("no reward").
+    """
+    N = len(step_rewards)
+    S = max(1, max(len(r) for r in step_rewards))
+    rewards = torch.full((N, S), float("nan"))
+    ends = torch.full((N, S), -1, dtype=torch.long)
+    for i, (text, r) in enumerate(zip(completions, step_rewards)):
+        n_tok = int(completion_mask[i].sum())
+        if n_tok == 0 or not r:
+            continue
+        token_texts = tokenizer.batch_decode(completion_ids[i, :n_tok].unsqueeze(-1).tolist(),
+                                             skip_special_tokens=True)
+        char_end = torch.tensor([len(t) for t in token_texts]).cumsum(0)  # [n_tok] chars decoded so far
+        pos = 0
+        for s, piece in enumerate(text.split(separator)[:len(r)]):
+            pos += len(piece)
+            last_char = max(pos - 1, 0)
+            # first token whose decoded text reaches past the step's last character
+            tok = int(torch.searchsorted(char_end, torch.tensor(last_char), right=True))
+            ends[i, s] = min(tok, n_tok - 1)
+            rewards[i, s] = float("nan") if r[s] is None else float(r[s])
+            pos += len(separator)
+    return rewards, ends

@@ -1,0 +1,336 @@
+"""The one RL loop GRPO and PPO share: rollout → rewards → (old / reference passes) → advantages → updates → log.
+
+`RLModule.training_step` is the whole data path, top to bottom, in code order:
+
+    1. sample_and_score(batch)   `rollout` (the `rollout_engine` samples `samples_per_prompt` completions per prompt,
+                                 no grad, eval mode) then `score_rollout` (the reward sources, or a subclass's
+                                 `compute_rewards`) -> an `RLStep`
+    2. old_and_reference(step)   the no-grad passes the algorithm needs: π_old (and V_old), π_ref. Where the policy
+                                 has not moved since sampling, the update's own forward stands in for π_old
+    3. compute_step_advantages   the algorithm's part: GRPO "group baseline, KL in the loss"; PPO "critic + GAE,
+                                 KL in the reward". Sets step.advantages and step.loss_mask
+    4. update(step)              `epochs` x `minibatches` optimizer steps, each over micro-batches whose losses add
+                                 up to the step's (`micro_batch_loss`, normalised by the whole step's count on all
+                                 ranks); every optimizer clips, steps and schedules; the engine gets the weights
+    5. after_update(step)        (PPO: the adaptive KL controller)
+    6. log_step(step)            one all-gather of every scalar; sample tables / histograms every N rollouts
+
+Manual optimization: Lightning's `trainer.global_step` counts the steps of every optimizer, so `trainer.max_steps`
+= rollouts x epochs x minibatches x optimizers; `self.rollouts` / `self.optimizer_steps` count explicitly and the
+TensorBoard x-axis is the rollout index.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..rollout import Rollout, completion_logprobs, decode_completions
+from .base import PolicyModuleBase, grad_norm
+from .step_logging import StepLogging
+
+
+@dataclass
+class RLStep:
+    """One training step's data, filled in code order by `RLModule.training_step`. N rows, T completion tokens."""
+
+    rollout: Rollout
+    rewards: Any  # as scored: [N] (NaN = no reward), or N lists of step rewards (process supervision)
+    t_gen: float  # seconds spent sampling
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # rollout-level metrics gathered on the way
+    scores: Tensor | None = None  # [N] one reward per completion, after penalties (logged as reward/*)
+    ctx: dict[str, Tensor] = field(default_factory=dict)  # prompt/completion ids and masks ([N, P] / [N, T])
+    old_logp: Tensor | None = None  # [N, T] log π_old; None = the update's own log-probs, detached
+    ref_logp: Tensor | None = None  # [N, T] log π_ref when the KL is in the loss
+    forward: tuple[Tensor, ...] | None = None  # the update's own first forward (fused old passes), with grad
+    advantages: Tensor | None = None  # [N] or [N, T]
+    loss_mask: Tensor | None = None  # [N, T] the tokens that get a loss
+    stats: dict[str, float] = field(default_factory=dict)  # the updates' metrics (policy/*, value/*)
+    t_train: float = 0.0  # seconds from the no-grad passes to the last optimizer step
+
+
+class RLModule(StepLogging, PolicyModuleBase):
+    """Base of the RL modules. Not used directly; the arguments every RL module has:
+
+    Args (beyond `PolicyModuleBase`'s model / reward / optimizer arguments):
+        max_new_tokens / min_new_tokens / temperature: sampling. The temperature also divides the logits of every
+            log-prob pass (old, reference, training), so ratio and KL compare the distribution that was sampled.
+        clip_low / clip_high: ε of the clipped surrogate below / above 1 (clip-higher, DAPO: clip_high > clip_low).
+        minibatches: optimizer steps per pass over a rollout.
+        micro_batch_size: rows per forward/backward inside an optimizer step (gradient accumulation; the loss is
+            normalised by the whole step's count on all ranks, so it does not change the update). None = the
+            minibatch.
+        max_grad_norm: gradient clipping of each optimizer's parameters (None = off).
+        sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints).
+        log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
+            N rollouts (0 = off).
+        lr: the policy's learning rate. val_max_new_tokens: None = max_new_tokens.
+    """
+
+    samples_per_prompt = 1  # completions sampled per prompt (GRPO: group_size)
+    step_type = RLStep  # what `sample_and_score` builds (an algorithm may add fields)
+    loss_metric = "policy/loss"  # the metric name of an optimizer step's total loss
+    progress_bar = {"reward": "reward/mean", "kl": "policy/kl"}  # progress-bar name -> logged metric
+
+    def __init__(self, model_name_or_path: str = "tiny", *, max_new_tokens: int = 32, min_new_tokens: int = 0,
+                 temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.2, minibatches: int = 1,
+                 micro_batch_size: int | None = None, max_grad_norm: float | None = 1.0, sample_seed: int = 1234,
+                 log_samples_every_n_steps: int = 50, lr: float = 1e-5, val_max_new_tokens: int | None = None,
+                 **kwargs: Any):
+        super().__init__(model_name_or_path, lr=lr, val_max_new_tokens=val_max_new_tokens or max_new_tokens,
+                         **kwargs)
+        self.automatic_optimization = False
+        self.sample_generator: torch.Generator | None = None  # the sampling RNG, see `_generator`
+        self._sample_generator_state: Tensor | None = None
+
+    def hparam_checks(self, hp) -> list[tuple[bool, str]]:
+        return super().hparam_checks(hp) + [
+            (isinstance(hp.max_new_tokens, int) and hp.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got "
+             f"{hp.max_new_tokens!r}"),
+            (0 <= hp.min_new_tokens <= hp.max_new_tokens, f"min_new_tokens must be in [0, max_new_tokens="
+             f"{hp.max_new_tokens}], got {hp.min_new_tokens}"),
+            (0 <= hp.clip_low < 1, f"clip_low must be in [0, 1), got {hp.clip_low}"),
+            (hp.clip_high >= 0, f"clip_high must be >= 0, got {hp.clip_high}"),
+            (isinstance(hp.minibatches, int) and hp.minibatches >= 1, f"minibatches must be an integer >= 1, got "
+             f"{hp.minibatches!r}"),
+            (hp.micro_batch_size is None or hp.micro_batch_size >= 1, f"micro_batch_size must be >= 1 or null, got "
+             f"{hp.micro_batch_size!r}"),
+            (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
+             f"{hp.max_grad_norm}"),
+            (isinstance(hp.log_samples_every_n_steps, int) and hp.log_samples_every_n_steps >= 0,
+             f"log_samples_every_n_steps must be an integer >= 0, got {hp.log_samples_every_n_steps!r}"),
+        ]
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        step = self.sample_and_score(batch)  # 1. rollout + rewards
+        t1 = time.perf_counter()
+        step.ctx = step.rollout.samples.model_inputs()
+        self.old_and_reference(step)  # 2. no-grad passes
+        self.compute_step_advantages(step)  # 3. the algorithm
+        step.stats = self.update(step)  # 4. optimizer steps
+        step.t_train = time.perf_counter() - t1
+        self.rollouts += 1
+        self.after_update(step)  # 5.
+        self.log_step(step)  # 6.
+
+    def sample_and_score(self, batch: dict[str, Any]) -> RLStep:
+        """`rollout` then `score_rollout`: the step's rollout (with each reward source's values) and rewards."""
+        t0 = time.perf_counter()
+        rollout = self.rollout(batch)
+        t_gen = time.perf_counter() - t0
+        return self.step_type(rollout, self.rollout_rewards(rollout, batch), t_gen)
+
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        """Sample `samples_per_prompt` completions per prompt; rows i*n .. i*n+n-1 share prompt i."""
+        n = self.samples_per_prompt
+        prompt_ids = batch["prompt_ids"].repeat_interleave(n, dim=0)  # [N, P], N = B*n
+        prompt_mask = batch["prompt_mask"].repeat_interleave(n, dim=0)  # [N, P]
+        samples = self.generate(prompt_ids, prompt_mask, self.sampling_params(), self._generator())
+        completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
+        prompts = [p for p in batch["prompts"] for _ in range(n)]
+        return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=n))
+
+    def rollout_rewards(self, rollout: Rollout, batch: dict[str, Any]):
+        """`score_rollout` of a rollout (dataset columns aligned with its rows, its `samples` for reward models):
+        the rewards, with each source's values kept on the rollout (`per_source`, logged as reward/<name>)."""
+        scored = self.score_rollout(rollout.prompts, rollout.completions,
+                                    {"columns": rollout.columns, "samples": rollout.samples, **batch})
+        rollout.per_source = scored.per_source
+        return scored.rewards
+
+    def old_and_reference(self, step: RLStep) -> None:
+        """π_old where the policy moves before a row is used (`needs_old_logprobs`), π_ref where the KL needs it."""
+        if self.needs_old_logprobs():
+            step.old_logp = self.logprobs_no_grad(self.policy, step.ctx)
+        step.ref_logp = self.reference_logprobs(step.ctx)
+
+    def needs_old_logprobs(self) -> bool:
+        """Whether π_old needs its own pass: the policy changes before a row is used (several epochs or
+        minibatches). Otherwise the update's log-probs, detached, are exactly π_old (ratio 1)."""
+        return self.epochs > 1 or self.hparams.minibatches > 1
+
+    def compute_step_advantages(self, step: RLStep) -> None:
+        raise NotImplementedError
+
+    def after_update(self, step: RLStep) -> None:
+        """After the step's last optimizer step (PPO: the KL controller)."""
+
+    # ------------------------------------------------------------------------------------------ updates
+    @property
+    def epochs(self) -> int:
+        """Passes over each rollout (GRPO: num_iterations μ, PPO: ppo_epochs)."""
+        return 1
+
+    def updates_per_batch(self) -> tuple[int, int]:
+        """epochs x minibatches steps of each optimizer per rollout (see `schedule_horizon`)."""
+        return self.epochs * self.hparams.minibatches, len(self.optimizer_names)
+
+    def update(self, step: RLStep) -> dict[str, float]:
+        """`epochs` x `minibatches` optimizer steps over the rollout; returns the metrics of the updates."""
+        N = step.loss_mask.shape[0]
+        self.check_minibatches(N // self.samples_per_prompt)
+        opts, scheds = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
+        sums: dict[str, float] = {}
+        norms: dict[str, list[float]] = {}
+        step_losses: list[float] = []
+        count = 0
+        for module in self.trained_modules():
+            module.train()
+        for _ in range(self.epochs):
+            for rows in self.minibatch_rows(N):
+                normalizer = self._global_count(self.loss_normalizer(step.loss_mask[rows]))
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                step_loss = 0.0  # micro-batch losses add up to the step's loss (global normaliser)
+                for idx in self._micro_batches(N, rows):
+                    loss, stats = self.micro_batch_loss(step, idx, normalizer)
+                    # DDP averages gradients over ranks; the normaliser is already global, so undo the mean
+                    self.manual_backward(loss * self.trainer.world_size)
+                    step_loss += float(loss.detach())
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+                step_losses.append(step_loss)
+                for (name, params), opt, sched in zip(self.optimizer_parameters(), opts, scheds):
+                    # the norm before clipping: the number that tells whether clipping is active
+                    norms.setdefault(name, []).append(float(grad_norm(params)))
+                    if self.hparams.max_grad_norm is not None:
+                        self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm,
+                                            gradient_clip_algorithm="norm")
+                    opt.step()
+                    sched.step()
+                self.policy_stepped()
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out.update({name: sum(v) / len(v) for name, v in norms.items()})
+        out[self.loss_metric] = sum(step_losses) / len(step_losses)
+        return out
+
+    def minibatch_rows(self, n_rows: int) -> list[Tensor]:
+        """One pass's minibatches: row indices, exactly `minibatches` of them (sizes differ by at most one unit)."""
+        units = torch.arange(n_rows // self.samples_per_prompt, device=self.device)
+        n = self.samples_per_prompt
+        return [(u.unsqueeze(-1) * n + torch.arange(n, device=self.device)).flatten()
+                for u in units.tensor_split(self.hparams.minibatches)]
+
+    def loss_normalizer(self, mask: Tensor) -> Tensor:
+        """The count a minibatch's loss is divided by (summed over ranks by the caller): its tokens."""
+        return mask.sum()
+
+    def micro_batch_loss(self, step: RLStep, idx: Tensor, normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Rows `idx`' share of the optimizer step's loss, and its metrics (full names: policy/..., value/...)."""
+        raise NotImplementedError
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """The modules put in train mode for the updates."""
+        return [self.policy]
+
+    def optimizer_parameters(self) -> list[tuple[str, list[torch.nn.Parameter]]]:
+        """(grad-norm metric, parameters) of each optimizer, in `configure_optimizers` order."""
+        return [("policy/grad_norm", self.trainable_parameters())]
+
+    def configure_optimizers(self):
+        opt, sched = self.build_optimizer(self.trainable_parameters(), self.hparams.lr)
+        return [opt], [sched]
+
+    # ------------------------------------------------------------------------------------------ passes
+    @torch.no_grad()
+    def logprobs_no_grad(self, model: torch.nn.Module, ctx: dict[str, Tensor]) -> Tensor:
+        """log π(completion) [N, T] of `model` at the sampling temperature, in eval mode (dropout off, like the
+        sampling pass), micro-batch by micro-batch."""
+        was_training = model.training
+        model.eval()
+        out = [completion_logprobs(model, **{k: v[idx] for k, v in ctx.items()}, temperature=self.hparams.temperature)
+               for idx in self._micro_batches(ctx["completion_ids"].shape[0])]
+        model.train(was_training)
+        return torch.cat(out)
+
+    def reference_logprobs(self, ctx: dict[str, Tensor]) -> Tensor | None:
+        """log π_ref [N, T] (None without a reference; with LoRA the policy with its adapter disabled)."""
+        with self.reference_policy() as ref:
+            return self.logprobs_no_grad(ref, ctx) if ref is not None else None
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _make_reference(self) -> torch.nn.Module | None:
+        """A frozen copy of the initial policy: π_ref of the KL penalty (run in eval mode by the no-grad passes).
+
+        With LoRA there is no copy: the base model with the adapter disabled is exactly the initial policy.
+        """
+        if self.lora_config is not None:
+            self._lora_reference = True
+            return None
+        ref = copy.deepcopy(self.policy)
+        ref.requires_grad_(False)
+        return ref
+
+
+    def _generator(self) -> torch.Generator:
+        """The sampling RNG stream: its own generator, seeded per rank (`sample_seed`), saved in checkpoints."""
+        if self.sample_generator is None or self.sample_generator.device != self.device:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank)
+            if self._sample_generator_state is not None:
+                gen.set_state(self._sample_generator_state)
+                self._sample_generator_state = None
+            self.sample_generator = gen
+        return self.sample_generator
+
+    def _micro_batches(self, n: int, rows: Tensor | None = None) -> list[Tensor]:
+        """Row indices split into chunks of `micro_batch_size` (None = one chunk)."""
+        rows = torch.arange(n, device=self.device) if rows is None else rows
+        size = self.hparams.micro_batch_size or len(rows)
+        return list(rows.split(size))
+
+    def _global_count(self, value: Tensor) -> float:
+        """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
+        return float(self._global_sum(value.float()))
+
+    def _global_sum(self, value: Tensor) -> Tensor:
+        """`value` summed over all ranks (a copy, on value's device and dtype; itself with one process)."""
+        value = value.detach().clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            summed = value.to(self.device)  # NCCL reduces device tensors only
+            torch.distributed.all_reduce(summed)
+            value = summed.to(value.device)
+        return value
+
+    def policy_stepped(self) -> None:
+        """After each optimizer step: count it, and hand the updated policy to the engine (`sync_weights`)."""
+        self.optimizer_steps += 1
+        self.engine.sync_weights(self.policy)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        states = self._generator_states()
+        if any(state is not None for state in states):
+            checkpoint["sample_generator_states"] = states
+
+    def _generator_states(self) -> list[Tensor | None]:
+        """Every rank's sampling-generator state, indexed by rank. Lightning calls `on_save_checkpoint` on all ranks
+        but writes rank 0's dict: saving rank 0's state alone would give every rank one stream after a resume."""
+        state = self.sample_generator.get_state() if self.sample_generator is not None else None
+        dist = torch.distributed
+        if self._trainer is None or self.trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [state]
+        states: list[Tensor | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        states = checkpoint.get("sample_generator_states")
+        if states is None and "sample_generator_state" in checkpoint:  # checkpoints written before per-rank states
+            states = [checkpoint["sample_generator_state"]]
+        # a rank the checkpoint has no state for (more ranks than when it was saved) starts its seeded stream
+        self._sample_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
+        self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
