@@ -145,6 +145,30 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
     """
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
+    return _load_classifier(AutoModelForSequenceClassification, LlamaForSequenceClassification, 1,
+                            ("sequence classifier", "reward model", "RewardModel"), name_or_path, tokenizer,
+                            torch_dtype, trust_remote_code, seed, require_trained_head)
+
+
+def load_token_classifier(name_or_path: str, tokenizer=None, torch_dtype: str | torch.dtype | None = None,
+                          trust_remote_code: bool = False, seed: int = 0, require_trained_head: bool = False,
+                          num_labels: int = 2) -> nn.Module:
+    """An `AutoModelForTokenClassification` (a `score` head on every token's hidden state, `num_labels` classes;
+    the process reward model's 0 = incorrect, 1 = correct) from a preset, local dir or hub id. A causal-LM folder
+    (an SFT export) loads with a fresh head, as in `load_sequence_classifier`; `require_trained_head` refuses it."""
+    from transformers import AutoModelForTokenClassification, LlamaForTokenClassification
+
+    return _load_classifier(AutoModelForTokenClassification, LlamaForTokenClassification, num_labels,
+                            ("token classifier", "process reward model", "ProcessRewardModel"), name_or_path,
+                            tokenizer, torch_dtype, trust_remote_code, seed, require_trained_head)
+
+
+def _load_classifier(auto_cls, preset_cls, num_labels: int, names: tuple[str, str, str], name_or_path: str, tokenizer,
+                     torch_dtype, trust_remote_code: bool, seed: int, require_trained_head: bool) -> nn.Module:
+    """A classifier (`auto_cls`; `preset_cls` for presets, seeded) with a `num_labels` head, its vocabulary checked
+    against `tokenizer` and its `pad_token_id` set from it when missing. `names`: (the model kind, what it is used
+    as, the module that trains one), for the error messages."""
+    kind, what, trained_by = names
     dtype = resolve_dtype(torch_dtype)
     source = model_source(name_or_path)
     if source == "preset":
@@ -152,23 +176,23 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
             from .tokenizer import load_tokenizer
             tokenizer = load_tokenizer(name_or_path)
         config = preset_config(name_or_path, tokenizer)
-        config.num_labels = 1
+        config.num_labels = num_labels
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForSequenceClassification(config)
+            model = preset_cls(config)
         return model.to(dtype) if dtype is not None else model
-    kwargs = dict(trust_remote_code=trust_remote_code, num_labels=1, output_loading_info=True)
+    kwargs = dict(trust_remote_code=trust_remote_code, num_labels=num_labels, output_loading_info=True)
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+        model, info = auto_cls.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
     except Exception as err:  # noqa: BLE001
         if source == "local":
-            raise ValueError(f"could not load sequence classifier from {name_or_path!r}: {type(err).__name__}: "
+            raise ValueError(f"could not load {kind} from {name_or_path!r}: {type(err).__name__}: "
                              f"{str(err).splitlines()[0]}") from err
-        raise _hub_error("reward model", name_or_path, err) from err
+        raise _hub_error(what, name_or_path, err) from err
     if require_trained_head:
-        _check_trained_head(model, info, name_or_path)
+        _check_trained_head(model, info, name_or_path, what, trained_by)
     check_vocab_fits(model, tokenizer, name_or_path)
     if tokenizer is not None and model.config.pad_token_id is None:
         # the classifier finds the last real token through pad_token_id; without it batched scoring is wrong
@@ -176,15 +200,16 @@ def load_sequence_classifier(name_or_path: str, tokenizer=None, torch_dtype: str
     return model
 
 
-def _check_trained_head(model: nn.Module, info: dict[str, Any], name_or_path: str) -> None:
+def _check_trained_head(model: nn.Module, info: dict[str, Any], name_or_path: str, what: str = "reward model",
+                        trained_by: str = "RewardModel") -> None:
     """Refuse a classifier whose head weights were missing from the checkpoint (transformers initialised them at
     random and only says so in a load report)."""
     backbone = f"{model.base_model_prefix}."
     fresh = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(backbone))
     if fresh:
-        raise ValueError(f"reward model {name_or_path!r} is not a reward model: it has no trained score head "
+        raise ValueError(f"{what} {name_or_path!r} is not a {what}: it has no trained score head "
                          f"({', '.join(fresh)} missing, so it would score at random; a causal-LM folder such as an "
-                         f"SFT export?); train one with RewardModel and pass its hf_model export")
+                         f"SFT export?); train one with {trained_by} and pass its hf_model export")
 
 
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
@@ -194,8 +219,9 @@ def lora_config(spec: dict[str, Any], task: str = "causal_lm"):
     """A peft `LoraConfig` from `{r, alpha, dropout, target_modules}`; unknown keys raise.
 
     Defaults: r=8, alpha=16, dropout=0.0, target_modules=`all-linear` (every Linear but the output head).
-    task: `causal_lm` (a policy) or `seq_cls` (a reward model: its fresh `score` head trains in full beside the
-    adapter, peft's `modules_to_save`, and is saved with it; a frozen random head would score nothing).
+    task: `causal_lm` (a policy), `seq_cls` (a reward model) or `token_cls` (a process reward model); for the two
+    classifiers the fresh `score` head trains in full beside the adapter (peft's `modules_to_save`) and is saved
+    with it: a frozen random head would score nothing.
     """
     from peft import LoraConfig, TaskType
 
@@ -212,8 +238,8 @@ def lora_config(spec: dict[str, Any], task: str = "causal_lm"):
     if not 0 <= dropout < 1:
         raise ValueError(f"lora.dropout must be in [0, 1), got {dropout!r}")
     target = spec.get("target_modules", "all-linear")
-    head = dict(task_type=TaskType.SEQ_CLS, modules_to_save=["score"]) if task == "seq_cls" else \
-        dict(task_type=TaskType.CAUSAL_LM)
+    types = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS, "token_cls": TaskType.TOKEN_CLS}
+    head = dict(task_type=types[task], **({} if task == "causal_lm" else {"modules_to_save": ["score"]}))
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=list(target) if isinstance(target, (list, tuple)) else target, **head)
 
