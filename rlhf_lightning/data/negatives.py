@@ -1,5 +1,6 @@
 """Synthetic negatives for the built-in preference pairs: chosen = the task's correct completion, rejected = a
-wrong one of a `negatives` kind (`random`, `digit`, `near`, or `policy`: a model's own mistakes).
+wrong one of a `negatives` kind (`random`, `digit`, `near`, or `policy`: a model's own mistakes); and the built-in
+stepwise rows of the process reward model: chains that are right, or wrong from a step on (`make_stepwise_rows`).
 """
 
 from __future__ import annotations
@@ -52,20 +53,55 @@ def _wrong_completion(task: Task, row: dict, kind: str, rng: random.Random) -> s
     if isinstance(task, AdditionTask):
         return str(wrong_number(int(row["answer"]), kind, rng, low=0, high=2 * (10**task.digits - 1)))
     if isinstance(task, ChainArithmeticTask):
-        # One step's result goes wrong; later steps carry on from the wrong value, so every later line is
-        # internally consistent and only the arithmetic of step k (and the final answer) betrays the error.
-        value, terms = parse_chain(row["prompt"])
-        k = rng.randrange(len(terms))
-        bound = task.max_operand * task.num_terms
-        lines = []
-        for j, (op, term) in enumerate(terms):
-            new = apply_op(value, op, term)
-            if j == k:
-                new = wrong_number(new, kind, rng, low=min(-bound, new - 10), high=max(bound, 2 * abs(new)))
-            lines.append(f"{value}{op}{term}={new}")
-            value = new
-        return task.step_separator.join(lines)
+        k = rng.randrange(len(parse_chain(row["prompt"])[1]))
+        return task.step_separator.join(chain_lines(task, row["prompt"], k, kind, rng))
     raise ValueError(f"no built-in preference pairs for task {task.name!r}; give a preference file with `path`")
+
+
+def chain_lines(task: ChainArithmeticTask, prompt: str, error_at: int | None, kind: str | None,
+                rng: random.Random) -> list[str]:
+    """The chain's step lines "a+b=c", step `error_at`'s result a wrong number of `kind` (None: every step right).
+    Later steps carry on from the wrong value, as a policy that slipped writes them: every later line is
+    internally consistent and only the arithmetic of step k (and the final answer) betrays the error."""
+    value, terms = parse_chain(prompt)
+    bound = task.max_operand * task.num_terms
+    lines = []
+    for j, (op, term) in enumerate(terms):
+        new = apply_op(value, op, term)
+        if j == error_at:
+            new = wrong_number(new, kind, rng, low=min(-bound, new - 10), high=max(bound, 2 * abs(new)))
+        lines.append(f"{value}{op}{term}={new}")
+        value = new
+    return lines
+
+
+STEP_ERROR_KINDS = ("random", "digit", "near")
+
+
+def make_stepwise_rows(task: Task, rows: list[dict], error_rate: float = 0.5, errors: dict[str, float] | None = None,
+                       seed: int = 0) -> list[dict]:
+    """TRL stepwise rows {prompt, completions: [step, ...], labels: [bool, ...], answer} of the task's rows: with
+    probability `error_rate` the result of a uniformly drawn step k is wrong (a `wrong_number` of a kind drawn
+    from `errors`, default `DEFAULT_NEGATIVES`) and the later steps carry on from it (`chain_lines`); labels are
+    true before k and false from k on: from the slip on the chain cannot reach the answer, which is also what
+    `chain_step_rewards` says of every such step. A pure function of its arguments."""
+    if not isinstance(task, ChainArithmeticTask):
+        raise ValueError(f"task {task.name!r} has no built-in stepwise rows (its completions are not chains of "
+                         f"steps); use task: chain, or give stepwise rows with `path`")
+    errors = check_negatives(errors)
+    if "policy" in errors:
+        raise ValueError("errors: `policy` has no built-in stepwise rows (label a policy's own steps with "
+                         f"Monte-Carlo rollouts instead); choose from {list(STEP_ERROR_KINDS)}")
+    rng = random.Random(seed)
+    kinds, weights = list(errors), list(errors.values())
+    out = []
+    for row in rows:
+        n = len(parse_chain(row["prompt"])[1])
+        error_at = rng.randrange(n) if rng.random() < error_rate else None
+        kind = rng.choices(kinds, weights)[0] if error_at is not None else None
+        out.append({"prompt": row["prompt"], "completions": chain_lines(task, row["prompt"], error_at, kind, rng),
+                    "labels": [error_at is None or k < error_at for k in range(n)], "answer": row["answer"]})
+    return out
 
 
 def policy_mistakes(model_or_path: Any, task: Task, rows: list[dict], seed: int = 0,

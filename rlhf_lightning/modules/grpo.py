@@ -136,8 +136,9 @@ class GRPOModule(RLModule):
             self.reward_funcs.append(RewardModelSource(reward_model, normalize=normalize_reward_model))
             if reward_weights is not None:
                 if len(reward_weights) != len(self.reward_funcs):
+                    prm = " and one for process_reward_model" if self.process_reward_source is not None else ""
                     raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
-                                     f"entry and one (last) for reward_model")
+                                     f"entry{prm} and one (last) for reward_model")
                 self.reward_weights = check_reward_weights(reward_weights, len(self.reward_funcs))
         self.ref_policy = self._make_reference() if beta > 0 else None
         self.step_separator = step_separator

@@ -23,6 +23,7 @@ TensorBoard x-axis is the rollout index.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,11 @@ class RLModule(StepLogging, PolicyModuleBase):
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
             N rollouts (0 = off).
         lr: the policy's learning rate. val_max_new_tokens: None = max_new_tokens.
+        process_reward_model: a trained `ProcessRewardModel`'s `hf_model/` export (or hub id), one more reward
+            source (`rewards.ProcessRewardModelSource`, after `reward_fns`; with `reward_weights`, list its weight
+            after theirs). process_reward_aggregation: what it gives: `steps` (each step's P(correct): GRPO
+            `supervision: process`) or one reward per completion, the `min` / `last` / `product` of the steps'
+            (GRPO outcome, PPO); null = `steps` under supervision=process, else `min`.
     """
 
     samples_per_prompt = 1  # completions sampled per prompt (GRPO: group_size)
@@ -81,9 +87,23 @@ class RLModule(StepLogging, PolicyModuleBase):
                  temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.2, minibatches: int = 1,
                  micro_batch_size: int | None = None, max_grad_norm: float | None = 1.0, sample_seed: int = 1234,
                  log_samples_every_n_steps: int = 50, lr: float = 1e-5, val_max_new_tokens: int | None = None,
+                 process_reward_model: str | None = None, process_reward_aggregation: str | None = None,
                  **kwargs: Any):
+        weights = kwargs.get("reward_weights") if process_reward_model is not None else None
         super().__init__(model_name_or_path, lr=lr, val_max_new_tokens=val_max_new_tokens or max_new_tokens,
-                         **kwargs)
+                         **{**kwargs, "reward_weights": None} if weights is not None else kwargs)
+        self.process_reward_source = None  # a plain attribute: the PRM is frozen and not part of checkpoints
+        if process_reward_model is not None:
+            from ..rewards import ProcessRewardModelSource, check_reward_weights
+
+            self.process_reward_source = ProcessRewardModelSource(process_reward_model,
+                                                                  aggregate=self.process_reward_aggregation)
+            self.reward_funcs.append(self.process_reward_source)
+            if weights is not None:
+                if len(weights) != len(self.reward_funcs):
+                    raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
+                                     f"entry and one (last) for process_reward_model")
+                self.reward_weights = check_reward_weights(weights, len(self.reward_funcs))
         self.automatic_optimization = False
         self.sample_generator: torch.Generator | None = None  # the sampling RNG, see `_generator`
         self._sample_generator_state: Tensor | None = None
@@ -104,7 +124,19 @@ class RLModule(StepLogging, PolicyModuleBase):
              f"{hp.max_grad_norm}"),
             (isinstance(hp.log_samples_every_n_steps, int) and hp.log_samples_every_n_steps >= 0,
              f"log_samples_every_n_steps must be an integer >= 0, got {hp.log_samples_every_n_steps!r}"),
+            *_process_reward_checks(hp),
         ]
+
+    @property
+    def process_reward_aggregation(self) -> str:
+        """What `process_reward_model` gives: `process_reward_aggregation`, or by default `steps` under GRPO's
+        supervision=process and `min` (one reward per completion) otherwise."""
+        return _aggregation(self.hparams)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.process_reward_source is not None:  # a plain attribute: Lightning does not move it
+            self.process_reward_source.to(self.trainer.strategy.root_device)
 
     # ------------------------------------------------------------------------------------------ the loop
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -330,6 +362,31 @@ class RLModule(StepLogging, PolicyModuleBase):
         # a rank the checkpoint has no state for (more ranks than when it was saved) starts its seeded stream
         self._sample_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
+
+
+def _aggregation(hp) -> str:
+    default = "steps" if hp.get("supervision") == "process" else "min"
+    return hp.get("process_reward_aggregation") or default
+
+
+def _process_reward_checks(hp) -> list[tuple[bool, str]]:
+    """(holds, one-line message) for `process_reward_model` / `process_reward_aggregation` (`hparam_checks`)."""
+    from ..rewards.process_model import AGGREGATIONS
+
+    prm, given, agg = hp.process_reward_model, hp.process_reward_aggregation, _aggregation(hp)
+    process = hp.get("supervision") == "process"
+    return [
+        (prm is None or (isinstance(prm, (str, os.PathLike)) and str(prm)), f"process_reward_model must be a "
+         f"directory or hub id, got {prm!r}"),
+        (given is None or given in AGGREGATIONS, f"process_reward_aggregation must be {'|'.join(AGGREGATIONS)} or "
+         f"null, got {given!r}"),
+        (given is None or prm is not None, "process_reward_aggregation applies to model.process_reward_model, which "
+         "is not set (it would be silently ignored)"),
+        (prm is None or agg != "steps" or process, "process_reward_aggregation=steps gives one reward per step, "
+         "which only GRPO's supervision: process uses; for one reward per completion use min|last|product"),
+        (prm is None or not process or agg == "steps", f"supervision=process needs step rewards: "
+         f"process_reward_aggregation must be steps (or null), got {agg!r}"),
+    ]
 
 
 def _as_list(x: Any) -> list:

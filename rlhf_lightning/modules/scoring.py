@@ -135,9 +135,15 @@ class RewardScoring:
             self.log("val/accuracy", verified.mean(), batch_size=B, sync_dist=True, prog_bar=True)
 
     def validation_verifier(self) -> Callable | None:
-        """The reward function whose 0/1 values are `val/accuracy`: the first reward function (for a built-in
-        task with no reward_fns configured, the task's verifier)."""
-        return self.reward_funcs[0] if self.reward_funcs else None
+        """The reward function whose 0/1 values are `val/accuracy`: the first reward function that is not a trained
+        model (`RewardSource.learned`: a reward model's or process reward model's opinion is what RL optimises,
+        not what it is measured by), else the built-in task's verifier (for a task with no reward_fns
+        configured: the task's verifier, which is then the first reward function)."""
+        own = [fn for fn in self.reward_funcs if not getattr(fn, "learned", False)]
+        if own:
+            return own[0]
+        task = self.data_task()
+        return task.reward_fns[0] if task is not None and task.reward_fns else None
 
     def _verifier_values(self, prompts: list[str], completions: list[str], columns: dict[str, list],
                          per_source: dict[str, torch.Tensor]):

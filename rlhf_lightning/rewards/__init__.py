@@ -17,11 +17,13 @@ Process-supervision functions (GRPO §4.1.3) have the same inputs and return one
 completion, where the steps are `completion.split(task.step_separator)`.
 
 Reward sources (`RewardSource.score(prompts, completions, columns) -> RewardOutput`) are what the modules score
-with: a function becomes a `FunctionSource`, a reward model is a `RewardModelSource`, and `WeightedSources`
-combines them; `RewardOutput.per_source` carries each source's values to the `reward/<name>` metrics.
+with: a function becomes a `FunctionSource`, a reward model is a `RewardModelSource`, a process reward model a
+`ProcessRewardModelSource` (step scores, or one aggregated reward), and `WeightedSources` combines them;
+`RewardOutput.per_source` carries each source's values to the `reward/<name>` metrics.
 
 Layout: `builtin` (the verifiers), `functions` (resolving and checking functions), `interface` (`RewardSource`,
-`RewardOutput`), `sources` (function sources and the weighted combination), `model` (the reward model).
+`RewardOutput`), `sources` (function sources and the weighted combination), `model` (the reward model),
+`process_model` (the process reward model), `model_inputs` (what each reads).
 """
 
 from .builtin import (
@@ -47,10 +49,12 @@ from .functions import (
 )
 from .interface import RewardOutput, RewardSource
 from .model import RewardModelSource
+from .process_model import ProcessRewardModelSource
 from .sources import FunctionSource, WeightedSources, as_source, call_reward_fns, call_step_reward_fns
 
 __all__ = [
-    "CHAT_PROMPTS", "NONFINITE_MODES", "REWARD_FNS", "FunctionSource", "RewardModelSource", "RewardOutput",
+    "CHAT_PROMPTS", "NONFINITE_MODES", "REWARD_FNS", "FunctionSource", "ProcessRewardModelSource", "RewardModelSource",
+    "RewardOutput",
     "RewardSource", "WeightedSources", "apply_op", "as_source", "call_reward_fns", "call_step_reward_fns",
     "chain_final_correct", "chain_step_rewards", "chain_steps", "check_finite_rewards", "check_reward_weights",
     "check_signature", "exact_match", "final_answer_match", "last_number", "parse_chain", "resolve_reward_fn",

@@ -33,6 +33,7 @@ class RewardSource:
     """
 
     process = False  # True: `rewards` holds per-step lists (GRPO supervision=process)
+    learned = False  # True: a trained model's opinion (reward models), never what val/accuracy measures
 
     @property
     def name(self) -> str:

@@ -4,7 +4,8 @@ a reward source. The one scoring path of GRPO's `reward_model`, PPO's `reward_mo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +35,7 @@ class RewardModelSource(RewardSource):
     """
 
     __name__ = "reward_model"  # how reward-function logs name it
+    learned = True  # a model's opinion, not a verifier: val/accuracy uses the task's verifier
 
     def __init__(self, model_dir_or_module: str | os.PathLike | nn.Module, tokenizer: Any = None,
                  normalize: bool = False, mean: float | None = None, std: float | None = None,
@@ -144,12 +146,8 @@ class RewardModelSource(RewardSource):
     def _batched(self, chunks: list[tuple[torch.Tensor, ...]], forward: Callable) -> torch.Tensor:
         """`forward(*chunk)` of every chunk in eval mode (dropout off), the model's mode restored after. [N]"""
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return torch.cat([forward(*(t.to(device) for t in chunk)).float() for chunk in chunks])
-        finally:
-            self.model.train(was_training)
 
     def _classifier_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # right-padded `reward_input_ids`: the classifier's "last non-pad token" is the last real one (model_inputs.py)
@@ -160,6 +158,17 @@ class RewardModelSource(RewardSource):
                                        use_cache=False).last_hidden_state  # [b, L, H]
         last = (torch.arange(attn.shape[1], device=attn.device) * attn).argmax(-1)  # [b] last attended position
         return self.model.score(hidden[torch.arange(len(ids), device=hidden.device), last]).squeeze(-1)  # [b]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (dropout off) for a scoring pass; its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load_frozen_reward_model(name_or_path: str | os.PathLike, policy_tokenizer: Any, policy_name: str, *,

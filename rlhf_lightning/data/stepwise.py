@@ -1,0 +1,218 @@
+"""Stepwise supervision for process reward models: TRL's rows `{"prompt", "completions": [step, ...], "labels":
+[bool, ...]}` from files, folders, the hub or a built-in task (correct chains and chains with an injected error).
+
+Each row is tokenized as the process reward model reads it (`rewards.model_inputs.stepwise_input_ids`: prompt
+tokens, then each step's tokens and the separator's, the step's label on the separator's last token).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import torch
+
+from ..infra.errors import ConfigError
+from ..rewards.model_inputs import right_pad, step_label_row, stepwise_input_ids
+from .negatives import make_stepwise_rows
+from .prompts import PromptDataModule
+from .rows import UnknownCharacters, check_columns, check_each_row, check_prompt, row_where, short_repr
+
+
+class StepwiseDataModule(PromptDataModule):
+    """Stepwise-supervision rows (TRL's format) for `ProcessRewardModel`.
+
+    Batches: {"input_ids": [B, L], "attention_mask": [B, L]} right-padded, "labels": [B, L] with step k's label
+    (1 = correct, 0 = incorrect) at the last token of its separator and -100 elsewhere; the raw "prompts",
+    "completions" (lists of steps), "step_labels" (lists of bools) and every other column as lists. Sources, splits,
+    shuffling (seeded, resumable) and the tokenizer work as in `PromptDataModule`, whose loading this class reuses.
+
+    File rows: `prompt` a string (or chat messages), `completions` a non-empty list of non-empty step strings,
+    `labels` a list of booleans of the same length (csv cells hold them as JSON lists: `["7+5=12", "12-3=9"]`,
+    `[true, false]`). A bad row stops the run before it starts with one line naming its file and line.
+
+    Built-in rows (`task: chain`): each generated chain is written correctly or, with probability `error_rate`,
+    with a wrong intermediate result at a uniformly drawn step k; the later steps are recomputed from the wrong
+    value, as a policy that slipped writes them, and the labels are true before k and false from k on
+    (`negatives.make_stepwise_rows`). Seeded by `seed`; validation prompts are removed from the training rows.
+
+    Args:
+        path / task / task_kwargs / num_train / num_val / subset / split / val_split / val_path / val_fraction /
+        prompt_column / tokenizer / batch_size / val_batch_size / seed / shuffle / num_workers: as in
+            `PromptDataModule` (num_train / num_val count rows).
+        error_rate: built-in rows only: the share of chains with an injected error.
+        errors: built-in rows only: weights of the kinds of wrong result, as `PreferenceDataModule`'s negatives:
+            `random` (a uniformly random wrong number, the default), `digit` (one digit changed), `near` (±1, ±2,
+            ±10: a policy's near misses).
+        step_separator: what follows each step; None = the module's (`ProcessRewardModel.step_separator`), else the
+            task's, else "\\n". A step that contains it is refused (the reward source splits completions on it).
+        max_length: rows longer than this many tokens are dropped (with a count warning).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        task: str | None = None,
+        task_kwargs: dict[str, Any] | None = None,
+        error_rate: float = 0.5,
+        errors: dict[str, float] | None = None,
+        num_train: int = 5000,
+        num_val: int = 500,
+        subset: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        val_path: str | None = None,
+        val_fraction: float = 0.05,
+        prompt_column: str = "prompt",
+        step_separator: str | None = None,
+        tokenizer: str | None = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        max_length: int = 512,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ):
+        if not (isinstance(error_rate, (int, float)) and 0 <= error_rate <= 1):
+            raise ValueError(f"error_rate must be in [0, 1], got {error_rate!r}")
+        if step_separator is not None and (not isinstance(step_separator, str) or not step_separator):
+            raise ValueError(f"step_separator must be a non-empty string or null, got {step_separator!r}")
+        super().__init__(path=path, task=task, task_kwargs=task_kwargs, num_train=num_train, num_val=num_val,
+                         subset=subset, split=split, val_split=val_split, val_path=val_path,
+                         val_fraction=val_fraction, prompt_column=prompt_column, tokenizer=tokenizer,
+                         batch_size=batch_size, val_batch_size=val_batch_size, max_prompt_length=max_length,
+                         max_length=max_length, seed=seed, shuffle=shuffle, num_workers=num_workers)
+        if self.task is not None:  # the task has built-in rows and `errors` are known kinds: fail now
+            make_stepwise_rows(self.task, self.task.make_examples(1, seed=0), error_rate, errors)
+        else:
+            for name, value, default in (("error_rate", error_rate, 0.5), ("errors", errors, None)):
+                if value != default:
+                    raise ValueError(f"data.{name} applies to built-in rows (`task`) only, not to `path` data")
+        self.step_separator: str | None = step_separator
+        self.dropped: dict[str, int] = {}  # split -> rows dropped by max_length
+
+    # ----------------------------------------------------------------------------------------- loading
+    def _load_all_rows(self) -> tuple[list[dict], list[dict]]:
+        train, val = super()._load_all_rows()
+        if self.task is None:
+            return train, val
+        hp = self.hparams
+        held_out = {row["prompt"] for row in val}
+        train = [row for row in train if row["prompt"] not in held_out]  # held-out means never trained on
+        return (make_stepwise_rows(self.task, train, hp.error_rate, hp.errors, seed=hp.seed),
+                make_stepwise_rows(self.task, val, hp.error_rate, hp.errors, seed=hp.seed + 1))
+
+    RESERVED_COLUMNS = frozenset({"prompts", "step_labels", "input_ids", "attention_mask"})
+
+    def _check_rows(self, rows: list[dict], source: str) -> None:
+        """Every row, before any is used: the prompt / completions / labels columns exist and are filled, the
+        prompt is text or chat messages (it may be empty), the steps are non-empty strings and the labels booleans,
+        as many as steps. Raises a ConfigError naming the file and line of the first bad row."""
+        if not rows:
+            return
+        check_columns(rows, [self.hparams.prompt_column, "completions", "labels"], source,
+                      "stepwise rows: prompt, completions (list of steps), labels (list of booleans)")
+        clashes = sorted(self.RESERVED_COLUMNS & {k for row in rows for k in row})
+        if clashes:
+            raise ConfigError(f"{source} has a column named {clashes[0]!r}, a name the batches already use; rename it")
+        check_each_row(rows, self._check_row, source)
+
+    def _check_row(self, row: dict) -> None:
+        check_prompt(row[self.hparams.prompt_column], allow_empty=True)
+        stepwise_lists(row)
+
+    # ----------------------------------------------------------------------------------------- tokenizing
+    def setup(self, stage: str | None = None) -> None:
+        if self.sampler is None:
+            self.step_separator = self._resolve_separator()
+        super().setup(stage)
+
+    def _resolve_separator(self) -> str:
+        """The separator given here, else the module's, else the task's, else "\\n"; given here and on the module,
+        they must agree (the module exports its separator for the reward source to split completions on)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        own = getattr(module, "step_separator", None)
+        if self.step_separator is not None and own is not None and own != self.step_separator:
+            raise ConfigError(f"data.step_separator={self.step_separator!r} differs from the model's step_separator="
+                              f"{own!r}; set one of them (the data follows the model's when left out)")
+        return self.step_separator or own or getattr(self.task, "step_separator", None) or "\n"
+
+    def prepare_rows(self, tokenizer) -> None:
+        if self.step_separator is None:  # called without a Trainer (notebooks): the task's or "\n"
+            self.step_separator = getattr(self.task, "step_separator", None) or "\n"
+        super().prepare_rows(tokenizer)
+
+    def _check_separator(self, row: dict) -> None:
+        for k, step in enumerate(stepwise_lists(row)[0]):
+            if self.step_separator in step:
+                raise ValueError(f"step {k} {short_repr(step)} contains the step separator {self.step_separator!r}: "
+                                 f"it would be read as two steps when completions are split for scoring")
+
+    def _tokenize(self, rows: list[dict], where: str) -> list[dict]:
+        hp, tok, sep = self.hparams, self.tokenizer, self.step_separator
+        check_each_row(rows, self._check_separator, f"the {where} data")
+        out, dropped = [], 0
+        unknown = UnknownCharacters(tok)
+        for i, row in enumerate(rows):  # the values were checked when the rows were loaded (`_check_rows`)
+            prompt = self._rendered_prompt(row, i, where)
+            steps, labels = stepwise_lists(row)
+            ids, positions = stepwise_input_ids(tok, prompt, steps, sep)
+            unknown.add(prompt + "".join(s + sep for s in steps), ids, row_where(row, i, where))
+            if len(ids) > hp.max_length:
+                dropped += 1
+                continue
+            item = {k: v for k, v in row.items() if k not in (hp.prompt_column, "completions", "labels")}
+            item.update(prompts=prompt, completions=steps, step_labels=labels, _ids=ids,
+                        _labels=step_label_row(len(ids), positions, labels))
+            out.append(item)
+        unknown.warn(where)
+        self.dropped[where] = dropped
+        if dropped:
+            warnings.warn(f"dropped {dropped} of {len(rows)} {where} row(s) longer than max_length={hp.max_length} "
+                          f"tokens", stacklevel=2)
+        return out
+
+    # ----------------------------------------------------------------------------------------- batches
+    def collate(self, items: list[dict]) -> dict[str, Any]:
+        input_ids, attention_mask = right_pad([it["_ids"] for it in items], self.tokenizer.pad_token_id)  # [B, L]
+        labels = torch.full_like(input_ids, -100)  # [B, L]
+        for i, it in enumerate(items):
+            labels[i, :len(it["_labels"])] = torch.tensor(it["_labels"])
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in items[0]:
+            if not key.startswith("_"):
+                batch[key] = [it[key] for it in items]
+        return batch
+
+
+def stepwise_lists(row: dict) -> tuple[list[str], list[bool]]:
+    """(steps, labels) of a stepwise row, checked: a non-empty list of non-empty step strings and a list of as many
+    booleans (a JSON list in a string cell, as csv stores them, is read as the list). ValueError otherwise."""
+    steps, labels = _as_list(row["completions"], "completions"), _as_list(row["labels"], "labels")
+    if not steps:
+        raise ValueError("completions is an empty list; a stepwise row needs at least one step")
+    if len(steps) != len(labels):
+        raise ValueError(f"completions has {len(steps)} steps but labels has {len(labels)}: one label per step")
+    for k, step in enumerate(steps):
+        if not isinstance(step, str):
+            raise ValueError(f"step {k} must be a string, got {type(step).__name__} {short_repr(step)}")
+        if not step.strip():
+            raise ValueError(f"step {k} is empty{' (whitespace only)' if step else ''}")
+    for k, label in enumerate(labels):
+        if not isinstance(label, bool) and type(label).__name__ != "bool_":  # numpy's bool from parquet readers
+            raise ValueError(f"label {k} must be a boolean (true = the step is correct), got {short_repr(label)}")
+    return list(steps), [bool(label) for label in labels]
+
+
+def _as_list(value: Any, column: str) -> list:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{column} must be a list, got the string {short_repr(value)}") from None
+    if hasattr(value, "tolist") and not isinstance(value, list):  # a numpy array
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{column} must be a list, got {type(value).__name__} {short_repr(value)}")
+    return list(value)
