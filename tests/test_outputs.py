@@ -43,6 +43,12 @@ SHRUNK = {
     # check_val_every_n_epoch 1 makes ModelCheckpoint save at the epoch end instead of after a validation)
     "grpo_process": [*RL, "--model.init_args.group_size", "2", "--trainer.limit_val_batches", "0",
                      "--trainer.check_val_every_n_epoch", "1", "--trainer.val_check_interval", "1.0"],
+    # the process-reward-model route: SFT on chains, the PRM on built-in stepwise rows, GRPO rewarded by the PRM
+    "sft_chain": [*ONE_EPOCH, *SMALL_DATA, "--trainer.val_check_interval", "2",
+                  "--model.init_args.val_max_new_tokens", "4"],
+    "prm_chain": [*ONE_EPOCH, *SMALL_DATA],
+    "grpo_process_prm": [*RL, "--model.init_args.group_size", "2", "--model.init_args.model_name_or_path",
+                         "{sft_chain}", "--model.init_args.process_reward_model", "{prm_chain}"],
     "grpo_iterative": [*RL, "--model.init_args.group_size", "2", "--model.init_args.reward_model", "{rm}",
                        "--trainer.callbacks.init_args.every_n_steps", "1",
                        "--trainer.callbacks.init_args.samples_per_iteration", "16",
@@ -111,6 +117,7 @@ def test_every_offline_config_writes_everything_under_default_root_dir(tmp_path)
     modules.mkdir()
     (modules / "parity_label.py").write_text(PARITY_LABEL)
     exports = {stage: root / "runs" / f"{stage}_arithmetic" / "version_0" / "hf_model" for stage in ("sft", "rm")}
+    exports.update({name: root / "runs" / name / "version_0" / "hf_model" for name in ("sft_chain", "prm_chain")})
     for name, overrides in SHRUNK.items():
         args = ["fit", "--config", str(CONFIGS / f"{name}.yaml"), *[a.format(**exports) for a in overrides],
                 "--trainer.default_root_dir", str(root)]

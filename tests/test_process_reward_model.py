@@ -90,9 +90,9 @@ def test_missing_column_csv_lists_and_separator_inside_a_step(tmp_path, char_tok
     assert [r["completions"] for r in dm.train_rows] == [["1", "2"], ["2"]]
     assert dm.train_rows[0]["step_labels"] == [True, False]
     dm = StepwiseDataModule(path=str(write_jsonl(tmp_path / "b.jsonl", [ROW, {**ROW, "completions": ["1 | 2", "3"]}])),
-                            val_fraction=0.0, step_separator=" | ")
+                            val_fraction=0.0)
     with pytest.raises(ConfigError, match=r"b.jsonl line 2: step 0 '1 \| 2' contains the step separator ' \| '"):
-        dm.prepare_rows(char_tok)
+        dm.prepare_rows(char_tok, step_separator=" | ")
     with pytest.raises(ValueError, match="error_rate applies to built-in rows"):
         StepwiseDataModule(path=str(tmp_path / "b.jsonl"), error_rate=0.2)
     with pytest.raises(ValueError, match="task 'addition' has no built-in stepwise rows"):

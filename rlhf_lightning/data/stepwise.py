@@ -28,6 +28,9 @@ class StepwiseDataModule(PromptDataModule):
     "completions" (lists of steps), "step_labels" (lists of bools) and every other column as lists. Sources, splits,
     shuffling (seeded, resumable) and the tokenizer work as in `PromptDataModule`, whose loading this class reuses.
 
+    Each step is followed by the model's `step_separator` (what `ProcessRewardModel` exports and the reward source
+    splits completions on; "\\n" when used without a Trainer); a step that contains it is refused.
+
     File rows: `prompt` a string (or chat messages), `completions` a non-empty list of non-empty step strings,
     `labels` a list of booleans of the same length (csv cells hold them as JSON lists: `["7+5=12", "12-3=9"]`,
     `[true, false]`). A bad row stops the run before it starts with one line naming its file and line.
@@ -45,8 +48,6 @@ class StepwiseDataModule(PromptDataModule):
         errors: built-in rows only: weights of the kinds of wrong result, as `PreferenceDataModule`'s negatives:
             `random` (a uniformly random wrong number, the default), `digit` (one digit changed), `near` (±1, ±2,
             ±10: a policy's near misses).
-        step_separator: what follows each step; None = the module's (`ProcessRewardModel.step_separator`), else the
-            task's, else "\\n". A step that contains it is refused (the reward source splits completions on it).
         max_length: rows longer than this many tokens are dropped (with a count warning).
     """
 
@@ -65,7 +66,6 @@ class StepwiseDataModule(PromptDataModule):
         val_path: str | None = None,
         val_fraction: float = 0.05,
         prompt_column: str = "prompt",
-        step_separator: str | None = None,
         tokenizer: str | None = None,
         batch_size: int = 32,
         val_batch_size: int | None = None,
@@ -76,8 +76,6 @@ class StepwiseDataModule(PromptDataModule):
     ):
         if not (isinstance(error_rate, (int, float)) and 0 <= error_rate <= 1):
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate!r}")
-        if step_separator is not None and (not isinstance(step_separator, str) or not step_separator):
-            raise ValueError(f"step_separator must be a non-empty string or null, got {step_separator!r}")
         super().__init__(path=path, task=task, task_kwargs=task_kwargs, num_train=num_train, num_val=num_val,
                          subset=subset, split=split, val_split=val_split, val_path=val_path,
                          val_fraction=val_fraction, prompt_column=prompt_column, tokenizer=tokenizer,
@@ -89,7 +87,7 @@ class StepwiseDataModule(PromptDataModule):
             for name, value, default in (("error_rate", error_rate, 0.5), ("errors", errors, None)):
                 if value != default:
                     raise ValueError(f"data.{name} applies to built-in rows (`task`) only, not to `path` data")
-        self.step_separator: str | None = step_separator
+        self.step_separator: str | None = None  # the model's, when the rows are tokenized (`setup`)
         self.dropped: dict[str, int] = {}  # split -> rows dropped by max_length
 
     # ----------------------------------------------------------------------------------------- loading
@@ -124,23 +122,15 @@ class StepwiseDataModule(PromptDataModule):
 
     # ----------------------------------------------------------------------------------------- tokenizing
     def setup(self, stage: str | None = None) -> None:
-        if self.sampler is None:
-            self.step_separator = self._resolve_separator()
+        if self.sampler is None:  # the separator is the model's (`ProcessRewardModel.step_separator`, exported)
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            self.step_separator = getattr(module, "step_separator", None)
         super().setup(stage)
 
-    def _resolve_separator(self) -> str:
-        """The separator given here, else the module's, else the task's, else "\\n"; given here and on the module,
-        they must agree (the module exports its separator for the reward source to split completions on)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        own = getattr(module, "step_separator", None)
-        if self.step_separator is not None and own is not None and own != self.step_separator:
-            raise ConfigError(f"data.step_separator={self.step_separator!r} differs from the model's step_separator="
-                              f"{own!r}; set one of them (the data follows the model's when left out)")
-        return self.step_separator or own or getattr(self.task, "step_separator", None) or "\n"
-
-    def prepare_rows(self, tokenizer) -> None:
-        if self.step_separator is None:  # called without a Trainer (notebooks): the task's or "\n"
-            self.step_separator = getattr(self.task, "step_separator", None) or "\n"
+    def prepare_rows(self, tokenizer, step_separator: str | None = None) -> None:
+        """Load, check and tokenize the rows (callable without a Trainer, e.g. in notebooks), each step followed by
+        `step_separator` (default: the model's when set up by a Trainer, else "\\n")."""
+        self.step_separator = step_separator or self.step_separator or "\n"
         super().prepare_rows(tokenizer)
 
     def _check_separator(self, row: dict) -> None:
