@@ -8,7 +8,6 @@ correct completion, rejected = a wrong one of a `negatives` kind (data/negatives
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from ..models import model_source
 from ..rewards.model_inputs import reward_input_ids, right_pad
 from .negatives import check_negatives, make_preference_pairs
-from .prompts import PromptDataModule
+from .prompts import PromptDataModule, with_columns, without_prompts_of
 from .rows import (
     UnknownCharacters,
     check_columns,
@@ -112,13 +111,9 @@ class PreferenceDataModule(PromptDataModule):
         self.dropped: dict[str, int] = {}  # split -> pairs dropped by max_length
 
     # ----------------------------------------------------------------------------------------- loading
-    def _load_all_rows(self) -> tuple[list[dict], list[dict]]:
-        train, val = super()._load_all_rows()
-        if self.task is None:
-            return train, val
+    def task_rows(self, train: list[dict], val: list[dict]) -> tuple[list[dict], list[dict]]:
         hp = self.hparams
-        held_out = {row["prompt"] for row in val}
-        train = [row for row in train if row["prompt"] not in held_out]  # held-out means never trained on
+        train = without_prompts_of(train, val)
         return (make_preference_pairs(self.task, train, hp.negatives, seed=hp.seed, negatives_model=hp.negatives_model),
                 make_preference_pairs(self.task, val, hp.negatives, seed=hp.seed + 1,
                                       negatives_model=hp.negatives_model))
@@ -168,10 +163,7 @@ class PreferenceDataModule(PromptDataModule):
                 item["_margin"] = float(row[hp.margin_column])
             out.append(item)
         unknown.warn(where)
-        self.dropped[where] = dropped
-        if dropped:
-            warnings.warn(f"dropped {dropped} of {len(rows)} {where} pair(s) longer than max_length={hp.max_length} "
-                          f"tokens", stacklevel=2)
+        self.record_dropped(dropped, len(rows), where, "pair")
         return out
 
     # ----------------------------------------------------------------------------------------- batches
@@ -181,7 +173,4 @@ class PreferenceDataModule(PromptDataModule):
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "_margin" in items[0]:
             batch["margin"] = torch.tensor([it["_margin"] for it in items], dtype=torch.float32)  # [B]
-        for key in items[0]:
-            if not key.startswith("_"):
-                batch[key] = [it[key] for it in items]
-        return batch
+        return with_columns(batch, items)

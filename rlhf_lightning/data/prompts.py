@@ -219,7 +219,7 @@ class PromptDataModule(L.LightningDataModule):
         if self.task is not None:
             train = self.task.make_examples(hp.num_train, seed=hp.seed)
             val = self.task.make_examples(hp.num_val, seed=hp.seed + 1_000_003) if hp.num_val else []
-            return train, val
+            return self.task_rows(train, val)
         rows = self._file_rows
         if rows is None:  # a folder or hub id: read (and checked) now
             rows = load_rows(hp.path, split=hp.split, subset=hp.subset)
@@ -244,6 +244,18 @@ class PromptDataModule(L.LightningDataModule):
         else:
             val = []
         return rows, val
+
+    def task_rows(self, train: list[dict], val: list[dict]) -> tuple[list[dict], list[dict]]:
+        """A built-in task's generated (train, val) examples as this data module's rows: as they are here; the
+        preference and stepwise data modules build their rows from them."""
+        return train, val
+
+    def record_dropped(self, dropped: int, total: int, where: str, unit: str) -> None:
+        """Keep the count of `where`'s rows dropped for `max_length` (`self.dropped`) and warn when there are any."""
+        self.dropped[where] = dropped
+        if dropped:
+            warnings.warn(f"dropped {dropped} of {total} {where} {unit}(s) longer than max_length="
+                          f"{self.hparams.max_length} tokens", stacklevel=3)
 
     # keys of a batch (collate), of the reward batch (GRPO/PPO add `columns`, `samples`) and the reward functions'
     # own arguments: a data column with one of these names would replace it or collide with it
@@ -361,10 +373,7 @@ class PromptDataModule(L.LightningDataModule):
             n = len(it["_prompt_ids"])
             prompt_ids[i, P - n:] = torch.tensor(it["_prompt_ids"])
             prompt_mask[i, P - n:] = 1
-        batch: dict[str, Any] = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
-        for key in items[0]:
-            if not key.startswith("_"):
-                batch[key] = [it[key] for it in items]
+        batch = with_columns({"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}, items)
         if "_target_ids" in items[0]:
             seqs = [it["_prompt_ids"] + it["_target_ids"] for it in items]
             L_ = max(map(len, seqs))
@@ -416,3 +425,17 @@ class PromptDataModule(L.LightningDataModule):
                 self.sampler.load_state_dict(state["sampler"])
             else:
                 self._pending_sampler_state = state["sampler"]
+
+
+def with_columns(batch: dict[str, Any], items: list[dict]) -> dict[str, Any]:
+    """`batch` plus every column of the items that is not internal (`_`-prefixed), as lists."""
+    for key in items[0]:
+        if not key.startswith("_"):
+            batch[key] = [it[key] for it in items]
+    return batch
+
+
+def without_prompts_of(rows: list[dict], held_out: list[dict]) -> list[dict]:
+    """`rows` without those whose prompt is one of `held_out`'s (held-out means never trained on)."""
+    prompts = {row["prompt"] for row in held_out}
+    return [row for row in rows if row["prompt"] not in prompts]

@@ -8,7 +8,6 @@ tokens, then each step's tokens and the separator's, the step's label on the sep
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from ..infra.errors import ConfigError
 from ..rewards.model_inputs import right_pad, step_label_row, stepwise_input_ids
 from .negatives import make_stepwise_rows
-from .prompts import PromptDataModule
+from .prompts import PromptDataModule, with_columns, without_prompts_of
 from .rows import UnknownCharacters, check_columns, check_each_row, check_prompt, row_where, short_repr
 
 
@@ -43,7 +42,8 @@ class StepwiseDataModule(PromptDataModule):
     Args:
         path / task / task_kwargs / num_train / num_val / subset / split / val_split / val_path / val_fraction /
         prompt_column / tokenizer / batch_size / val_batch_size / seed / shuffle / num_workers: as in
-            `PromptDataModule` (num_train / num_val count rows).
+            `PromptDataModule` (num_train / num_val count rows; `completion_column` and `max_prompt_length` do not
+            apply and are refused).
         error_rate: built-in rows only: the share of chains with an injected error.
         errors: built-in rows only: weights of the kinds of wrong result, as `PreferenceDataModule`'s negatives:
             `random` (a uniformly random wrong number, the default), `digit` (one digit changed), `near` (±1, ±2,
@@ -51,36 +51,18 @@ class StepwiseDataModule(PromptDataModule):
         max_length: rows longer than this many tokens are dropped (with a count warning).
     """
 
-    def __init__(
-        self,
-        path: str | None = None,
-        task: str | None = None,
-        task_kwargs: dict[str, Any] | None = None,
-        error_rate: float = 0.5,
-        errors: dict[str, float] | None = None,
-        num_train: int = 5000,
-        num_val: int = 500,
-        subset: str | None = None,
-        split: str = "train",
-        val_split: str | None = None,
-        val_path: str | None = None,
-        val_fraction: float = 0.05,
-        prompt_column: str = "prompt",
-        tokenizer: str | None = None,
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        max_length: int = 512,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_workers: int = 0,
-    ):
+    def __init__(self, path: str | None = None, task: str | None = None, task_kwargs: dict[str, Any] | None = None,
+                 error_rate: float = 0.5, errors: dict[str, float] | None = None, num_train: int = 5000,
+                 num_val: int = 500, batch_size: int = 32, max_length: int = 512, **kwargs: Any):
         if not (isinstance(error_rate, (int, float)) and 0 <= error_rate <= 1):
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate!r}")
+        for name in ("completion_column", "max_prompt_length"):  # PromptDataModule's, meaningless here
+            if kwargs.get(name) is not None:
+                raise ValueError(f"data.{name} does not apply to StepwiseDataModule (the steps are the `completions` "
+                                 f"column; max_length bounds a whole row)")
+        kwargs.pop("max_prompt_length", None)
         super().__init__(path=path, task=task, task_kwargs=task_kwargs, num_train=num_train, num_val=num_val,
-                         subset=subset, split=split, val_split=val_split, val_path=val_path,
-                         val_fraction=val_fraction, prompt_column=prompt_column, tokenizer=tokenizer,
-                         batch_size=batch_size, val_batch_size=val_batch_size, max_prompt_length=max_length,
-                         max_length=max_length, seed=seed, shuffle=shuffle, num_workers=num_workers)
+                         batch_size=batch_size, max_prompt_length=max_length, max_length=max_length, **kwargs)
         if self.task is not None:  # the task has built-in rows and `errors` are known kinds: fail now
             make_stepwise_rows(self.task, self.task.make_examples(1, seed=0), error_rate, errors)
         else:
@@ -91,14 +73,9 @@ class StepwiseDataModule(PromptDataModule):
         self.dropped: dict[str, int] = {}  # split -> rows dropped by max_length
 
     # ----------------------------------------------------------------------------------------- loading
-    def _load_all_rows(self) -> tuple[list[dict], list[dict]]:
-        train, val = super()._load_all_rows()
-        if self.task is None:
-            return train, val
+    def task_rows(self, train: list[dict], val: list[dict]) -> tuple[list[dict], list[dict]]:
         hp = self.hparams
-        held_out = {row["prompt"] for row in val}
-        train = [row for row in train if row["prompt"] not in held_out]  # held-out means never trained on
-        return (make_stepwise_rows(self.task, train, hp.error_rate, hp.errors, seed=hp.seed),
+        return (make_stepwise_rows(self.task, without_prompts_of(train, val), hp.error_rate, hp.errors, seed=hp.seed),
                 make_stepwise_rows(self.task, val, hp.error_rate, hp.errors, seed=hp.seed + 1))
 
     RESERVED_COLUMNS = frozenset({"prompts", "step_labels", "input_ids", "attention_mask"})
@@ -157,10 +134,7 @@ class StepwiseDataModule(PromptDataModule):
                         _labels=step_label_row(len(ids), positions, labels))
             out.append(item)
         unknown.warn(where)
-        self.dropped[where] = dropped
-        if dropped:
-            warnings.warn(f"dropped {dropped} of {len(rows)} {where} row(s) longer than max_length={hp.max_length} "
-                          f"tokens", stacklevel=2)
+        self.record_dropped(dropped, len(rows), where, "row")
         return out
 
     # ----------------------------------------------------------------------------------------- batches
@@ -169,11 +143,7 @@ class StepwiseDataModule(PromptDataModule):
         labels = torch.full_like(input_ids, -100)  # [B, L]
         for i, it in enumerate(items):
             labels[i, :len(it["_labels"])] = torch.tensor(it["_labels"])
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for key in items[0]:
-            if not key.startswith("_"):
-                batch[key] = [it[key] for it in items]
-        return batch
+        return with_columns({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, items)
 
 
 def stepwise_lists(row: dict) -> tuple[list[str], list[bool]]:

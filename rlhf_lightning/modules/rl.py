@@ -89,9 +89,11 @@ class RLModule(StepLogging, PolicyModuleBase):
                  log_samples_every_n_steps: int = 50, lr: float = 1e-5, val_max_new_tokens: int | None = None,
                  process_reward_model: str | None = None, process_reward_aggregation: str | None = None,
                  **kwargs: Any):
-        weights = kwargs.get("reward_weights") if process_reward_model is not None else None
+        weights = kwargs.get("reward_weights")
+        if process_reward_model is not None:
+            kwargs["reward_weights"] = None  # checked below, once the process reward model is one of the sources
         super().__init__(model_name_or_path, lr=lr, val_max_new_tokens=val_max_new_tokens or max_new_tokens,
-                         **{**kwargs, "reward_weights": None} if weights is not None else kwargs)
+                         **kwargs)
         self.process_reward_source = None  # a plain attribute: the PRM is frozen and not part of checkpoints
         if process_reward_model is not None:
             from ..rewards import ProcessRewardModelSource, check_reward_weights
@@ -99,7 +101,7 @@ class RLModule(StepLogging, PolicyModuleBase):
             self.process_reward_source = ProcessRewardModelSource(process_reward_model,
                                                                   aggregate=self.process_reward_aggregation)
             self.reward_funcs.append(self.process_reward_source)
-            if weights is not None:
+            if weights is not None:  # one per reward_fns entry, then the process reward model's
                 if len(weights) != len(self.reward_funcs):
                     raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
                                      f"entry and one (last) for process_reward_model")
