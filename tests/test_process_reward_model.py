@@ -130,6 +130,32 @@ def test_injected_errors_are_labelled_from_their_step_on():
         assert off in (-10, -2, -1, 1, 2, 10)
 
 
+def test_policy_errors_are_the_models_own_samples_labelled_by_the_verifier(tmp_path, char_tok):
+    """`errors: {policy: 1}`: the model's first wrong sample (`policy_mistakes`), its lines the steps and the chain
+    verifier's judgement of each the labels; a `random` error where it made none with non-empty lines."""
+    from rlhf_lightning.data.negatives import policy_mistakes
+    from rlhf_lightning.models import load_causal_lm
+
+    sft = tmp_path / "sft"
+    load_causal_lm("tiny", char_tok, seed=1).save_pretrained(sft)
+    char_tok.save_pretrained(sft)
+    task = get_task("chain", num_terms=3)
+    examples = task.make_examples(24, seed=0)
+    rows = make_stepwise_rows(task, examples, 1.0, {"policy": 1.0}, seed=0, errors_model=str(sft))
+    own = 0
+    for ex, row, mistake in zip(examples, rows, policy_mistakes(str(sft), task, examples, seed=0)):
+        steps = mistake.split("\n") if mistake is not None else []
+        if steps and all(s.strip() for s in steps):
+            own += 1
+            labels = [v == 1 for v in chain_step_rewards([ex["prompt"]], [mistake])[0]]
+            assert row["completions"] == steps and row["labels"] == labels
+        else:
+            assert not all(row["labels"]) and len(row["completions"]) == 2
+    assert own > 0
+    with pytest.raises(ValueError, match="errors `policy` samples a model's own mistakes: set errors_model"):
+        StepwiseDataModule(task="chain", errors={"policy": 1.0})
+
+
 def test_builtin_rows_hold_out_validation_prompts(char_tok):
     dm = StepwiseDataModule(task="chain", task_kwargs={"num_terms": 3, "max_operand": 5}, num_train=400,
                             num_val=100, error_rate=0.5)

@@ -75,33 +75,49 @@ def chain_lines(task: ChainArithmeticTask, prompt: str, error_at: int | None, ki
     return lines
 
 
-STEP_ERROR_KINDS = ("random", "digit", "near")
-
-
 def make_stepwise_rows(task: Task, rows: list[dict], error_rate: float = 0.5, errors: dict[str, float] | None = None,
-                       seed: int = 0) -> list[dict]:
+                       seed: int = 0, errors_model: Any = None) -> list[dict]:
     """TRL stepwise rows {prompt, completions: [step, ...], labels: [bool, ...], answer} of the task's rows: with
-    probability `error_rate` the result of a uniformly drawn step k is wrong (a `wrong_number` of a kind drawn
-    from `errors`, default `DEFAULT_NEGATIVES`) and the later steps carry on from it (`chain_lines`); labels are
-    true before k and false from k on: from the slip on the chain cannot reach the answer, which is also what
-    `chain_step_rewards` says of every such step. A pure function of its arguments."""
+    probability `error_rate` a row has an error of a kind drawn from `errors` (default `DEFAULT_NEGATIVES`).
+
+    `random` / `digit` / `near`: the result of a uniformly drawn step k is a `wrong_number` of that kind and the
+    later steps carry on from it (`chain_lines`); labels are true before k and false from k on: from the slip on
+    the chain cannot reach the answer, which is also what `chain_step_rewards` says of every such step.
+    `policy`: `errors_model`'s own wrong sample (`policy_mistakes`: the first wrong one of `POLICY_TRIES`), its
+    steps labelled by the task's step verifier; a `random` error where every try was right. A pure function of its
+    arguments."""
     if not isinstance(task, ChainArithmeticTask):
         raise ValueError(f"task {task.name!r} has no built-in stepwise rows (its completions are not chains of "
                          f"steps); use task: chain, or give stepwise rows with `path`")
-    errors = check_negatives(errors)
-    if "policy" in errors:
-        raise ValueError("errors: `policy` has no built-in stepwise rows (label a policy's own steps with "
-                         f"Monte-Carlo rollouts instead); choose from {list(STEP_ERROR_KINDS)}")
+    errors = check_negatives(errors, errors_model, ("errors", "errors_model"))
     rng = random.Random(seed)
     kinds, weights = list(errors), list(errors.values())
-    out = []
+    out: list[dict | None] = []
     for row in rows:
         n = len(parse_chain(row["prompt"])[1])
         error_at = rng.randrange(n) if rng.random() < error_rate else None
         kind = rng.choices(kinds, weights)[0] if error_at is not None else None
-        out.append({"prompt": row["prompt"], "completions": chain_lines(task, row["prompt"], error_at, kind, rng),
-                    "labels": [error_at is None or k < error_at for k in range(n)], "answer": row["answer"]})
+        out.append(None if kind == "policy" else _stepwise_row(task, row, error_at, kind, rng))
+    todo = [i for i, r in enumerate(out) if r is None]
+    if todo:
+        mistakes = policy_mistakes(errors_model, task, [rows[i] for i in todo], seed=seed)
+        for i, mistake in zip(todo, mistakes):
+            steps = mistake.split(task.step_separator) if mistake is not None else []
+            if not steps or not all(step.strip() for step in steps):  # right every try (or an empty line)
+                k = rng.randrange(len(parse_chain(rows[i]["prompt"])[1]))
+                out[i] = _stepwise_row(task, rows[i], k, "random", rng)
+                continue
+            labels = task.process_reward_fns[0]([rows[i]["prompt"]], [mistake])[0]
+            out[i] = {"prompt": rows[i]["prompt"], "completions": steps, "labels": [v == 1 for v in labels],
+                      "answer": rows[i]["answer"]}
     return out
+
+
+def _stepwise_row(task: ChainArithmeticTask, row: dict, error_at: int | None, kind: str | None,
+                  rng: random.Random) -> dict:
+    steps = chain_lines(task, row["prompt"], error_at, kind, rng)
+    return {"prompt": row["prompt"], "completions": steps,
+            "labels": [error_at is None or k < error_at for k in range(len(steps))], "answer": row["answer"]}
 
 
 def policy_mistakes(model_or_path: Any, task: Task, rows: list[dict], seed: int = 0,
@@ -152,18 +168,20 @@ def make_preference_pairs(task: Task, rows: list[dict], negatives: dict[str, flo
     return pairs
 
 
-def check_negatives(negatives: dict[str, float] | None, negatives_model: Any = None) -> dict[str, float]:
+def check_negatives(negatives: dict[str, float] | None, negatives_model: Any = None,
+                    names: tuple[str, str] = ("negatives", "negatives_model")) -> dict[str, float]:
     """`negatives` (default `DEFAULT_NEGATIVES`) checked: known kinds, weights >= 0 with a positive sum, and a
-    `negatives_model` exactly when `policy` has weight."""
+    `negatives_model` exactly when `policy` has weight. `names`: how the messages call the two arguments."""
+    what, model = names
     negatives = dict(DEFAULT_NEGATIVES if negatives is None else negatives)
     if not negatives or any(k not in NEGATIVE_KINDS for k in negatives):
-        raise ValueError(f"negatives must map kinds from {list(NEGATIVE_KINDS)} to weights, got {negatives!r}")
+        raise ValueError(f"{what} must map kinds from {list(NEGATIVE_KINDS)} to weights, got {negatives!r}")
     if any(not isinstance(w, (int, float)) or w < 0 for w in negatives.values()) or sum(negatives.values()) <= 0:
-        raise ValueError(f"negatives weights must be >= 0 with a positive sum, got {negatives!r}")
+        raise ValueError(f"{what} weights must be >= 0 with a positive sum, got {negatives!r}")
     if negatives.get("policy", 0) > 0 and negatives_model is None:
-        raise ValueError("negatives `policy` samples a model's own mistakes: set negatives_model (e.g. the SFT "
-                         "export runs/sft_arithmetic/version_0/hf_model)")
+        raise ValueError(f"{what} `policy` samples a model's own mistakes: set {model} (e.g. the SFT export "
+                         "runs/sft_arithmetic/version_0/hf_model)")
     if negatives_model is not None and not negatives.get("policy", 0) > 0:
-        raise ValueError(f"negatives_model {negatives_model!r} is only used by `policy` negatives, which have no "
+        raise ValueError(f"{model} {negatives_model!r} is only used by `policy` {what}, which have no "
                          f"weight in {negatives!r}")
     return negatives

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..infra.errors import ConfigError
+from ..models import model_source
 from ..rewards.model_inputs import right_pad, step_label_row, stepwise_input_ids
 from .negatives import make_stepwise_rows
 from .prompts import PromptDataModule, with_columns, without_prompts_of
@@ -45,14 +46,17 @@ class StepwiseDataModule(PromptDataModule):
             `PromptDataModule` (num_train / num_val count rows; `completion_column` and `max_prompt_length` do not
             apply and are refused).
         error_rate: built-in rows only: the share of chains with an injected error.
-        errors: built-in rows only: weights of the kinds of wrong result, as `PreferenceDataModule`'s negatives:
-            `random` (a uniformly random wrong number, the default), `digit` (one digit changed), `near` (±1, ±2,
-            ±10: a policy's near misses).
+        errors: built-in rows only: weights of the kinds of error, as `PreferenceDataModule`'s negatives: a wrong
+            result that is `random` (a uniformly random wrong number, the default), `digit` (one digit changed) or
+            `near` (±1, ±2, ±10: a policy's near misses); or `policy`: `errors_model`'s own wrong sample, its steps
+            labelled by the task's step verifier (the mistakes RL will meet).
+        errors_model: with `policy` errors: the causal LM (the SFT export) whose samples they are.
         max_length: rows longer than this many tokens are dropped (with a count warning).
     """
 
     def __init__(self, path: str | None = None, task: str | None = None, task_kwargs: dict[str, Any] | None = None,
-                 error_rate: float = 0.5, errors: dict[str, float] | None = None, num_train: int = 5000,
+                 error_rate: float = 0.5, errors: dict[str, float] | None = None, errors_model: str | None = None,
+                 num_train: int = 5000,
                  num_val: int = 500, batch_size: int = 32, max_length: int = 512, **kwargs: Any):
         if not (isinstance(error_rate, (int, float)) and 0 <= error_rate <= 1):
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate!r}")
@@ -64,9 +68,15 @@ class StepwiseDataModule(PromptDataModule):
         super().__init__(path=path, task=task, task_kwargs=task_kwargs, num_train=num_train, num_val=num_val,
                          batch_size=batch_size, max_prompt_length=max_length, max_length=max_length, **kwargs)
         if self.task is not None:  # the task has built-in rows and `errors` are known kinds: fail now
-            make_stepwise_rows(self.task, self.task.make_examples(1, seed=0), error_rate, errors)
+            make_stepwise_rows(self.task, [], error_rate, errors, errors_model=errors_model)
+            if errors_model is not None:
+                try:
+                    model_source(errors_model)  # a missing directory fails here, not after loading the data
+                except ValueError as err:
+                    raise ValueError(f"errors_model: {err}") from None
         else:
-            for name, value, default in (("error_rate", error_rate, 0.5), ("errors", errors, None)):
+            for name, value, default in (("error_rate", error_rate, 0.5), ("errors", errors, None),
+                                         ("errors_model", errors_model, None)):
                 if value != default:
                     raise ValueError(f"data.{name} applies to built-in rows (`task`) only, not to `path` data")
         self.step_separator: str | None = None  # the model's, when the rows are tokenized (`setup`)
@@ -75,8 +85,9 @@ class StepwiseDataModule(PromptDataModule):
     # ----------------------------------------------------------------------------------------- loading
     def task_rows(self, train: list[dict], val: list[dict]) -> tuple[list[dict], list[dict]]:
         hp = self.hparams
-        return (make_stepwise_rows(self.task, without_prompts_of(train, val), hp.error_rate, hp.errors, seed=hp.seed),
-                make_stepwise_rows(self.task, val, hp.error_rate, hp.errors, seed=hp.seed + 1))
+        rows = [without_prompts_of(train, val), val]
+        return tuple(make_stepwise_rows(self.task, r, hp.error_rate, hp.errors, seed=hp.seed + i,
+                                        errors_model=hp.errors_model) for i, r in enumerate(rows))
 
     RESERVED_COLUMNS = frozenset({"prompts", "step_labels", "input_ids", "attention_mask"})
 
