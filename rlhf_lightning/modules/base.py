@@ -431,8 +431,8 @@ def check_manual_optimization_flags(module: L.LightningModule, trainer: L.Traine
 
 
 def _can_fuse_adamw(params: list, precision_plugin: Any) -> bool:
-    """Whether AdamW can run fused: one kernel per update instead of ~10 passes over every tensor (on the `medium`
-    preset, one CPU thread: 0.15 s of CPU per step against 0.54-0.86 s unfused; TRL's default optimizer is fused too).
+    """Whether AdamW can run fused: one kernel per update instead of ~10 passes over every tensor (the timing is in
+    docs/performance.md; TRL's default optimizer is fused too).
 
     Only for plain tensors on CPU/CUDA (FSDP2's DTensors and other subclasses keep the default implementation), and
     not under an AMP precision plugin: Lightning refuses to clip the gradients of an optimizer that unscales them

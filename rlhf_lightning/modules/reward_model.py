@@ -225,7 +225,7 @@ class RewardModel(L.LightningModule):
             # its batches have no chosen/rejected halves: the loss would compare unrelated rows, silently
             raise ValueError(f"RewardModel trains on preference pairs, but the data is a {type(data).__name__}; use "
                              "data: rlhf_lightning.PreferenceDataModule (prompt, chosen, rejected)")
-        keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/cpu_allocator.py
+        keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/infra/cpu_allocator.py
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
