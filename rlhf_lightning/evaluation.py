@@ -7,7 +7,7 @@ import torch
 
 from .models import load_causal_lm
 from .rewards import call_reward_fns
-from .rollout import decode_completions, sample
+from .rollout import decode_completions, left_pad, sample
 from .tokenizer import load_tokenizer
 
 
@@ -28,12 +28,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-        P = max(map(len, enc))
-        ids = torch.full((len(enc), P), tokenizer.pad_token_id, dtype=torch.long)  # [B, P] left-padded
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, P - len(e):] = torch.tensor(e)
-            mask[i, P - len(e):] = 1
+        ids, mask = left_pad(enc, tokenizer.pad_token_id)  # [B, P]
         s = sample(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    do_sample=generator is not None, generator=generator)
