@@ -28,10 +28,11 @@ from ..infra.cpu_allocator import keep_freed_memory
 from ..infra.nonfinite import NonFiniteGuard, check_finite_model
 from ..models import load_causal_lm, model_source, save_export
 from ..tokenizer import load_tokenizer
+from .sampled_eval import SampledEvaluation
 from .scoring import RewardScoring
 
 
-class PolicyModuleBase(RewardScoring, L.LightningModule):
+class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
     """Base for modules that train a causal-LM policy. Not used directly.
 
     Shared init arguments (subclasses forward them):
@@ -44,7 +45,12 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
             its schedule; the schedule's horizon is the trainer's estimated optimizer steps.
         torch_dtype: dtype of the weights (`float32`, `bfloat16`); precision is the Trainer's business.
         trust_remote_code: off unless you trust the model repository.
-        val_max_new_tokens: token budget of the greedy validation completions.
+        val_max_new_tokens: token budget of the greedy validation completions (and of the sampled ones).
+        eval_num_samples: completions sampled per held-out prompt at every validation / test for `val/pass@k` and
+            `val/maj@k` (`sampled_eval.py`, docs/evaluation.md); 0 = off (greedy metrics only).
+        eval_k: the k of pass@k / maj@k, each <= eval_num_samples (None = 1, 2, 4, ... and eval_num_samples).
+        eval_temperature, eval_top_p: how those completions are sampled. eval_seed: their generator's seed (its own
+            stream, offset by the rank: validation never draws from the training sampler).
         seed: initialisation seed for presets.
         lora: train a LoRA adapter instead of the full policy (peft): `{r, alpha, dropout, target_modules}`
             (defaults 8, 16, 0.0, all linear layers). The reference policy is then the base model with the
@@ -84,6 +90,11 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
         rollout_engine: str = "auto",
         nonfinite_rewards: str = "error",
         max_nonfinite_steps: int = 3,
+        eval_num_samples: int = 0,
+        eval_k: list[int] | None = None,
+        eval_temperature: float = 1.0,
+        eval_top_p: float = 1.0,
+        eval_seed: int = 0,
     ):
         super().__init__()
         # every class's arguments (subclasses' frames included): the checkpoint's and the logger's hyperparameters
@@ -138,6 +149,7 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
              f"{hp.val_max_new_tokens}"),
             (hp.nonfinite_rewards in NONFINITE_MODES, f"nonfinite_rewards must be {'|'.join(NONFINITE_MODES)}, got "
              f"{hp.nonfinite_rewards!r}"),
+            *self.eval_checks(hp),
         ]
 
     # ------------------------------------------------------------------------------------------ trainer
