@@ -16,7 +16,7 @@ import torch
 from conftest import run_script, run_script_processes
 from scripted_engine import N
 
-from rlhf_lightning import GRPOModule, PromptDataModule, SFTModule
+from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule, SFTModule
 from rlhf_lightning.evaluation import maj_at_k, majority_vote, pass_at_k
 from rlhf_lightning.modules.sampled_eval import default_eval_k
 from rlhf_lightning.rewards import canonical_answer
@@ -127,22 +127,26 @@ def write_rows(folder: Path, prompts: list[str]) -> tuple[str, str]:
     return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
 
-def scripted_module(**kwargs) -> SFTModule:
+def scripted_module(cls=SFTModule, **kwargs):
+    """`cls` sampling with the scripted engine, exact_match as the verifier, N samples, k in [1, 4, 8]."""
     import scripted_engine  # noqa: F401 - registers "scripted"
 
-    return SFTModule("tiny", reward_fns=["exact_match"], rollout_engine="scripted", val_max_new_tokens=4,
-                     eval_num_samples=N, eval_k=[1, 4, 8], **kwargs)
+    return cls("tiny", reward_fns=["exact_match"], rollout_engine="scripted", val_max_new_tokens=4,
+               eval_num_samples=N, eval_k=[1, 4, 8], **kwargs)
 
 
-def test_val_and_test_metrics_match_the_hand_computed_ones(tmp_path, trainer_kwargs):
+@pytest.mark.parametrize("cls", [SFTModule, GRPOModule, PPOModule])
+def test_val_and_test_metrics_match_the_hand_computed_ones(tmp_path, trainer_kwargs, cls):
+    """Every policy module: `validate` logs the hand-computed val/pass@k, val/maj@k (and greedy val/accuracy),
+    `test` the same as test/..."""
     train, val = write_rows(tmp_path, PROMPTS)
     data = PromptDataModule(path=train, val_path=val, completion_column="completion", batch_size=2,
                             val_batch_size=4)  # batches of 4 and 2: sums over batches, not a mean of means
     trainer = L.Trainer(**trainer_kwargs)
-    logged = trainer.validate(scripted_module(), data, verbose=False)[0]
+    logged = trainer.validate(scripted_module(cls), data, verbose=False)[0]
     assert {k: v for k, v in logged.items() if k != "val/loss"} == pytest.approx(
         {f"val/{k}": v for k, v in {**BY_HAND, "reward": BY_HAND["accuracy"]}.items()}, abs=1e-6)
-    tested = trainer.test(scripted_module(), data, verbose=False)[0]
+    tested = trainer.test(scripted_module(cls), data, verbose=False)[0]
     assert tested == pytest.approx({k.replace("val/", "test/"): v for k, v in logged.items()}, abs=1e-7)
 
 
