@@ -3,7 +3,8 @@ evaluation's metrics can be computed by hand (also imported by the two-process D
 
 For an addition prompt "a+b=" with sum s, sample j of `N` (rows come as N consecutive copies of each prompt) is
 the right sum when j < s % (N + 1), else one of "x" (no answer), s + 1 and s + 2, by (j + s) % 3. Greedy calls
-(validation's `val/accuracy`) answer as sample 0 does.
+(validation's `val/accuracy`) answer as sample 0 does. `register()` makes it `rollout_engine: scripted` (tests
+do it in a fixture that restores the registry, so the engine names other tests check stay the built-ins).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ def scripted_completion(prompt: str, j: int) -> str:
     return ["x", str(s + 1), str(s + 2)][(j + s) % 3]
 
 
-@register_engine("scripted")
 class ScriptedEngine(RolloutEngine):
     def generate(self, prompt_ids, prompt_mask, params, generator=None):
         texts = []
@@ -42,3 +42,7 @@ class ScriptedEngine(RolloutEngine):
         return RolloutBatch(prompt_ids, prompt_mask, completion.to(prompt_ids.device), mask.to(prompt_ids.device),
                             torch.zeros(completion.shape, device=prompt_ids.device),
                             torch.zeros(len(ids), dtype=torch.bool, device=prompt_ids.device))
+
+
+def register() -> None:
+    register_engine("scripted")(ScriptedEngine)

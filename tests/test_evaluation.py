@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import scripted_engine
 import torch
 from conftest import run_script, run_script_processes
 from scripted_engine import N
@@ -127,16 +128,23 @@ def write_rows(folder: Path, prompts: list[str]) -> tuple[str, str]:
     return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
 
-def scripted_module(cls=SFTModule, **kwargs):
-    """`cls` sampling with the scripted engine, exact_match as the verifier, N samples, k in [1, 4, 8]."""
-    import scripted_engine  # noqa: F401 - registers "scripted"
+@pytest.fixture
+def scripted(monkeypatch):
+    """The scripted engine registered for one test (the registry is restored after it)."""
+    from rlhf_lightning.rollout import base
 
+    monkeypatch.setattr(base, "_ENGINES", dict(base._ENGINES))
+    scripted_engine.register()
+
+
+def scripted_module(cls=SFTModule, **kwargs):
+    """`cls` sampling with the scripted engine (registered), exact_match as the verifier, N samples, k 1, 4, 8."""
     return cls("tiny", reward_fns=["exact_match"], rollout_engine="scripted", val_max_new_tokens=4,
                eval_num_samples=N, eval_k=[1, 4, 8], **kwargs)
 
 
 @pytest.mark.parametrize("cls", [SFTModule, GRPOModule, PPOModule])
-def test_val_and_test_metrics_match_the_hand_computed_ones(tmp_path, trainer_kwargs, cls):
+def test_val_and_test_metrics_match_the_hand_computed_ones(tmp_path, trainer_kwargs, cls, scripted):
     """Every policy module: `validate` logs the hand-computed val/pass@k, val/maj@k (and greedy val/accuracy),
     `test` the same as test/..."""
     train, val = write_rows(tmp_path, PROMPTS)
@@ -187,8 +195,11 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import lightning as L, torch
 torch.set_num_threads(1)
+import scripted_engine
 from test_evaluation import scripted_module
 from rlhf_lightning import PromptDataModule
+
+scripted_engine.register()
 
 data = PromptDataModule(path={train!r}, val_path={val!r}, completion_column="completion", val_batch_size=2)
 trainer = L.Trainer(accelerator="cpu", devices=int(sys.argv[1]), strategy="ddp" if sys.argv[1] == "2" else "auto",

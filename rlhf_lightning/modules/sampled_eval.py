@@ -119,6 +119,8 @@ class SampledEvaluation:
         from ..rewards import canonical_answer, extract_answer
         from ..rollout import decode_completions
 
+        if not hasattr(self, "_eval_sums"):  # validation_step called outside an epoch (by hand)
+            self._reset_sampled_eval()
         B, first = len(batch["prompts"]), self._eval_rows_seen == 0
         real = self._real_rows(B)
         samples = self.generate(batch["prompt_ids"].repeat_interleave(n, dim=0),
@@ -164,6 +166,8 @@ class SampledEvaluation:
         """Reduce the epoch's sums and prompt counts over ranks (one all-reduce) and log their ratios."""
         if not self.hparams.get("eval_num_samples", 0) or self.validation_verifier() is None:
             return
+        if not hasattr(self, "_eval_sums"):
+            self._reset_sampled_eval()
         ks = self.eval_ks
         local = torch.tensor([*self._eval_sums, self._eval_prompts, self._eval_unusable], dtype=torch.float64,
                              device=self.device)
