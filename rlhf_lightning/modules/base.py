@@ -90,11 +90,8 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
         rollout_engine: str = "auto",
         nonfinite_rewards: str = "error",
         max_nonfinite_steps: int = 3,
-        eval_num_samples: int = 0,
-        eval_k: list[int] | None = None,
-        eval_temperature: float = 1.0,
-        eval_top_p: float = 1.0,
-        eval_seed: int = 0,
+        eval_num_samples: int = 0, eval_k: list[int] | None = None,  # the sampled evaluation (sampled_eval.py)
+        eval_temperature: float = 1.0, eval_top_p: float = 1.0, eval_seed: int = 0,
     ):
         super().__init__()
         # every class's arguments (subclasses' frames included): the checkpoint's and the logger's hyperparameters
@@ -104,8 +101,7 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
                 raise ValueError(message)
         from ..rewards import check_reward_weights, resolve_reward_fn
 
-        self.nonfinite_rewards = nonfinite_rewards
-        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
+        self.nonfinite_rewards, self.nonfinite_guard = nonfinite_rewards, NonFiniteGuard(max_nonfinite_steps)
         self._reward_stats: dict[str, int] = {}  # the last scoring's counts (non-finite rewards made missing)
         self.reward_funcs: list[Callable] = [resolve_reward_fn(f) for f in (reward_fns or [])]
         if reward_fns:
@@ -131,8 +127,7 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
         self._engine_cls = get_engine(rollout_engine, setting="rollout_engine")  # an unknown name fails here
         self._engine = None  # built on first use, on the policy as it is then (after LoRA / sharding)
         self.val_max_new_tokens = val_max_new_tokens
-        self.optimizer_steps = 0
-        self.rollouts = 0
+        self.optimizer_steps = self.rollouts = 0
 
     def hparam_checks(self, hp) -> list[tuple[bool, str]]:
         """(holds, one-line message) for every range check of the arguments; subclasses add theirs. Run on the
