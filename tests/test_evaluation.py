@@ -227,6 +227,7 @@ def test_pass_and_maj_at_k_are_exact_under_two_process_ddp(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
+@pytest.mark.slow
 def test_rlhf_lightning_test_on_an_exported_model_prints_and_logs_pass_and_maj_at_k(tmp_path):
     """SFT exports a model; `rlhf-lightning test` on it with eval_num_samples 16 prints test/pass@k and
     test/maj@k for k in [1, 4, 16] and writes them to TensorBoard; its greedy accuracy is the one `test` gives
