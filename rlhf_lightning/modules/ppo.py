@@ -453,8 +453,8 @@ class PPOModule(RLModule):
             return
         greedy = self.greedy_samples(batch)  # sampled once for both the reward model and the functions
         if self.reward_model is not None:
-            self.log("val/score", self.reward_model_scores(greedy).mean(), batch_size=len(batch["prompts"]),
-                     sync_dist=True, prog_bar=True)
+            self.log(f"{self.eval_prefix}/score", self.reward_model_scores(greedy).mean(),
+                     batch_size=len(batch["prompts"]), sync_dist=True, prog_bar=True)
         self.log_reward_fn_metrics(batch, greedy)
 
     def has_reward(self) -> bool:

@@ -20,10 +20,15 @@ Reward sources (`RewardSource.score(prompts, completions, columns) -> RewardOutp
 with: a function becomes a `FunctionSource`, a reward model is a `RewardModelSource`, and `WeightedSources`
 combines them; `RewardOutput.per_source` carries each source's values to the `reward/<name>` metrics.
 
-Layout: `builtin` (the verifiers), `functions` (resolving and checking functions), `interface` (`RewardSource`,
+Math answers: `answers.extract_answer` is the one answer extractor (the math reward, `maj@k` votes and the sample
+tables read answers through it), and `math_answer_match` verifies them with math-verify (`math_answers`).
+
+Layout: `builtin` (the verifiers), `answers` (final answers), `math_answers` (the math-verify reward and its worker
+process, `math_worker`), `functions` (resolving and checking functions), `interface` (`RewardSource`,
 `RewardOutput`), `sources` (function sources and the weighted combination), `model` (the reward model).
 """
 
+from .answers import canonical_answer, extract_answer, reference_answer
 from .builtin import (
     CHAT_PROMPTS,
     REWARD_FNS,
@@ -46,13 +51,17 @@ from .functions import (
     trl_inputs,
 )
 from .interface import RewardOutput, RewardSource
+from .math_answers import MathVerifier, math_answer_match
 from .model import RewardModelSource
 from .sources import FunctionSource, WeightedSources, as_source, call_reward_fns, call_step_reward_fns
 
+REWARD_FNS["math_answer_match"] = math_answer_match  # a short name like the built-ins (it lives in its own module)
+
 __all__ = [
-    "CHAT_PROMPTS", "NONFINITE_MODES", "REWARD_FNS", "FunctionSource", "RewardModelSource", "RewardOutput",
-    "RewardSource", "WeightedSources", "apply_op", "as_source", "call_reward_fns", "call_step_reward_fns",
-    "chain_final_correct", "chain_step_rewards", "chain_steps", "check_finite_rewards", "check_reward_weights",
-    "check_signature", "exact_match", "final_answer_match", "last_number", "parse_chain", "resolve_reward_fn",
+    "CHAT_PROMPTS", "NONFINITE_MODES", "REWARD_FNS", "FunctionSource", "MathVerifier", "RewardModelSource",
+    "RewardOutput", "RewardSource", "WeightedSources", "apply_op", "as_source", "call_reward_fns",
+    "call_step_reward_fns", "canonical_answer", "chain_final_correct", "chain_step_rewards", "chain_steps",
+    "check_finite_rewards", "check_reward_weights", "check_signature", "exact_match", "extract_answer",
+    "final_answer_match", "last_number", "math_answer_match", "parse_chain", "reference_answer", "resolve_reward_fn",
     "reward_fn_name", "trl_inputs",
 ]
