@@ -96,7 +96,8 @@ def config_defaults(paths: dict[str, str]) -> dict[str, Any]:
     skipped = {k: v for k, v in sections.get("grpo", {}).get("model", {}).items() if k not in mapped | NOT_COMPARED
                and (k not in params or v != params[k].default)}
     if skipped:
-        print(f"[bench] note: {paths['grpo']} sets {skipped}: not carried over to either system (differs from the demo)")
+        print(f"[bench] note: {paths['grpo']} sets {skipped}: not carried over to either system "
+              "(differs from the demo)")
     if "max_grad_norm" in out and out["max_grad_norm"] is None:
         out["max_grad_norm"] = 0.0  # YAML null = off, spelled 0 here
     return out
@@ -238,7 +239,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     if {"rlhf_lightning", "trl"} <= by.keys():
         ours, trl = by["rlhf_lightning"], by["trl"]
         speed, diff = trl["wall_s"] / ours["wall_s"], ours["accuracy_after"] - trl["accuracy_after"]
-        se2 = 2 * math.sqrt(sum(r["accuracy_after"] * (1 - r["accuracy_after"]) for r in (ours, trl)) / args.eval_examples)
+        se2 = 2 * math.sqrt(sum(r["accuracy_after"] * (1 - r["accuracy_after"]) for r in (ours, trl))
+                            / args.eval_examples)
         met = "met" if diff >= 0 and speed >= 1 else "NOT met"
         lines += ["", f"wall-time ratio rlhf_lightning / TRL: {1 / speed:.2f} (TRL takes {speed:.2f}x as long)",
                   f"accuracy after, rlhf_lightning - TRL: {diff:+.3f} (2 binomial standard errors: {se2:.3f})",
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = load_tokenizer(str(warm))
         for text in (r["prompt"] for r in rows[:20]):  # TRL tokenizes plain prompts with special tokens on
             if tokenizer(text)["input_ids"] != tokenizer(text, add_special_tokens=False)["input_ids"]:
-                raise ValueError(f"the warm-start tokenizer adds special tokens to {text!r}; TRL's prompts would differ")
+                raise ValueError(f"the warm-start tokenizer adds special tokens to {text!r}; TRL's prompts would "
+                                 "differ")
         acc_before = greedy_accuracy(str(warm), task, held_out, max_new_tokens=args.max_new_tokens)
         print(f"[bench] warm start {warm}: held-out greedy accuracy {acc_before:.3f}", flush=True)
         for system in args.systems:

@@ -1,4 +1,5 @@
-"""The throughput benchmark's arithmetic and argument checks (its timings are not tested: no timed assertions)."""
+"""The throughput benchmark's arithmetic and argument checks (its timings are not tested: no timed assertions), and
+the pass@k / maj@k benchmark end to end at a toy budget."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import throughput  # noqa: E402  (benchmarks/ is a script directory, not a package)
+import passk_majk  # noqa: E402  (benchmarks/ is a script directory, not a package)
+import throughput  # noqa: E402
 
 
 def test_step_flops_hand_computed() -> None:
@@ -44,3 +46,15 @@ def test_phase_means_use_only_measured_steps() -> None:
     assert throughput._phase_means(snapshots, first=1) == {"generation": 1.5}
     assert throughput._phase_means(snapshots, first=0) == {"generation": 13.0 / 3}
     assert throughput._phase_means(snapshots, first=3) == {}
+
+
+@pytest.mark.slow
+def test_passk_majk_writes_its_table_and_plot(tmp_path) -> None:
+    """SFT warm start, GRPO, both evaluated for k = 1..4: the files exist, and pass@k never falls with k."""
+    results = passk_majk.main(["--out", str(tmp_path), "--sft-steps", "10", "--grpo-steps", "2", "--samples", "4",
+                               "--eval-prompts", "8"])
+    assert {p.name for p in tmp_path.iterdir()} >= {"results.md", "results.json", "passk_majk.png"}
+    assert "| 4 |" in (tmp_path / "results.md").read_text()
+    for name in ("sft", "grpo"):
+        passes = [results[name][f"pass@{k}"] for k in range(1, 5)]
+        assert passes == sorted(passes) and set(results[name]) >= {"accuracy", "maj@1", "maj@4"}

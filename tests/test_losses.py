@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
+from rlhf_lightning.algorithms.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_lightning.losses import (
-    AdaptiveKLController,
-    FixedKLController,
     aggregate,
     explained_variance,
     gae,

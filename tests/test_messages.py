@@ -61,6 +61,10 @@ PARSE_CASES = [
     ("class_path_typo", ["fit", "--model", "rlhf_lightning.GRPOModul"], {},
      "model: cannot use class 'rlhf_lightning.GRPOModul' (module 'rlhf_lightning' has no attribute 'GRPOModul'); "
      "did you mean 'GRPOModule'?"),
+    ("class_path_moved", ["fit", "--config", GRPO_CONFIG, "--config", "old_run.yaml"],
+     {"old_run.yaml": "trainer:\n  logger:\n    class_path: rlhf_lightning.loggers.RunLogger\n"},
+     "trainer.logger: cannot use class 'rlhf_lightning.loggers.RunLogger' (module 'rlhf_lightning' has no attribute "
+     "'loggers'); it is now rlhf_lightning.infra.loggers.RunLogger"),
     ("class_path_missing_module", ["fit", "--model", "my_pkg.MyGRPO"], {},
      "model: cannot use class 'my_pkg.MyGRPO' (No module named 'my_pkg')"),
     ("wrong_type", ["fit", "--config", GRPO_CONFIG, "--model.init_args.group_size", "eight"], {},

@@ -65,7 +65,7 @@ def _check_common(events: EventAccumulator, required: list[str]) -> None:
     texts = events.Tensors("samples/text_summary")
     assert [t.step for t in texts] == [0, 2]
     table = texts[0].tensor_proto.string_val[0].decode()
-    assert table.startswith("| prompt | completion | reward | advantage |") and "+" in table  # "a+b=" prompts
+    assert table.startswith("| prompt | completion | answer | reward | advantage |") and "+" in table  # "a+b="
     assert table.count("\n") >= 5  # header, separator and the rows of 4 prompts
 
     # histograms of rewards (exact_match: 0/1) and advantages on the same rollouts

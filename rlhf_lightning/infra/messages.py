@@ -109,9 +109,29 @@ def _unknown_class(message: str, parser: Any) -> str:
         classes = [n for n, v in vars(module).items() if inspect.isclass(v) and not n.startswith("_")]
         suggestion = did_you_mean(attr, classes)
     except Exception:  # noqa: BLE001 - the module itself does not import: the reason says why
-        pass
+        suggestion = _moved_class(path)
     key = _parser_key(message)
     return f"{key + ': ' if key else ''}cannot use class {path!r} ({reason}){suggestion}"
+
+
+def _moved_class(path: str) -> str:
+    """`; it is now rlhf_lightning.x.Y` for a class of this package named by a path that moved (a config written
+    before the package's modules moved into infra/ and data/), else ""."""
+    import pkgutil
+
+    import rlhf_lightning
+
+    module_name, _, attr = path.rpartition(".")
+    if not module_name.startswith("rlhf_lightning"):
+        return ""
+    for info in pkgutil.walk_packages(rlhf_lightning.__path__, "rlhf_lightning."):
+        try:
+            found = getattr(importlib.import_module(info.name), attr, None)
+        except Exception:  # noqa: BLE001 - an optional module that does not import here
+            continue
+        if inspect.isclass(found) and found.__module__ == info.name:
+            return f"; it is now {info.name}.{attr}"
+    return ""
 
 
 def _wrong_type(message: str, parser: Any) -> str:

@@ -28,10 +28,11 @@ from ..infra.cpu_allocator import keep_freed_memory
 from ..infra.nonfinite import NonFiniteGuard, check_finite_model
 from ..models import load_causal_lm, model_source, save_export
 from ..tokenizer import load_tokenizer
+from .sampled_eval import SampledEvaluation
 from .scoring import RewardScoring
 
 
-class PolicyModuleBase(RewardScoring, L.LightningModule):
+class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
     """Base for modules that train a causal-LM policy. Not used directly.
 
     Shared init arguments (subclasses forward them):
@@ -44,7 +45,12 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
             its schedule; the schedule's horizon is the trainer's estimated optimizer steps.
         torch_dtype: dtype of the weights (`float32`, `bfloat16`); precision is the Trainer's business.
         trust_remote_code: off unless you trust the model repository.
-        val_max_new_tokens: token budget of the greedy validation completions.
+        val_max_new_tokens: token budget of the greedy validation completions (and of the sampled ones).
+        eval_num_samples: completions sampled per held-out prompt at every validation / test for `val/pass@k` and
+            `val/maj@k` (`sampled_eval.py`, docs/evaluation.md); 0 = off (greedy metrics only).
+        eval_k: the k of pass@k / maj@k, each <= eval_num_samples (None = 1, 2, 4, ... and eval_num_samples).
+        eval_temperature, eval_top_p: how those completions are sampled. eval_seed: their generator's seed (its own
+            stream, offset by the rank: validation never draws from the training sampler).
         seed: initialisation seed for presets.
         lora: train a LoRA adapter instead of the full policy (peft): `{r, alpha, dropout, target_modules}`
             (defaults 8, 16, 0.0, all linear layers). The reference policy is then the base model with the
@@ -84,6 +90,8 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
         rollout_engine: str = "auto",
         nonfinite_rewards: str = "error",
         max_nonfinite_steps: int = 3,
+        eval_num_samples: int = 0, eval_k: list[int] | None = None,  # the sampled evaluation (sampled_eval.py)
+        eval_temperature: float = 1.0, eval_top_p: float = 1.0, eval_seed: int = 0,
     ):
         super().__init__()
         # every class's arguments (subclasses' frames included): the checkpoint's and the logger's hyperparameters
@@ -93,8 +101,7 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
                 raise ValueError(message)
         from ..rewards import check_reward_weights, resolve_reward_fn
 
-        self.nonfinite_rewards = nonfinite_rewards
-        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
+        self.nonfinite_rewards, self.nonfinite_guard = nonfinite_rewards, NonFiniteGuard(max_nonfinite_steps)
         self._reward_stats: dict[str, int] = {}  # the last scoring's counts (non-finite rewards made missing)
         self.reward_funcs: list[Callable] = [resolve_reward_fn(f) for f in (reward_fns or [])]
         if reward_fns:
@@ -120,8 +127,7 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
         self._engine_cls = get_engine(rollout_engine, setting="rollout_engine")  # an unknown name fails here
         self._engine = None  # built on first use, on the policy as it is then (after LoRA / sharding)
         self.val_max_new_tokens = val_max_new_tokens
-        self.optimizer_steps = 0
-        self.rollouts = 0
+        self.optimizer_steps = self.rollouts = 0
 
     def hparam_checks(self, hp) -> list[tuple[bool, str]]:
         """(holds, one-line message) for every range check of the arguments; subclasses add theirs. Run on the
@@ -138,6 +144,7 @@ class PolicyModuleBase(RewardScoring, L.LightningModule):
              f"{hp.val_max_new_tokens}"),
             (hp.nonfinite_rewards in NONFINITE_MODES, f"nonfinite_rewards must be {'|'.join(NONFINITE_MODES)}, got "
              f"{hp.nonfinite_rewards!r}"),
+            *self.eval_checks(hp),
         ]
 
     # ------------------------------------------------------------------------------------------ trainer
@@ -431,8 +438,8 @@ def check_manual_optimization_flags(module: L.LightningModule, trainer: L.Traine
 
 
 def _can_fuse_adamw(params: list, precision_plugin: Any) -> bool:
-    """Whether AdamW can run fused: one kernel per update instead of ~10 passes over every tensor (on the `medium`
-    preset, one CPU thread: 0.15 s of CPU per step against 0.54-0.86 s unfused; TRL's default optimizer is fused too).
+    """Whether AdamW can run fused: one kernel per update instead of ~10 passes over every tensor (the timing is in
+    docs/performance.md; TRL's default optimizer is fused too).
 
     Only for plain tensors on CPU/CUDA (FSDP2's DTensors and other subclasses keep the default implementation), and
     not under an AMP precision plugin: Lightning refuses to clip the gradients of an optimizer that unscales them

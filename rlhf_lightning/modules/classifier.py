@@ -95,7 +95,7 @@ class ClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
-        keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/cpu_allocator.py
+        keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/infra/cpu_allocator.py
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from .. import losses
 from ..algorithms.advantages import AdvantageInputs, get_estimator
 from ..algorithms.critic import ValueModel, disable_dropout_in_model, has_active_dropout
+from ..algorithms.kl_control import AdaptiveKLController, FixedKLController
 from ..algorithms.policy_losses import PolicyLossInputs, get_policy_loss
 from ..rewards import RewardModelSource, RewardOutput
 from ..rewards.model import load_frozen_reward_model
@@ -143,8 +144,8 @@ class PPOModule(RLModule):
         self.value_model = self._make_critic()
         self.apply_lora()  # after the critic: it copies the plain backbone, not the adapter
         self.ref_policy = self._make_reference() if (kl_coef > 0 or adaptive_kl) else None
-        self.kl_ctl = (losses.AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
-                       else losses.FixedKLController(kl_coef))
+        self.kl_ctl = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
+                       else FixedKLController(kl_coef))
 
     def hparam_checks(self, hp) -> list[tuple[bool, str]]:
         return super().hparam_checks(hp) + _ppo_checks(hp)
@@ -452,8 +453,8 @@ class PPOModule(RLModule):
             return
         greedy = self.greedy_samples(batch)  # sampled once for both the reward model and the functions
         if self.reward_model is not None:
-            self.log("val/score", self.reward_model_scores(greedy).mean(), batch_size=len(batch["prompts"]),
-                     sync_dist=True, prog_bar=True)
+            self.log(f"{self.eval_prefix}/score", self.reward_model_scores(greedy).mean(),
+                     batch_size=len(batch["prompts"]), sync_dist=True, prog_bar=True)
         self.log_reward_fn_metrics(batch, greedy)
 
     def has_reward(self) -> bool:

@@ -113,26 +113,29 @@ class RewardScoring:
         return torch.tensor(vals, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Greedy completions on held-out prompts: `val/reward`, and `val/accuracy` for 0/1 verifiers."""
+        """Greedy completions on held-out prompts: `val/reward`, and `val/accuracy` for 0/1 verifiers (plus the
+        sampled `val/pass@k`, `val/maj@k` with eval_num_samples; `test/...` under `trainer.test`)."""
         if self.has_reward():
             self.log_reward_fn_metrics(batch, self.greedy_samples(batch))
 
     def log_reward_fn_metrics(self, batch: dict[str, Any], samples) -> None:
         """`val/reward`: the mean reward of the greedy `samples` through `score_rollout` (the training path, so a
         subclass's `compute_rewards` is what validation measures; process supervision: the mean step reward;
-        'no reward' counts 0). `val/accuracy`: the mean of `validation_verifier` when its values are all 0/1."""
+        'no reward' counts 0). `val/accuracy`: the mean of `validation_verifier` when its values are all 0/1.
+        Then the sampled evaluation of the batch (`sampled_eval_step`, when eval_num_samples > 0)."""
         from ..rollout import decode_completions
 
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         columns = self.reward_columns(batch)
         scored = self.score_rollout(batch["prompts"], completions, {**batch, "columns": columns, "samples": samples})
         rewards = scored.rewards
-        B = len(completions)
-        self.log("val/reward", torch.nan_to_num(self.outcome_rewards(rewards)).mean(), batch_size=B, sync_dist=True,
-                 prog_bar=True)
+        B, prefix = len(completions), self.eval_prefix
+        self.log(f"{prefix}/reward", torch.nan_to_num(self.outcome_rewards(rewards)).mean(), batch_size=B,
+                 sync_dist=True, prog_bar=True)
         verified = self._verifier_values(batch["prompts"], completions, columns, scored.per_source)
         if verified is not None and bool(((verified == 0) | (verified == 1)).all()):
-            self.log("val/accuracy", verified.mean(), batch_size=B, sync_dist=True, prog_bar=True)
+            self.log(f"{prefix}/accuracy", verified.mean(), batch_size=B, sync_dist=True, prog_bar=True)
+        self.sampled_eval_step(batch)
 
     def validation_verifier(self) -> Callable | None:
         """The reward function whose 0/1 values are `val/accuracy`: the first reward function that is not a trained

@@ -47,6 +47,6 @@ class SFTModule(PolicyModuleBase):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "labels" in batch:
-            self.log("val/loss", self.sft_loss(batch), batch_size=batch["input_ids"].shape[0], sync_dist=True,
-                     prog_bar=True)
+            self.log(f"{self.eval_prefix}/loss", self.sft_loss(batch), batch_size=batch["input_ids"].shape[0],
+                     sync_dist=True, prog_bar=True)
         super().validation_step(batch, batch_idx)

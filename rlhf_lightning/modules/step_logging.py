@@ -78,40 +78,31 @@ class StepLogging:
 
     def log_sample_table(self, prompts: list[str], completions: list[str], rewards: torch.Tensor,
                          advantages: torch.Tensor, max_rows: int = 8) -> None:
-        """A markdown table of sample completions in TensorBoard's Text tab (rank 0, TensorBoard loggers)."""
-        experiment = self._rank_zero_experiment("add_text")
-        if experiment is None:
+        """A table of sample completions (prompt, completion, extracted answer, reward, advantage) in every logger
+        that shows tables (`infra.media`: TensorBoard's Text tab, W&B, MLflow), rank 0 only."""
+        from ..infra.media import log_table
+        from ..rewards import extract_answer
+
+        if self.trainer.global_rank != 0:
             return
         adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # process supervision: first token's
-
-        def cell(text: str) -> str:
-            return text.replace("|", "\\|").replace("\n", "⏎")[:200]
-
-        rows = ["| prompt | completion | reward | advantage |", "| --- | --- | --- | --- |"]
-        for i in range(min(max_rows, len(completions))):
-            rows.append(f"| {cell(prompts[i])} | {cell(completions[i])} | {float(rewards[i]):.3f} | "
-                        f"{float(adv[i]):.3f} |")
-        experiment.add_text("samples", "\n".join(rows), global_step=self.log_index)
+        rows = [[prompts[i], completions[i], str(extract_answer(completions[i])), float(rewards[i]), float(adv[i])]
+                for i in range(min(max_rows, len(completions)))]
+        log_table(self.loggers, "samples", ["prompt", "completion", "answer", "reward", "advantage"], rows,
+                  self.log_index)
 
     def log_histograms(self, values: dict[str, torch.Tensor]) -> None:
-        """Histograms (TensorBoard's Histograms/Distributions tabs) of this rank's values, rank 0 only.
+        """Histograms of this rank's values in every logger that shows them (`infra.media`), rank 0 only.
 
         Not reduced across ranks: gathering whole reward/advantage vectors every N steps would cost a collective
         of variable size for a picture that one rank's sample already shows. NaN entries are dropped.
         """
-        experiment = self._rank_zero_experiment("add_histogram")
-        if experiment is None:
+        from ..infra.media import log_histogram
+
+        if self.trainer.global_rank != 0:
             return
         for tag, x in values.items():
-            x = x.detach().float().flatten().cpu()
-            x = x[~torch.isnan(x)]
-            if x.numel():
-                experiment.add_histogram(tag, x, global_step=self.log_index)
-
-    def _rank_zero_experiment(self, method: str) -> Any:
-        """The logger's TensorBoard-like writer on rank 0 when it has `method`, else None."""
-        experiment = getattr(self.logger, "experiment", None) if self.trainer.global_rank == 0 else None
-        return experiment if hasattr(experiment, method) else None
+            log_histogram(self.loggers, tag, x, self.log_index)
 
     def per_function_reward_metrics(self, per_source: dict[str, torch.Tensor]) -> dict[str, Any]:
         """`reward/<function name>` and `reward/<function name>_std`: each reward function's mean and std over

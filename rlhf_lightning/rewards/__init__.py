@@ -21,11 +21,16 @@ with: a function becomes a `FunctionSource`, a reward model is a `RewardModelSou
 `ProcessRewardModelSource` (step scores, or one aggregated reward), and `WeightedSources` combines them;
 `RewardOutput.per_source` carries each source's values to the `reward/<name>` metrics.
 
-Layout: `builtin` (the verifiers), `functions` (resolving and checking functions), `interface` (`RewardSource`,
+Math answers: `answers.extract_answer` is the one answer extractor (the math reward, `maj@k` votes and the sample
+tables read answers through it), and `math_answer_match` verifies them with math-verify (`math_answers`).
+
+Layout: `builtin` (the verifiers), `answers` (final answers), `math_answers` (the math-verify reward and its worker
+process, `math_worker`), `functions` (resolving and checking functions), `interface` (`RewardSource`,
 `RewardOutput`), `sources` (function sources and the weighted combination), `model` (the reward model),
 `process_model` (the process reward model), `model_inputs` (what each reads).
 """
 
+from .answers import canonical_answer, extract_answer, reference_answer
 from .builtin import (
     CHAT_PROMPTS,
     REWARD_FNS,
@@ -48,15 +53,18 @@ from .functions import (
     trl_inputs,
 )
 from .interface import RewardOutput, RewardSource
+from .math_answers import MathVerifier, math_answer_match
 from .model import RewardModelSource
 from .process_model import ProcessRewardModelSource
 from .sources import FunctionSource, WeightedSources, as_source, call_reward_fns, call_step_reward_fns
 
+REWARD_FNS["math_answer_match"] = math_answer_match  # a short name like the built-ins (it lives in its own module)
+
 __all__ = [
-    "CHAT_PROMPTS", "NONFINITE_MODES", "REWARD_FNS", "FunctionSource", "ProcessRewardModelSource", "RewardModelSource",
-    "RewardOutput",
-    "RewardSource", "WeightedSources", "apply_op", "as_source", "call_reward_fns", "call_step_reward_fns",
-    "chain_final_correct", "chain_step_rewards", "chain_steps", "check_finite_rewards", "check_reward_weights",
-    "check_signature", "exact_match", "final_answer_match", "last_number", "parse_chain", "resolve_reward_fn",
+    "CHAT_PROMPTS", "NONFINITE_MODES", "REWARD_FNS", "FunctionSource", "MathVerifier", "ProcessRewardModelSource",
+    "RewardModelSource", "RewardOutput", "RewardSource", "WeightedSources", "apply_op", "as_source", "call_reward_fns",
+    "call_step_reward_fns", "canonical_answer", "chain_final_correct", "chain_step_rewards", "chain_steps",
+    "check_finite_rewards", "check_reward_weights", "check_signature", "exact_match", "extract_answer",
+    "final_answer_match", "last_number", "math_answer_match", "parse_chain", "reference_answer", "resolve_reward_fn",
     "reward_fn_name", "trl_inputs",
 ]

@@ -20,6 +20,7 @@ from .base import (
                    engine_names,
                    get_engine,
                    join_prompt_completion,
+                   left_pad,
                    position_ids_from_mask,
                    register_engine,
 )
@@ -29,4 +30,5 @@ from .sampler import DecoderEngine, sample
 
 __all__ = ["AutoEngine", "DecoderEngine", "FastEngine", "HFEngine", "Rollout", "RolloutBatch", "RolloutEngine",
            "SamplingParams", "completion_logprobs", "decode_completions", "engine_names", "get_engine",
-           "join_prompt_completion", "position_ids_from_mask", "register_engine", "sample", "token_logprobs"]
+           "join_prompt_completion", "left_pad", "position_ids_from_mask", "register_engine", "sample",
+           "token_logprobs"]

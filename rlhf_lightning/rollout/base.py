@@ -157,6 +157,19 @@ def join_prompt_completion(prompt_ids: Tensor, prompt_mask: Tensor, completion_i
     return input_ids, attn, position_ids_from_mask(attn)
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token-id lists as a prompt batch: (prompt_ids [B, P], prompt_mask [B, P]) LEFT-padded with `pad_id`, as
+    the data batches prompts (the last column is every row's last token)."""
+    P = max(map(len, seqs))
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # [B, P]
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)  # [B, P]
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, P - len(s):] = 1
+    return ids, mask
+
+
 def check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
     """A ValueError unless the prompts are a [B, P] batch, left-padded (every row's last column real)."""
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
