@@ -185,3 +185,16 @@ def check_negatives(negatives: dict[str, float] | None, negatives_model: Any = N
         raise ValueError(f"{model} {negatives_model!r} is only used by `policy` {what}, which have no "
                          f"weight in {negatives!r}")
     return negatives
+
+
+def check_model_setting(setting: str, model: Any) -> None:
+    """A model named in a data setting (`negatives_model`, `errors_model`) exists: a missing directory fails when
+    the DataModule is built, named by its setting, not after the data is loaded."""
+    if model is None:
+        return
+    from ..models import model_source
+
+    try:
+        model_source(model)
+    except ValueError as err:
+        raise ValueError(f"{setting}: {err}") from None

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from ..models import model_source
 from ..rewards.model_inputs import reward_input_ids, right_pad
-from .negatives import check_negatives, make_preference_pairs
+from .negatives import check_model_setting, check_negatives, make_preference_pairs
 from .prompts import PromptDataModule, with_columns, without_prompts_of
 from .rows import (
     UnknownCharacters,
@@ -99,11 +98,7 @@ class PreferenceDataModule(PromptDataModule):
             # validate the task and `negatives` now, not after loading
             check_negatives(negatives, negatives_model)
             make_preference_pairs(self.task, self.task.make_examples(1, seed=0))  # the task has built-in pairs
-            if negatives_model is not None:
-                try:
-                    model_source(negatives_model)  # a missing directory fails here, not after loading the data
-                except ValueError as err:
-                    raise ValueError(f"negatives_model: {err}") from None
+            check_model_setting("negatives_model", negatives_model)
         else:
             for name, value in (("negatives", negatives), ("negatives_model", negatives_model)):
                 if value is not None:

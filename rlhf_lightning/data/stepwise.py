@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from ..infra.errors import ConfigError
-from ..models import model_source
 from ..rewards.model_inputs import right_pad, step_label_row, stepwise_input_ids
-from .negatives import make_stepwise_rows
+from .negatives import check_model_setting, make_stepwise_rows
 from .prompts import PromptDataModule, with_columns, without_prompts_of
 from .rows import UnknownCharacters, check_columns, check_each_row, check_prompt, row_where, short_repr
 
@@ -69,11 +68,7 @@ class StepwiseDataModule(PromptDataModule):
                          batch_size=batch_size, max_prompt_length=max_length, max_length=max_length, **kwargs)
         if self.task is not None:  # the task has built-in rows and `errors` are known kinds: fail now
             make_stepwise_rows(self.task, [], error_rate, errors, errors_model=errors_model)
-            if errors_model is not None:
-                try:
-                    model_source(errors_model)  # a missing directory fails here, not after loading the data
-                except ValueError as err:
-                    raise ValueError(f"errors_model: {err}") from None
+            check_model_setting("errors_model", errors_model)
         else:
             for name, value, default in (("error_rate", error_rate, 0.5), ("errors", errors, None),
                                          ("errors_model", errors_model, None)):
