@@ -110,6 +110,10 @@ def test_step_boundaries_map_steps_to_tokens():
     # "1+2=3" ends at char 4 (token 4); "\n" is token 5; "3+4=7" ends at token 10; "12" ends at token 1
     assert ends.tolist() == [[4, 10], [1, -1]]
     assert rewards[0].tolist() == [1.0, 0.0] and rewards[1, 0] == 1.0 and torch.isnan(rewards[1, 1])
+    # one reward more than steps: the end step's, on the last token (the EOS: token 11 and token 2)
+    rewards, ends = module.step_boundaries([[1.0, 1.0, 0.5], [1.0, 0.0]], rollout)
+    assert ends.tolist() == [[4, 10, 11], [1, 2, -1]]
+    assert rewards[0].tolist() == [1.0, 1.0, 0.5] and rewards[1, :2].tolist() == [1.0, 0.0]
 
 
 def test_process_supervision_trains_on_chain_task(tmp_path):

@@ -213,6 +213,28 @@ def test_stepwise_rows_are_trls_format():
         as_stepwise_rows(["p"], ["a", "b"], [[1.0]])
 
 
+def test_end_step_is_the_outcome_and_becomes_an_empty_last_step():
+    """end_step=True: one label more per completion, the verifier on the whole completion (no extra sampling); a
+    chain that stops after one right step is false at its end (and, its one step being the last, verified, at that
+    step too: `final_step="rollout"` would label it by continuations). `as_stepwise_rows` writes it as a last step "" (what StepwiseDataModule reads as the end step) and leaves
+    out a completion with an empty step that is not the end."""
+    prompts, completions, answers, expected = chain_rows(n=1)
+    stopped = completions[0].split("\n")[0]  # the first right step, then EOS
+    prompts, completions, answers = prompts + [prompts[0]], completions + [stopped], answers + [answers[0]]
+    generate = ScriptedGenerate()
+    plain = mc_step_labels(ScriptedGenerate(), prompts, completions, final_answer_match, {"answer": answers},
+                           num_rollouts=2)
+    labels = mc_step_labels(generate, prompts, completions, final_answer_match, {"answer": answers},
+                            num_rollouts=2, end_step=True)
+    assert [row[:-1] for row in labels] == plain and labels[:-1] == [e + [e[-1]] for e in expected]
+    assert plain[-1] == [0.0] and labels[-1] == [0.0, 0.0]  # the only step is the last: verified, then the end
+    rows = as_stepwise_rows(prompts, completions, labels)
+    assert rows[0]["completions"] == completions[0].split("\n") + [""] and rows[0]["labels"] == [True] * 4
+    assert rows[-1] == {"prompt": prompts[0], "completions": [stopped, ""], "labels": [False, False]}
+    assert as_stepwise_rows(["p"], ["a\n"], [[1.0, 0.0, 0.0]]) == []  # "a", "" and the end: "" is no end step
+    assert as_stepwise_rows(["p"], ["a\n"], [[1.0, 0.0]]) == []
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_rollouts=0), "num_rollouts must be an integer >= 1"),
     (dict(mode="mean"), "mode must be hard|soft"),

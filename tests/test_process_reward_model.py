@@ -19,7 +19,7 @@ from rlhf_lightning import GRPOModule, PPOModule, ProcessRewardModel, PromptData
 from rlhf_lightning.data.negatives import make_stepwise_rows
 from rlhf_lightning.data.tasks import get_task
 from rlhf_lightning.infra.errors import ConfigError
-from rlhf_lightning.rewards import ProcessRewardModelSource, chain_step_rewards, chain_steps
+from rlhf_lightning.rewards import ProcessRewardModelSource, chain_process_rewards, chain_step_rewards, chain_steps
 from rlhf_lightning.rewards.model_inputs import split_steps, stepwise_input_ids
 
 
@@ -106,7 +106,7 @@ def test_injected_errors_are_labelled_from_their_step_on():
     are exactly what the chain verifier says of each step."""
     task = get_task("chain", num_terms=5)
     examples = task.make_examples(300, seed=3)
-    rows = make_stepwise_rows(task, examples, error_rate=1.0, seed=0)
+    rows = make_stepwise_rows(task, examples, error_rate=1.0, seed=0, end_step=False)
     first_wrong = []
     for ex, row in zip(examples, rows):
         right, steps, labels = chain_steps(ex["prompt"]), row["completions"], row["labels"]
@@ -118,12 +118,12 @@ def test_injected_errors_are_labelled_from_their_step_on():
             assert lhs.startswith(prev.split("=")[1]) and eval(lhs) == int(value)  # noqa: S307 - digits and +-
         first_wrong.append(k)
     assert set(first_wrong) == {0, 1, 2, 3}  # uniform over the 4 steps
-    clean = make_stepwise_rows(task, examples, error_rate=0.0)
+    clean = make_stepwise_rows(task, examples, error_rate=0.0, end_step=False)
     assert all(r["completions"] == chain_steps(e["prompt"]) and all(r["labels"]) for r, e in zip(clean, examples))
-    mixed = make_stepwise_rows(task, examples, error_rate=0.5, seed=1)
-    assert mixed == make_stepwise_rows(task, examples, error_rate=0.5, seed=1)  # seeded
+    mixed = make_stepwise_rows(task, examples, error_rate=0.5, seed=1, end_step=False)
+    assert mixed == make_stepwise_rows(task, examples, error_rate=0.5, seed=1, end_step=False)  # seeded
     assert 0.4 < sum(not all(r["labels"]) for r in mixed) / len(mixed) < 0.6
-    near = make_stepwise_rows(task, examples, error_rate=1.0, errors={"near": 1.0})
+    near = make_stepwise_rows(task, examples, error_rate=1.0, errors={"near": 1.0}, end_step=False)
     for ex, row in zip(examples, near):
         k = row["labels"].index(False)
         off = int(row["completions"][k].split("=")[1]) - int(chain_steps(ex["prompt"])[k].split("=")[1])
@@ -141,7 +141,7 @@ def test_policy_errors_are_the_models_own_samples_labelled_by_the_verifier(tmp_p
     char_tok.save_pretrained(sft)
     task = get_task("chain", num_terms=3)
     examples = task.make_examples(24, seed=0)
-    rows = make_stepwise_rows(task, examples, 1.0, {"policy": 1.0}, seed=0, errors_model=str(sft))
+    rows = make_stepwise_rows(task, examples, 1.0, {"policy": 1.0}, seed=0, errors_model=str(sft), end_step=False)
     own = 0
     for ex, row, mistake in zip(examples, rows, policy_mistakes(str(sft), task, examples, seed=0)):
         steps = mistake.split("\n") if mistake is not None else []
@@ -152,8 +152,37 @@ def test_policy_errors_are_the_models_own_samples_labelled_by_the_verifier(tmp_p
         else:
             assert not all(row["labels"]) and len(row["completions"]) == 2
     assert own > 0
+    ended = make_stepwise_rows(task, examples, 1.0, {"policy": 1.0}, seed=0, errors_model=str(sft), end_step=True)
+    for ex, row, plain in zip(examples, ended, rows):  # the end step: "", labelled by the outcome verifier
+        assert row["completions"] == plain["completions"] + [""] and row["labels"][:-1] == plain["labels"]
+        outcome = chain_process_rewards([ex["prompt"]], ["\n".join(plain["completions"])])[0][-1]
+        assert row["labels"][-1] == (outcome == 1)
     with pytest.raises(ValueError, match="errors `policy` samples a model's own mistakes: set errors_model"):
         StepwiseDataModule(task="chain", errors={"policy": 1.0})
+
+
+def test_end_steps_mark_whole_right_chains_and_stops_are_blamed_only_there():
+    """`end_step`: every row ends with "" labelled true iff the chain is whole and right; `stop_rate`: right chains
+    cut after 1..n-1 steps, every real step true and the end false (what `chain_process_rewards` says of them)."""
+    task = get_task("chain", num_terms=5)
+    examples = task.make_examples(400, seed=4)
+    rows = make_stepwise_rows(task, examples, error_rate=0.5, seed=2, stop_rate=0.5)
+    kinds = {"whole": 0, "stopped": 0, "wrong": 0}
+    for ex, row in zip(examples, rows):
+        steps, labels, right = row["completions"][:-1], row["labels"], chain_steps(ex["prompt"])
+        assert row["completions"][-1] == "" and len(labels) == len(steps) + 1
+        verdict = [v == 1 for v in chain_process_rewards([ex["prompt"]], ["\n".join(steps)])[0]]
+        assert labels == verdict  # the steps' labels and the end's are the verifier's
+        if all(labels):  # whole and right, or stopped on a value that happens to be the answer
+            kinds["whole"] += 1
+            assert steps == right[:len(steps)] and steps[-1].endswith("=" + ex["answer"])
+        elif all(labels[:-1]):
+            kinds["stopped"] += 1
+            assert steps == right[:len(steps)] and 1 <= len(steps) < len(right)
+        else:
+            kinds["wrong"] += 1
+            assert not labels[-1]
+    assert kinds["wrong"] > 150 and kinds["stopped"] > 60 and kinds["whole"] > 60, kinds
 
 
 def test_builtin_rows_hold_out_validation_prompts(char_tok):
@@ -212,7 +241,9 @@ def test_export_loads_with_plain_transformers_and_scores_like_the_module(briefly
             alone = model(torch.tensor([ids])).logits[0, positions].softmax(-1)[:, 1]
         torch.testing.assert_close(alone, expected[i][batch["labels"][i] != -100], atol=1e-5, rtol=1e-5)
     source = ProcessRewardModelSource(out, batch_size=4)  # from the directory, in uneven batches
-    scores = source.step_scores(batch["prompts"], ["\n".join(c) for c in batch["completions"]])
+    assert model.config.scores_end and source.score_end  # trained on end steps: the source scores ends too
+    assert all(c[-1] == "" for c in batch["completions"])  # ... which it appends to a policy's completion
+    scores = source.step_scores(batch["prompts"], ["\n".join(c[:-1]) for c in batch["completions"]])
     for i, s in enumerate(scores):
         torch.testing.assert_close(torch.tensor(s), expected[i][batch["labels"][i] != -100], atol=1e-5, rtol=1e-5)
     assert len(set(round(v, 4) for s in scores for v in s)) > 3  # trained: the scores differ step to step
@@ -310,6 +341,11 @@ def test_grpo_process_supervision_from_the_prm_gets_the_process_advantages(brief
         assert [len(s) for s in step.rewards] == [len(s) for s in want]
         assert sum(step.rewards, []) == pytest.approx(sum(want, []), abs=1e-6)
         rewards, ends = module.step_boundaries(step.rewards, r)
+        pieces = torch.tensor([len(c.split("\n")) for c in r.completions])  # the end step's index
+        n_tok = r.samples.completion_mask.sum(-1).cpu()
+        assert [len(s) for s in want] == (pieces + 1).tolist()  # every step, then the end
+        ended = ends.cpu()[torch.arange(len(pieces)), pieces]
+        assert (ended[n_tok > 0] == n_tok[n_tok > 0] - 1).all()  # the end's reward on the last token
         expected = losses.process_advantages(rewards, ends, 2, num_tokens=r.samples.completion_ids.shape[1])
         torch.testing.assert_close(step.advantages, expected.float())
         assert step.advantages.dim() == 2  # per token

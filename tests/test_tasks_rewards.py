@@ -15,6 +15,7 @@ from rlhf_lightning.rewards import (
     call_reward_fns,
     call_step_reward_fns,
     chain_final_correct,
+    chain_process_rewards,
     chain_step_rewards,
     exact_match,
     final_answer_match,
@@ -92,7 +93,7 @@ def test_task_completions_pass_their_own_verifiers():
         for fn in task.reward_fns:
             assert fn(prompts, completions, answer=answers) == [1.0] * 64
         for fn in task.process_reward_fns:
-            assert all(steps == [1.0] * 3 for steps in fn(prompts, completions, answer=answers))
+            assert all(steps == [1.0] * 4 for steps in fn(prompts, completions, answer=answers))  # 3 steps + the end
 
 
 def test_task_defaults_and_registry():
@@ -100,7 +101,7 @@ def test_task_defaults_and_registry():
     assert AdditionTask().reward_fns == [exact_match] and AdditionTask().process_reward_fns == []
     assert AdditionTask().step_separator is None
     assert ChainArithmeticTask().reward_fns == [final_answer_match]
-    assert ChainArithmeticTask().process_reward_fns == [chain_step_rewards]
+    assert ChainArithmeticTask().process_reward_fns == [chain_process_rewards]
     task = get_task("chain", num_terms=4, ops="+")
     assert isinstance(task, ChainArithmeticTask) and (task.num_terms, task.ops) == (4, "+")
     assert repr(task) == "ChainArithmeticTask(num_terms=4, max_operand=20, ops='+')"
@@ -166,6 +167,23 @@ def test_chain_step_rewards_hand_cases():
     assert parse_chain("7+5-3=") == (7, [("+", 5), ("-", 3)])
     with pytest.raises(ValueError, match="contains no arithmetic chain"):
         chain_step_rewards(["hello"], ["1"])
+
+
+def test_chain_process_rewards_end_with_the_outcome():
+    """The steps' rewards, then the end step: 1.0 iff the last number is the chain's value, so stopping after a
+    right step is blamed at the end (a chain that stops on the answer's value by chance is not)."""
+    prompt = "7+5-3="
+    cases = {
+        "7+5=12\n12-3=9": [1.0, 1.0, 1.0],
+        "7+5=12": [1.0, 0.0],  # stopped early: every written step right, the end wrong
+        "7+5=12\n12-3=8": [1.0, 0.0, 0.0],
+        "7+5=13\n13-3=9": [0.0, 0.0, 1.0],  # the end is the outcome verifier's: the answer is there
+        "": [0.0, 0.0],
+    }
+    assert chain_process_rewards([prompt] * len(cases), list(cases)) == list(cases.values())
+    assert chain_process_rewards(["9-9+9="], ["9-9=0"]) == [[1.0, 0.0]]
+    assert chain_process_rewards(["2+3-3="], ["2+3=5"]) == [[1.0, 0.0]]
+    assert chain_process_rewards(["2+3-5+2="], ["2+3=5\n5-5=0"]) == [[1.0, 1.0, 0.0]]
 
 
 # ------------------------------------------------------------------------------------------- resolving

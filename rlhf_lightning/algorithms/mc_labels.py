@@ -13,6 +13,8 @@ separator starts the next one, so the continuation of step k's prefix begins wit
 The last step's prefix is the whole completion: by default (`final_step="verify"`) it is labelled by the verifier
 on the completion itself (the outcome, what its rollouts would converge to) and costs no sampling;
 `final_step="rollout"` samples continuations from it too (e.g. for completions cut off by `max_new_tokens`).
+With `end_step=True` each completion gets one label more, its end step's (`algorithms.process`): the verifier on
+the completion itself ("finished and right"); `as_stepwise_rows` writes it as a last, empty step.
 
 Cost: num_rollouts x (steps - 1) sampled continuations per completion (x steps with `final_step="rollout"`),
 fewer with `dedupe` where completions share a prefix (GRPO groups often repeat their first steps).
@@ -55,7 +57,7 @@ def step_prefixes(completion: str, separator: str = "\n") -> list[str]:
 def mc_step_labels(generate: Generate, prompts: Sequence[str], completions: Sequence[str], verifier: Any,
                    columns: dict[str, list] | None = None, separator: str = "\n", num_rollouts: int = 8,
                    mode: str = "hard", batch_size: int | None = None, final_step: str = "verify",
-                   dedupe: bool = True) -> list[list[float]]:
+                   dedupe: bool = True, end_step: bool = False) -> list[list[float]]:
     """Math-Shepherd labels: one list per completion, one value per step (`step_prefixes`), NaN where the
     verifier had no opinion (None) on every continuation of that step.
 
@@ -72,6 +74,7 @@ def mc_step_labels(generate: Generate, prompts: Sequence[str], completions: Sequ
             ceil(Q x num_rollouts / batch_size) calls (one call when None), Q the prefixes rolled out.
         final_step: `verify` (the last step is the verifier on the completion: no sampling) or `rollout`.
         dedupe: roll out a (prompt, prefix, columns) once, however many completions share it.
+        end_step: append the end step's label, the verifier on the whole completion (no sampling).
     """
     _check_args(prompts, completions, num_rollouts, mode, batch_size, final_step)
     from ..rewards import resolve_reward_fn
@@ -81,13 +84,14 @@ def mc_step_labels(generate: Generate, prompts: Sequence[str], completions: Sequ
     queries, slots = _plan(prompts, completions, columns, separator, final_step == "rollout", dedupe)
     expanded = [q for q in queries for _ in range(num_rollouts)]  # (row, prefix) of every continuation
     continuations = sample_in_chunks(generate, [prompts[row] + prefix for row, prefix in expanded], batch_size)
-    finals = [i for i, s in enumerate(slots) if s[-1] is None]  # completions whose last step is verified
+    finals = [i for i, s in enumerate(slots) if s[-1] is None or end_step]  # completions verified as they are
     correct = _correct(verifier, prompts, columns, [row for row, _ in expanded] + finals,
                        [prefix + c for (_, prefix), c in zip(expanded, continuations)] +
                        [completions[i] for i in finals])  # [Q x N + len(finals)]
     values = _reduce(correct[:len(expanded)].view(len(queries), num_rollouts), mode).tolist()  # [Q]
     final_values = dict(zip(finals, correct[len(expanded):].tolist()))
-    return [[final_values[i] if q is None else values[q] for q in s] for i, s in enumerate(slots)]
+    return [[final_values[i] if q is None else values[q] for q in s] + ([final_values[i]] if end_step else [])
+            for i, s in enumerate(slots)]
 
 
 def _check_args(prompts: Sequence[str], completions: Sequence[str], num_rollouts: int, mode: str,
@@ -197,16 +201,19 @@ def as_stepwise_rows(prompts: Sequence[str], completions: Sequence[str], labels:
                      separator: str = "\n", threshold: float = 0.5) -> list[dict[str, Any]]:
     """Rows in TRL's stepwise-supervision format, `{"prompt": str, "completions": [step, ...], "labels": [bool,
     ...]}`: the steps are `completion.split(separator)` (without separators), a label is `value >= threshold`
-    (hard labels are 0/1; soft ones are thresholded). A completion with a NaN label (no verdict) is left out."""
+    (hard labels are 0/1; soft ones are thresholded); one label more than steps is the end step's (`mc_step_labels`
+    with `end_step`), written as a last step "". A completion with a NaN label (no verdict) is left out, and so is
+    one with an empty step that is not the end step (`StepwiseDataModule` refuses those)."""
     if not (len(prompts) == len(completions) == len(labels)):
         raise ValueError(f"prompts/completions/labels differ in length: {len(prompts)}/{len(completions)}/"
                          f"{len(labels)}")
     rows = []
     for i, (prompt, completion, values) in enumerate(zip(prompts, completions, labels)):
         steps = completion.split(separator)
-        if len(values) != len(steps):
+        if len(values) not in (len(steps), len(steps) + 1):
             raise ValueError(f"completion {i} has {len(steps)} steps but {len(values)} labels")
-        if any(math.isnan(float(v)) for v in values):
+        if any(math.isnan(float(v)) for v in values) or not all(step.strip() for step in steps):
             continue
+        steps = steps + [""] * (len(values) - len(steps))  # the end step
         rows.append({"prompt": prompt, "completions": steps, "labels": [float(v) >= threshold for v in values]})
     return rows

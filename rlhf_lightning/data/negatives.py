@@ -76,7 +76,8 @@ def chain_lines(task: ChainArithmeticTask, prompt: str, error_at: int | None, ki
 
 
 def make_stepwise_rows(task: Task, rows: list[dict], error_rate: float = 0.5, errors: dict[str, float] | None = None,
-                       seed: int = 0, errors_model: Any = None) -> list[dict]:
+                       seed: int = 0, errors_model: Any = None, end_step: bool = True,
+                       stop_rate: float = 0.0) -> list[dict]:
     """TRL stepwise rows {prompt, completions: [step, ...], labels: [bool, ...], answer} of the task's rows: with
     probability `error_rate` a row has an error of a kind drawn from `errors` (default `DEFAULT_NEGATIVES`).
 
@@ -84,8 +85,11 @@ def make_stepwise_rows(task: Task, rows: list[dict], error_rate: float = 0.5, er
     later steps carry on from it (`chain_lines`); labels are true before k and false from k on: from the slip on
     the chain cannot reach the answer, which is also what `chain_step_rewards` says of every such step.
     `policy`: `errors_model`'s own wrong sample (`policy_mistakes`: the first wrong one of `POLICY_TRIES`), its
-    steps labelled by the task's step verifier; a `random` error where every try was right. A pure function of its
-    arguments."""
+    steps labelled by the task's step verifier; a `random` error where every try was right.
+    `stop_rate`: the share of the error-free chains (of 2+ steps) that stop after a uniformly drawn number of
+    right steps. `end_step`: every row ends with the end step "" (`algorithms.process`), true iff the chain is
+    whole and right (what the outcome verifier says): how a process reward model learns that stopping early is
+    wrong. A pure function of its arguments."""
     if not isinstance(task, ChainArithmeticTask):
         raise ValueError(f"task {task.name!r} has no built-in stepwise rows (its completions are not chains of "
                          f"steps); use task: chain, or give stepwise rows with `path`")
@@ -97,7 +101,8 @@ def make_stepwise_rows(task: Task, rows: list[dict], error_rate: float = 0.5, er
         n = len(parse_chain(row["prompt"])[1])
         error_at = rng.randrange(n) if rng.random() < error_rate else None
         kind = rng.choices(kinds, weights)[0] if error_at is not None else None
-        out.append(None if kind == "policy" else _stepwise_row(task, row, error_at, kind, rng))
+        stop_at = rng.randrange(1, n) if error_at is None and n > 1 and rng.random() < stop_rate else None
+        out.append(None if kind == "policy" else _stepwise_row(task, row, error_at, kind, rng, stop_at, end_step))
     todo = [i for i, r in enumerate(out) if r is None]
     if todo:
         mistakes = policy_mistakes(errors_model, task, [rows[i] for i in todo], seed=seed)
@@ -105,19 +110,22 @@ def make_stepwise_rows(task: Task, rows: list[dict], error_rate: float = 0.5, er
             steps = mistake.split(task.step_separator) if mistake is not None else []
             if not steps or not all(step.strip() for step in steps):  # right every try (or an empty line)
                 k = rng.randrange(len(parse_chain(rows[i]["prompt"])[1]))
-                out[i] = _stepwise_row(task, rows[i], k, "random", rng)
+                out[i] = _stepwise_row(task, rows[i], k, "random", rng, None, end_step)
                 continue
-            labels = task.process_reward_fns[0]([rows[i]["prompt"]], [mistake])[0]
-            out[i] = {"prompt": rows[i]["prompt"], "completions": steps, "labels": [v == 1 for v in labels],
-                      "answer": rows[i]["answer"]}
+            labels = task.process_reward_fns[0]([rows[i]["prompt"]], [mistake])[0]  # the steps', then the end's
+            steps = steps + [""] if end_step else steps
+            out[i] = {"prompt": rows[i]["prompt"], "completions": steps,
+                      "labels": [v == 1 for v in labels[:len(steps)]], "answer": rows[i]["answer"]}
     return out
 
 
 def _stepwise_row(task: ChainArithmeticTask, row: dict, error_at: int | None, kind: str | None,
-                  rng: random.Random) -> dict:
-    steps = chain_lines(task, row["prompt"], error_at, kind, rng)
-    return {"prompt": row["prompt"], "completions": steps,
-            "labels": [error_at is None or k < error_at for k in range(len(steps))], "answer": row["answer"]}
+                  rng: random.Random, stop_at: int | None, end_step: bool) -> dict:
+    steps = chain_lines(task, row["prompt"], error_at, kind, rng)[:stop_at]
+    labels = [error_at is None or k < error_at for k in range(len(steps))]
+    if end_step:  # the outcome verifier's verdict: a chain stopped early may still end on the answer's value
+        steps, labels = steps + [""], labels + [int(steps[-1].rsplit("=", 1)[1]) == int(row["answer"])]
+    return {"prompt": row["prompt"], "completions": steps, "labels": labels, "answer": row["answer"]}
 
 
 def policy_mistakes(model_or_path: Any, task: Task, rows: list[dict], seed: int = 0,

@@ -37,7 +37,13 @@ class StepwiseDataModule(PromptDataModule):
     Built-in rows (`task: chain`): each generated chain is written correctly or, with probability `error_rate`,
     with a wrong intermediate result at a uniformly drawn step k; the later steps are recomputed from the wrong
     value, as a policy that slipped writes them, and the labels are true before k and false from k on
-    (`negatives.make_stepwise_rows`). Seeded by `seed`; validation prompts are removed from the training rows.
+    (`negatives.make_stepwise_rows`). With `stop_rate`, some right chains stop early; with `end_step` (default)
+    every row ends with the end step "" (`algorithms.process`): true iff the chain is whole and right. Seeded by
+    `seed`; validation prompts are removed from the training rows.
+
+    The end step: a row whose last step is "" (the only step that may be empty) teaches the model to judge the
+    end of a solution, scored on the separator after the last real step's. A model trained on such rows records
+    `scores_end` in its export, and `ProcessRewardModelSource` then scores every completion's end too.
 
     Args:
         path / task / task_kwargs / num_train / num_val / subset / split / val_split / val_path / val_fraction /
@@ -50,15 +56,22 @@ class StepwiseDataModule(PromptDataModule):
             `near` (±1, ±2, ±10: a policy's near misses); or `policy`: `errors_model`'s own wrong sample, its steps
             labelled by the task's step verifier (the mistakes RL will meet).
         errors_model: with `policy` errors: the causal LM (the SFT export) whose samples they are.
+        end_step: built-in rows only: end every row with the end step "", labelled whole-and-right.
+        stop_rate: built-in rows only: the share of error-free chains cut after a uniformly drawn number of their
+            steps (their end step is false): a policy's way of failing that no step label shows.
         max_length: rows longer than this many tokens are dropped (with a count warning).
     """
 
     def __init__(self, path: str | None = None, task: str | None = None, task_kwargs: dict[str, Any] | None = None,
                  error_rate: float = 0.5, errors: dict[str, float] | None = None, errors_model: str | None = None,
-                 num_train: int = 5000,
+                 end_step: bool = True, stop_rate: float = 0.25, num_train: int = 5000,
                  num_val: int = 500, batch_size: int = 32, max_length: int = 512, **kwargs: Any):
         if not (isinstance(error_rate, (int, float)) and 0 <= error_rate <= 1):
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate!r}")
+        if not (isinstance(stop_rate, (int, float)) and 0 <= stop_rate <= 1):
+            raise ValueError(f"stop_rate must be in [0, 1], got {stop_rate!r}")
+        if not isinstance(end_step, bool):
+            raise ValueError(f"end_step must be true or false, got {end_step!r}")
         for name in ("completion_column", "max_prompt_length"):  # PromptDataModule's, meaningless here
             if kwargs.get(name) is not None:
                 raise ValueError(f"data.{name} does not apply to StepwiseDataModule (the steps are the `completions` "
@@ -71,7 +84,8 @@ class StepwiseDataModule(PromptDataModule):
             check_model_setting("errors_model", errors_model)
         else:
             for name, value, default in (("error_rate", error_rate, 0.5), ("errors", errors, None),
-                                         ("errors_model", errors_model, None)):
+                                         ("errors_model", errors_model, None), ("stop_rate", stop_rate, 0.25),
+                                         ("end_step", end_step, True)):
                 if value != default:
                     raise ValueError(f"data.{name} applies to built-in rows (`task`) only, not to `path` data")
         self.step_separator: str | None = None  # the model's, when the rows are tokenized (`setup`)
@@ -82,7 +96,13 @@ class StepwiseDataModule(PromptDataModule):
         hp = self.hparams
         rows = [without_prompts_of(train, val), val]
         return tuple(make_stepwise_rows(self.task, r, hp.error_rate, hp.errors, seed=hp.seed + i,
-                                        errors_model=hp.errors_model) for i, r in enumerate(rows))
+                                        errors_model=hp.errors_model, end_step=hp.end_step, stop_rate=hp.stop_rate)
+                     for i, r in enumerate(rows))
+
+    @property
+    def has_end_steps(self) -> bool:
+        """Some training row ends with the end step "": the model learns to judge a solution's end."""
+        return any(item["completions"][-1] == "" for item in self.train_rows)
 
     RESERVED_COLUMNS = frozenset({"prompts", "step_labels", "input_ids", "attention_mask"})
 
@@ -163,8 +183,9 @@ def stepwise_lists(row: dict) -> tuple[list[str], list[bool]]:
     for k, step in enumerate(steps):
         if not isinstance(step, str):
             raise ValueError(f"step {k} must be a string, got {type(step).__name__} {short_repr(step)}")
-        if not step.strip():
-            raise ValueError(f"step {k} is empty{' (whitespace only)' if step else ''}")
+        if not step.strip() and not (step == "" and k == len(steps) - 1 and k > 0):
+            raise ValueError(f"step {k} is empty{' (whitespace only)' if step else ''}; only a last step may be empty "
+                             f"(the end step), after at least one real step")
     for k, label in enumerate(labels):
         if not isinstance(label, bool) and type(label).__name__ != "bool_":  # numpy's bool from parquet readers
             raise ValueError(f"label {k} must be a boolean (true = the step is correct), got {short_repr(label)}")

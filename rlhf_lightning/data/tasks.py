@@ -13,7 +13,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from rlhf_lightning.rewards import apply_op, chain_step_rewards, chain_steps, exact_match, final_answer_match
+from rlhf_lightning.rewards import apply_op, chain_process_rewards, chain_steps, exact_match, final_answer_match
 
 
 class Task(ABC):
@@ -129,7 +129,7 @@ class ChainArithmeticTask(Task):
 
     @property
     def process_reward_fns(self) -> list[Callable]:
-        return [chain_step_rewards]
+        return [chain_process_rewards]
 
     @property
     def max_completion_length(self) -> int:

@@ -37,7 +37,8 @@ class ProcessRewardModel(ClassifierModule):
     argmax class is right), `train|val/step_f1` (F1 of the *incorrect* class: finding wrong steps, which a model
     that calls every step correct never does) and `train|val/first_error_found` (share of rows whose first
     predicted-wrong step is the first labelled-wrong step, "no wrong step" counting as a value). `on_fit_end` writes
-    `<log_dir>/hf_model/` (model + tokenizer) whose config carries `step_separator` and `id2label`.
+    `<log_dir>/hf_model/` (model + tokenizer) whose config carries `step_separator`, `scores_end` (trained on end
+    steps, see `StepwiseDataModule`) and `id2label`.
     Once trained it is a reward source: `rewards.ProcessRewardModelSource`, or `process_reward_model` on GRPO / PPO.
 
     Args:
@@ -122,9 +123,19 @@ class ProcessRewardModel(ClassifierModule):
             raise ValueError(f"ProcessRewardModel trains on step labels, but the data is a {type(data).__name__}; "
                              "use data: rlhf_lightning.StepwiseDataModule (prompt, completions, labels)")
 
+    @property
+    def scores_end(self) -> bool:
+        """The model judges a solution's end (the end step ""): its training rows have end steps (the data's
+        `has_end_steps`), or, off a Trainer, the model it was loaded from recorded so."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(data, "has_end_steps") and data.train_rows:
+            return data.has_end_steps
+        return bool(getattr(self.model.config, "scores_end", False))
+
     def export_config(self, config: Any) -> None:
-        """`step_separator` (what the reward source splits completions on) and the class names."""
+        """`step_separator` (what the reward source splits completions on), `scores_end` and the class names."""
         config.step_separator = self.step_separator
+        config.scores_end = self.scores_end
         config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
 
 

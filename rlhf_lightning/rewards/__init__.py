@@ -36,6 +36,7 @@ from .builtin import (
     REWARD_FNS,
     apply_op,
     chain_final_correct,
+    chain_process_rewards,
     chain_step_rewards,
     chain_steps,
     exact_match,
@@ -63,7 +64,8 @@ REWARD_FNS["math_answer_match"] = math_answer_match  # a short name like the bui
 __all__ = [
     "CHAT_PROMPTS", "NONFINITE_MODES", "REWARD_FNS", "FunctionSource", "MathVerifier", "ProcessRewardModelSource",
     "RewardModelSource", "RewardOutput", "RewardSource", "WeightedSources", "apply_op", "as_source", "call_reward_fns",
-    "call_step_reward_fns", "canonical_answer", "chain_final_correct", "chain_step_rewards", "chain_steps",
+    "call_step_reward_fns", "canonical_answer", "chain_final_correct", "chain_process_rewards", "chain_step_rewards",
+    "chain_steps",
     "check_finite_rewards", "check_reward_weights", "check_signature", "exact_match", "extract_answer",
     "final_answer_match", "last_number", "math_answer_match", "parse_chain", "reference_answer", "resolve_reward_fn",
     "reward_fn_name", "trl_inputs",

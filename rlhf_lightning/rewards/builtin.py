@@ -124,12 +124,29 @@ def chain_step_rewards(prompts: list[str], completions: list[str], **kwargs) -> 
     return out
 
 
+def chain_process_rewards(prompts: list[str], completions: list[str], **kwargs) -> list[list[float]]:
+    """The chain task's process supervision: `chain_step_rewards` for every line, then the **end step** (see
+    `algorithms.process`): 1.0 iff the completion's last number is the chain's value, what the task's outcome
+    verifier says (`chain_final_correct`). So `len(out[i]) == completions[i].count("\\n") + 2`, and a chain that
+    stops after some right steps is blamed where it stopped."""
+    steps = chain_step_rewards(prompts, completions)
+    out = []
+    for prompt, completion, row in zip(prompts, completions, steps):
+        value, terms = parse_chain(_text(prompt))
+        for op, term in terms:
+            value = apply_op(value, op, term)
+        got = last_number(_text(completion))
+        out.append(row + [float(got is not None and got == value)])
+    return out
+
+
 # Short names accepted by `resolve_reward_fn` (e.g. `reward_fns: [exact_match]` in a YAML config).
 REWARD_FNS: dict[str, Callable] = {
     "exact_match": exact_match,
     "final_answer_match": final_answer_match,
     "chain_final_correct": chain_final_correct,
     "chain_step_rewards": chain_step_rewards,
+    "chain_process_rewards": chain_process_rewards,
 }
 
 

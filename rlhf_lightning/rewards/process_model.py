@@ -33,6 +33,9 @@ class ProcessRewardModelSource(RewardSource):
         (its weights are shared, not copied), or a bare token-classification model (then `tokenizer` is required).
     step_separator: default the one recorded in the export (`config.step_separator`), else "\\n"; one that differs
         from the recorded one is refused (the model learned to score that one).
+    score_end: also score each completion's end, as the end step "" after its steps (`algorithms.process`: how
+        stopping early is blamed); default: what the model records (`config.scores_end`: it was trained on end
+        steps), else False. Then every completion has one score more than steps (the last is its end's).
     batch_size: completions per forward pass. device: where to run (default: where the model is).
     """
 
@@ -41,12 +44,13 @@ class ProcessRewardModelSource(RewardSource):
 
     def __init__(self, model_dir_or_module: str | os.PathLike | nn.Module, tokenizer: Any = None,
                  aggregate: str = "steps", step_separator: str | None = None, batch_size: int = 64,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, score_end: bool | None = None):
         if aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate must be {'|'.join(AGGREGATIONS)}, got {aggregate!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.model, self.tokenizer, recorded = _load(model_dir_or_module, tokenizer)
+        self.model, self.tokenizer, recorded, scores_end = _load(model_dir_or_module, tokenizer)
+        self.score_end = scores_end if score_end is None else bool(score_end)
         if step_separator is not None and recorded is not None and step_separator != recorded:
             raise ValueError(f"step_separator {step_separator!r} differs from the {recorded!r} the process reward "
                              f"model was trained with")
@@ -61,12 +65,13 @@ class ProcessRewardModelSource(RewardSource):
         return self
 
     def step_scores(self, prompts: list[Any], completions: list[Any]) -> list[list[float]]:
-        """P(correct) of every step of every completion (prompts / completions as TRL passes them)."""
+        """P(correct) of every step of every completion (prompts / completions as TRL passes them), then of its
+        end with `score_end`."""
         from ..data.rows import prompt_text, response_text
 
-        sep = self.step_separator
+        sep, end = self.step_separator, [""] if self.score_end else []
         rows = [stepwise_input_ids(self.tokenizer, prompt_text(self.tokenizer, p),
-                                   split_steps(response_text(c, "completion"), sep), sep)
+                                   split_steps(response_text(c, "completion"), sep) + end, sep)
                 for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         out: list[list[float]] = []
@@ -99,18 +104,20 @@ def aggregate_steps(scores: list[float], how: str) -> float:
     raise ValueError(f"unknown aggregation {how!r}; choose min|last|product")
 
 
-def _load(source: Any, tokenizer: Any) -> tuple[nn.Module, Any, str | None]:
-    """(model, tokenizer, recorded step separator) of a directory / hub id, a `ProcessRewardModel` or a model."""
+def _load(source: Any, tokenizer: Any) -> tuple[nn.Module, Any, str | None, bool]:
+    """(model, tokenizer, recorded step separator, scores ends) of a directory / hub id, a `ProcessRewardModel` or
+    a model."""
     from ..models import load_token_classifier
     from ..modules.process_reward_model import ProcessRewardModel
     from ..tokenizer import load_tokenizer
 
     if isinstance(source, ProcessRewardModel):
-        return source.model, tokenizer or source.tokenizer, source.step_separator
+        return source.model, tokenizer or source.tokenizer, source.step_separator, source.scores_end
     if isinstance(source, nn.Module):
         if tokenizer is None:
             raise ValueError("ProcessRewardModelSource needs `tokenizer` when given a bare model")
-        return source, tokenizer, getattr(source.config, "step_separator", None)
+        return (source, tokenizer, getattr(source.config, "step_separator", None),
+                bool(getattr(source.config, "scores_end", False)))
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"model_dir_or_module must be a directory, a ProcessRewardModel or a model, "  # noqa: TRY004
                          f"got {type(source).__name__}")
@@ -124,4 +131,4 @@ def _load(source: Any, tokenizer: Any) -> tuple[nn.Module, Any, str | None]:
         raise ValueError(f"process reward model {os.fspath(source)!r} has {model.config.num_labels} classes; "
                          "a process reward model has 2 (0 = incorrect, 1 = correct)")
     model.requires_grad_(False)  # frozen: scored in eval mode, no gradients
-    return model, tok, getattr(model.config, "step_separator", None)
+    return model, tok, getattr(model.config, "step_separator", None), bool(getattr(model.config, "scores_end", False))
