@@ -80,7 +80,7 @@ class ProcessRewardModel(ClassifierModule):
 
     def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
         logits, labels = self(batch["input_ids"], batch["attention_mask"]), batch["labels"]  # [B, L, 2], [B, L]
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = step_loss(logits, labels)
         B = labels.shape[0]
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         self.update_step_metrics(metrics, logits.argmax(-1), labels)
@@ -123,9 +123,20 @@ class ProcessRewardModel(ClassifierModule):
                              "use data: rlhf_lightning.StepwiseDataModule (prompt, completions, labels)")
 
     def export_config(self, config: Any) -> None:
-        """`step_separator` (what the reward source splits completions on) and the class names."""
-        config.step_separator = self.step_separator
-        config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
+        export_config(config, self.step_separator)
+
+
+def export_config(config: Any, step_separator: str) -> None:
+    """What a PRM export's config records: `step_separator` (what the reward source splits completions on) and the
+    class names; also the iterative PRM callback's export."""
+    config.step_separator = step_separator
+    config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
+
+
+def step_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The PRM's loss: the mean cross-entropy of logits [B, L, 2] at the labelled positions of labels [B, L]
+    (-100 = not a step end), TRL's PRMTrainer's; also the iterative PRM callback's."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def step_metrics() -> nn.ModuleDict:
