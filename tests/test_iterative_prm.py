@@ -3,6 +3,8 @@ fresh samples, the PRM GRPO scores with retrained in place, the reference reset,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -111,6 +113,8 @@ def test_iterative_prm_labels_fresh_steps_and_retrains_the_prm_grpo_scores_with(
     for key in ("prm_loss", "prm_step_accuracy", "prm_step_accuracy_before", "prm_step_f1_before",
                 "step_label_mean", "label_mean"):
         assert len(scalars[f"iterative/{key}"]) == 2, key
+    metrics_doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    assert not [k for k in scalars if k.startswith("iterative/") and f"`{k}`" not in metrics_doc]
 
     # the export at fit end scores as the trained source does
     out = tmp_path / "it" / "version_0" / "process_reward_model"
