@@ -98,9 +98,9 @@ def test_iterative_prm_labels_fresh_steps_and_retrains_the_prm_grpo_scores_with(
     assert len(callback.history) == 16
     for row in callback.history:
         assert set(row) == {"prompt", "completions", "labels"} and len(row["labels"]) == len(row["completions"])
-        for k, label in enumerate(row["labels"]):
+        for k, (step, label) in enumerate(zip(row["completions"], row["labels"])):
             prefix = "\n".join(row["completions"][:k + 1])
-            assert not label or prefix_is_correct(row["prompt"] + prefix)
+            assert not (step and label) or prefix_is_correct(row["prompt"] + prefix)  # "": an end step, if any
     assert any(all(r["labels"]) for r in callback.history) and any(not r["labels"][0] for r in callback.history)
 
     from test_iterative import _events
