@@ -58,7 +58,7 @@ def test_documented_command_parses(page, command, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize("name", ["PromptDataModule", "PreferenceDataModule", "StepwiseDataModule", "SFTModule",
                                   "RewardModel", "ProcessRewardModel", "GRPOModule", "PPOModule",
-                                  "IterativeRewardModelCallback"])
+                                  "IterativeRewardModelCallback", "IterativeProcessRewardModelCallback"])
 def test_config_reference_lists_every_argument(name):
     reference = (REPO / "docs" / "configs.md").read_text()
     params = init_arg_names(getattr(rlhf_lightning, name))  # every argument, **kwargs followed up the classes

@@ -216,8 +216,9 @@ def test_stepwise_rows_are_trls_format():
 def test_end_step_is_the_outcome_and_becomes_an_empty_last_step():
     """end_step=True: one label more per completion, the verifier on the whole completion (no extra sampling); a
     chain that stops after one right step is false at its end (and, its one step being the last, verified, at that
-    step too: `final_step="rollout"` would label it by continuations). `as_stepwise_rows` writes it as a last step "" (what StepwiseDataModule reads as the end step) and leaves
-    out a completion with an empty step that is not the end."""
+    step too: `final_step="rollout"` would label it by continuations). `as_stepwise_rows` writes it as a last
+    step "" (what StepwiseDataModule reads as the end step) and leaves out a completion with an empty step that is
+    not the end."""
     prompts, completions, answers, expected = chain_rows(n=1)
     stopped = completions[0].split("\n")[0]  # the first right step, then EOS
     prompts, completions, answers = prompts + [prompts[0]], completions + [stopped], answers + [answers[0]]

@@ -49,6 +49,12 @@ SHRUNK = {
     "prm_chain": [*ONE_EPOCH, *SMALL_DATA],
     "grpo_process_prm": [*RL, "--model.init_args.group_size", "2", "--model.init_args.model_name_or_path",
                          "{sft_chain}", "--model.init_args.process_reward_model", "{prm_chain}"],
+    # iterative RL with the PRM: the callback labels 4 fresh samples per rollout (MC, 2 continuations a step)
+    "grpo_iterative_prm": [*RL, "--model.init_args.group_size", "2", "--model.init_args.model_name_or_path",
+                           "{sft_chain}", "--model.init_args.process_reward_model", "{prm_chain}",
+                           "--trainer.callbacks.init_args.every_n_steps", "1",
+                           "--trainer.callbacks.init_args.samples_per_iteration", "4",
+                           "--trainer.callbacks.init_args.num_rollouts", "2"],
     "grpo_iterative": [*RL, "--model.init_args.group_size", "2", "--model.init_args.reward_model", "{rm}",
                        "--trainer.callbacks.init_args.every_n_steps", "1",
                        "--trainer.callbacks.init_args.samples_per_iteration", "16",
@@ -111,7 +117,7 @@ def run_script(args: list[str], cwd: Path, extra_path: Path) -> subprocess.Compl
 def test_every_offline_config_writes_everything_under_default_root_dir(tmp_path):
     """Each shipped config, shrunk, run from an empty cwd with `--trainer.default_root_dir X`: the cwd stays empty
     and X/runs/<name>/version_0/ holds the events, config.yaml, the epoch-end checkpoint and hf_model/ (the
-    iterative run also its retrained reward_model/). ~2 minutes on 2 busy cores."""
+    iterative runs also their retrained reward_model/, process_reward_model/). ~2 minutes on 2 busy cores."""
     cwd, root, modules = tmp_path / "cwd", tmp_path / "X", tmp_path / "modules"
     cwd.mkdir()
     modules.mkdir()
@@ -129,6 +135,7 @@ def test_every_offline_config_writes_everything_under_default_root_dir(tmp_path)
         assert list((run / "checkpoints").glob("*.ckpt")), name
         assert sorted(os.listdir(cwd)) == [], f"{name} wrote into the cwd: {sorted(os.listdir(cwd))}"
     assert (root / "runs/grpo_iterative/version_0/reward_model/config.json").exists()
+    assert (root / "runs/grpo_iterative_prm/version_0/process_reward_model/config.json").exists()
     assert sorted(os.listdir(root)) == ["runs"]
 
 

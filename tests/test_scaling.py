@@ -15,6 +15,7 @@ from rlhf_lightning import GRPOModule, PPOModule, PreferenceDataModule, PromptDa
 from rlhf_lightning.cli import cli_main
 from rlhf_lightning.infra.parallel import FSDP2Strategy, check_strategy
 from rlhf_lightning.models import load_causal_lm
+from rlhf_lightning.modules.process_reward_model import ProcessRewardModel
 
 # Shrink a task config to a few rollouts (the same overrides for every strategy).
 SMALL = ["--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
@@ -175,23 +176,33 @@ PARITY_LABEL = "def parity(prompts, completions, **kwargs):\n" \
 
 
 @pytest.mark.slow
-def test_iterative_rl_under_ddp_with_the_default_logger_exports_policy_and_reward_model(tmp_path):
-    """IterativeRewardModelCallback's end-of-fit export reads the run dir (a collective) on every rank too."""
+@pytest.mark.parametrize("config", ["grpo_iterative", "grpo_iterative_prm"])
+def test_iterative_rl_under_ddp_with_the_default_logger_exports_policy_and_reward_model(tmp_path, config):
+    """The iterative callbacks' end-of-fit export reads the run dir (a collective) on every rank too; the rows
+    (pairs, MC-labelled stepwise rows) are all-gathered and the iteration's metrics reduced on both ranks."""
     (tmp_path / "parity_label.py").write_text(PARITY_LABEL)
-    RewardModel("tiny").export(tmp_path / "rm")
+    if config == "grpo_iterative":
+        RewardModel("tiny").export(tmp_path / "rm")
+        model = ["--model.init_args.reward_model", str(tmp_path / "rm"), "--trainer.callbacks.init_args.labeler",
+                 "parity_label.parity"]
+    else:
+        ProcessRewardModel("tiny").export(tmp_path / "rm")
+        model = ["--model.init_args.process_reward_model", str(tmp_path / "rm"), "--model.init_args.model_name_or_path",
+                 "tiny", "--trainer.callbacks.init_args.num_rollouts", "2"]
     root = tmp_path / "out"
-    args = ["--config", str(REPO / "configs" / "grpo_iterative.yaml"), "--trainer.strategy", "ddp",
+    args = ["--config", str(REPO / "configs" / f"{config}.yaml"), "--trainer.strategy", "ddp",
             "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--model.init_args.reward_model", str(tmp_path / "rm"),
+            "--trainer.enable_progress_bar", "false", *model,
             "--model.init_args.group_size", "2", "--model.init_args.max_new_tokens", "4",
             "--trainer.callbacks.init_args.every_n_steps", "1", "--trainer.callbacks.init_args.samples_per_iteration",
-            "16", "--trainer.callbacks.init_args.labeler", "parity_label.parity", "--data.init_args.batch_size", "4",
+            "16", "--data.init_args.batch_size", "4",
             "--data.init_args.num_train", "64", "--data.init_args.num_val", "8", "--data.init_args.val_batch_size",
             "4", "--trainer.default_root_dir", str(root)]
     run_processes([str(SCRIPT), "fit", *args], tmp_path, tmp_path)
-    run = root / "runs" / "grpo_iterative" / "version_0"
-    assert (run / "hf_model" / "config.json").exists() and (run / "reward_model" / "config.json").exists()
+    run = root / "runs" / config / "version_0"
+    export = "reward_model" if config == "grpo_iterative" else "process_reward_model"
+    assert (run / "hf_model" / "config.json").exists() and (run / export / "config.json").exists()
 
 
 # ------------------------------------------------------------------------------------------- strategy misuse

@@ -81,7 +81,7 @@ class ProcessRewardModel(ClassifierModule):
 
     def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
         logits, labels = self(batch["input_ids"], batch["attention_mask"]), batch["labels"]  # [B, L, 2], [B, L]
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = step_loss(logits, labels)
         B = labels.shape[0]
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         self.update_step_metrics(metrics, logits.argmax(-1), labels)
@@ -133,10 +133,22 @@ class ProcessRewardModel(ClassifierModule):
         return bool(getattr(self.model.config, "scores_end", False))
 
     def export_config(self, config: Any) -> None:
-        """`step_separator` (what the reward source splits completions on), `scores_end` and the class names."""
-        config.step_separator = self.step_separator
-        config.scores_end = self.scores_end
-        config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
+        export_config(config, self.step_separator, self.scores_end)
+
+
+def export_config(config: Any, step_separator: str, scores_end: bool) -> None:
+    """What a PRM export's config records: `step_separator` (what the reward source splits completions on),
+    `scores_end` (trained on end steps: the source scores each completion's end) and the class names; also the
+    iterative PRM callback's export."""
+    config.step_separator = step_separator
+    config.scores_end = bool(scores_end)
+    config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
+
+
+def step_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The PRM's loss: the mean cross-entropy of logits [B, L, 2] at the labelled positions of labels [B, L]
+    (-100 = not a step end), TRL's PRMTrainer's; also the iterative PRM callback's."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def step_metrics() -> nn.ModuleDict:
