@@ -82,7 +82,7 @@ def fit(config: str, overrides: list[str], root: Path, threads: int) -> tuple[Pa
 
 
 def held_out_accuracy(model_dir: Path, n: int) -> float:
-    from rlhf_lightning.data import get_task
+    from rlhf_lightning.data.tasks import get_task
     from rlhf_lightning.evaluation import greedy_accuracy
 
     task = get_task("chain", num_terms=TERMS, max_operand=MAX_OPERAND)
