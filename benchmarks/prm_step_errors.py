@@ -5,7 +5,8 @@ with one kind of injected error each, and on a policy's own samples (the truth: 
         --policy runs/sft_chain/version_0/hf_model
 
 Prints one markdown table (docs/process_reward_model.md quotes it). A step counts as "called wrong" when its
-P(correct) is <= 0.5; "first error found": the first step called wrong is the first wrong one (none = none).
+P(correct) is <= 0.5; "first error found": the first step called wrong is the first wrong one (none = none). A PRM
+trained on end steps (`scores_end`) is scored on each chain's end too, against the outcome (`chain_process_rewards`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import argparse
 
 
 def step_stats(scores: list[list[float]], truth: list[list[bool]]) -> dict[str, float]:
-    """Step accuracy, share of right steps (the majority baseline), recall of wrong steps, false alarms on right
-    steps, first error found, from P(correct) per step and the true labels."""
+    """Accuracy on the last step (the end step, when the PRM scores ends), step accuracy, share of right steps (the
+    majority baseline), recall of wrong steps, false alarms on right steps, first error found, from P(correct) per
+    step and the true labels."""
     pairs = [(s > 0.5, t) for ss, tt in zip(scores, truth) for s, t in zip(ss, tt)]
     wrong = [p for p, t in pairs if not t]
     right = [p for p, t in pairs if t]
     first = sum(_first(s > 0.5 for s in ss) == _first(tt) for ss, tt in zip(scores, truth))
+    ends = [(ss[-1] > 0.5) == tt[-1] for ss, tt in zip(scores, truth)]
     return {"step accuracy": sum(p == t for p, t in pairs) / len(pairs), "right steps": len(right) / len(pairs),
             "recall of wrong": sum(not p for p in wrong) / max(len(wrong), 1),
-            "false alarms": sum(not p for p in right) / max(len(right), 1), "first error found": first / len(truth)}
+            "false alarms": sum(not p for p in right) / max(len(right), 1), "first error found": first / len(truth),
+            "last step accuracy": sum(ends) / len(ends)}
 
 
 def _first(right) -> int:
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from rlhf_lightning.data.negatives import make_stepwise_rows
     from rlhf_lightning.data.tasks import get_task
     from rlhf_lightning.evaluation import complete, load_policy
-    from rlhf_lightning.rewards import ProcessRewardModelSource, chain_step_rewards
+    from rlhf_lightning.rewards import ProcessRewardModelSource, chain_process_rewards, chain_step_rewards
 
     task = get_task("chain", num_terms=args.num_terms, max_operand=args.max_operand)
     source = ProcessRewardModelSource(args.prm, batch_size=256)
@@ -54,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [e["prompt"] for e in examples]
     rows: dict[str, dict[str, float]] = {}
     for kind in ("random", "digit", "near"):
-        stepwise = make_stepwise_rows(task, examples, 0.5, {kind: 1.0}, seed=5)
-        completions = ["\n".join(r["completions"]) for r in stepwise]
+        stepwise = make_stepwise_rows(task, examples, 0.5, {kind: 1.0}, seed=5, end_step=source.score_end)
+        completions = ["\n".join(r["completions"][:-1] if source.score_end else r["completions"]) for r in stepwise]
         rows[f"{kind} errors (half the chains)"] = step_stats(source.step_scores(prompts, completions),
                                                               [r["labels"] for r in stepwise])
     if args.policy:
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         budget = task.max_completion_length + 1
         for name, generator in (("policy samples, T = 1", torch.Generator().manual_seed(0)), ("policy greedy", None)):
             completions = complete(model, tokenizer, prompts, budget, generator=generator)
-            truth = [[v == 1 for v in r] for r in chain_step_rewards(prompts, completions)]
+            verifier = chain_process_rewards if source.score_end else chain_step_rewards  # with the end step or not
+            truth = [[v == 1 for v in r] for r in verifier(prompts, completions)]
             rows[name] = step_stats(source.step_scores(prompts, completions), truth)
     columns = list(next(iter(rows.values())))
     print("| chains | " + " | ".join(columns) + " |")

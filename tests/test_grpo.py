@@ -460,3 +460,17 @@ def test_shipped_process_config_validates_with_outcome_accuracy_and_step_reward(
     scalars = tensorboard_scalars(tmp_path)
     assert len(scalars.get("val/reward", [])) == 2 and len(scalars.get("val/accuracy", [])) == 2, sorted(scalars)
     assert all(0 <= v <= 1 for v in scalars["val/reward"] + scalars["val/accuracy"])
+
+
+def test_the_global_seed_decides_the_sampling_stream():
+    """`seed_everything: 1` and `seed_everything: 0` on the same warm start must not be the same run: the default
+    sample_seed is 1234 + the global seed (recorded as resolved); an explicit one wins."""
+    L.seed_everything(0)
+    zero = GRPOModule("tiny", group_size=2)
+    L.seed_everything(1)
+    one = GRPOModule("tiny", group_size=2)
+    explicit = GRPOModule("tiny", group_size=2, sample_seed=7)
+    assert (zero.hparams.sample_seed, one.hparams.sample_seed, explicit.hparams.sample_seed) == (1234, 1235, 7)
+    draws = [torch.rand(4, generator=m._generator()) for m in (zero, one)]
+    assert not torch.equal(*draws)
+    L.seed_everything(0)

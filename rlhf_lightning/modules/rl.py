@@ -67,7 +67,9 @@ class RLModule(StepLogging, PolicyModuleBase):
             normalised by the whole step's count on all ranks, so it does not change the update). None = the
             minibatch.
         max_grad_norm: gradient clipping of each optimizer's parameters (None = off).
-        sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints).
+        sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints). None (the
+            default) = 1234 + the global seed (`seed_everything`, Lightning's `PL_GLOBAL_SEED`), so runs that differ
+            only in their seed sample differently (recorded in hparams as resolved).
         log_samples_every_n_steps: text table of sample completions and histograms of rewards / advantages every
             N rollouts (0 = off).
         lr: the policy's learning rate. val_max_new_tokens: None = max_new_tokens.
@@ -85,7 +87,7 @@ class RLModule(StepLogging, PolicyModuleBase):
 
     def __init__(self, model_name_or_path: str = "tiny", *, max_new_tokens: int = 32, min_new_tokens: int = 0,
                  temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.2, minibatches: int = 1,
-                 micro_batch_size: int | None = None, max_grad_norm: float | None = 1.0, sample_seed: int = 1234,
+                 micro_batch_size: int | None = None, max_grad_norm: float | None = 1.0, sample_seed: int | None = None,
                  log_samples_every_n_steps: int = 50, lr: float = 1e-5, val_max_new_tokens: int | None = None,
                  process_reward_model: str | None = None, process_reward_aggregation: str | None = None,
                  **kwargs: Any):
@@ -106,6 +108,8 @@ class RLModule(StepLogging, PolicyModuleBase):
                     raise ValueError(f"reward_weights needs {len(self.reward_funcs)} entries: one per reward_fns "
                                      f"entry and one (last) for process_reward_model")
                 self.reward_weights = check_reward_weights(weights, len(self.reward_funcs))
+        if sample_seed is None:  # the run's seed decides the sampling: seed_everything 1 != seed_everything 0
+            self.hparams.sample_seed = 1234 + int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.automatic_optimization = False
         self.sample_generator: torch.Generator | None = None  # the sampling RNG, see `_generator`
         self._sample_generator_state: Tensor | None = None
@@ -124,6 +128,8 @@ class RLModule(StepLogging, PolicyModuleBase):
              f"{hp.micro_batch_size!r}"),
             (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
              f"{hp.max_grad_norm}"),
+            (hp.sample_seed is None or isinstance(hp.sample_seed, int), f"sample_seed must be an integer or null, got "
+             f"{hp.sample_seed!r}"),
             (isinstance(hp.log_samples_every_n_steps, int) and hp.log_samples_every_n_steps >= 0,
              f"log_samples_every_n_steps must be an integer >= 0, got {hp.log_samples_every_n_steps!r}"),
             *_process_reward_checks(hp),
