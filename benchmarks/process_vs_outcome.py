@@ -7,6 +7,7 @@ console script (`rlhf-lightning fit`, as a user runs them):
                        (1 if the completion's last number is the chain's value)
     process_verifier   the same with `supervision: process`, `reward_fns: [chain_process_rewards]` (the exact step
                        verifier on every line, then the end step: the outcome)
+    process_verifier_no_end   the ablation: `reward_fns: [chain_step_rewards]`, the lines only, no end step
     process_prm        configs/grpo_process_prm.yaml as shipped: every step's reward is the trained PRM's
                        P(correct) (and its end step's), no verifier in the reward
     iterative_prm      configs/grpo_iterative_prm.yaml: the same, and the PRM is retrained on Monte-Carlo labels of
@@ -18,7 +19,7 @@ prompts are drawn from 1.28M possible chains, so an overlap is negligible), grad
 off). Without `--warm-start` / `--prm` it first trains them with configs/sft_chain.yaml / configs/prm_chain.yaml.
 
     .venv/bin/python benchmarks/process_vs_outcome.py --warm-start runs/sft_chain/version_0/hf_model \\
-        --prm runs/prm_chain/version_0/hf_model --rollouts 300 --seeds 0 1 2
+        --prm runs/prm_chain/version_0/hf_model --rollouts 600 --seeds 0 1
 
 Writes results.json and results.md to `--out`, prints the table. It asserts nothing: it measures and reports.
 """
@@ -44,6 +45,9 @@ ARMS = {
     "process_verifier": ("grpo_process_prm.yaml", ["--model.init_args.reward_fns", "[chain_process_rewards]",
                                                    "--model.init_args.process_reward_model", "null",
                                                    "--model.init_args.process_reward_aggregation", "null"]),
+    "process_verifier_no_end": ("grpo_process_prm.yaml", ["--model.init_args.reward_fns", "[chain_step_rewards]",
+                                                          "--model.init_args.process_reward_model", "null",
+                                                          "--model.init_args.process_reward_aggregation", "null"]),
     "process_prm": ("grpo_process_prm.yaml", ["--model.init_args.process_reward_model", "{prm}"]),
     "iterative_prm": ("grpo_iterative_prm.yaml", ["--model.init_args.process_reward_model", "{prm}"]),
 }
@@ -55,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_out/process_vs_outcome"))
     p.add_argument("--warm-start", type=Path, default=None, help="SFT hf_model/ export (default: train one)")
     p.add_argument("--prm", type=Path, default=None, help="ProcessRewardModel hf_model/ export (default: train one)")
-    p.add_argument("--rollouts", type=int, default=300, help="GRPO rollouts (optimizer steps) per run")
+    p.add_argument("--rollouts", type=int, default=600, help="GRPO rollouts (optimizer steps) per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=[a for a in ARMS if a != "process_verifier_no_end"], choices=list(ARMS))
     p.add_argument("--eval-prompts", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
