@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ..infra.decline import DeclineWatch
 from ..rollout import Rollout, completion_logprobs, decode_completions
 from .base import PolicyModuleBase, grad_norm
 from .step_logging import StepLogging
@@ -110,6 +112,7 @@ class RLModule(StepLogging, PolicyModuleBase):
                 self.reward_weights = check_reward_weights(weights, len(self.reward_funcs))
         if sample_seed is None:  # the run's seed decides the sampling: seed_everything 1 != seed_everything 0
             self.hparams.sample_seed = 1234 + int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.decline_watch = DeclineWatch()  # warns when held-out accuracy stays below its start (`on_validation_end`)
         self.automatic_optimization = False
         self.sample_generator: torch.Generator | None = None  # the sampling RNG, see `_generator`
         self._sample_generator_state: Tensor | None = None
@@ -308,6 +311,26 @@ class RLModule(StepLogging, PolicyModuleBase):
         ref.requires_grad_(False)
         return ref
 
+
+    def on_validation_end(self) -> None:
+        """The decline guard (`infra.decline`): `val/accuracy` (else `val/reward`) more than 0.05 below its value at
+        the start (the sanity check, else the first validation) for 2 validations in a row -> one warning naming
+        the likely causes. It only warns: the run goes on."""
+        metrics = self.trainer.callback_metrics
+        key = next((k for k in ("val/accuracy", "val/reward") if k in metrics), None)
+        if key is None:
+            return
+        got = self.decline_watch.update(float(metrics[key]), start=self.trainer.sanity_checking)
+        if got is not None:
+            hp = self.hparams
+            kl = f"beta={hp.beta}" if "beta" in hp else f"kl_coef={hp.get('kl_coef')}"
+            learned = [getattr(f, "__name__", "?") for f in self.reward_funcs if getattr(f, "learned", False)]
+            hacked = (f"; or the learned reward ({', '.join(learned)}) is being exploited: compare val/reward with "
+                      f"the verifier's val/accuracy") if learned else ""
+            rank_zero_warn(f"{key} fell from {got[0]:.3f} at the start to {', '.join(f'{v:.3f}' for v in got[1])} "
+                           f"in the last {len(got[1])} validations: the policy is getting worse than it began. "
+                           f"Likely causes: the learning rate (lr={hp.lr}, lr_schedule={hp.get('lr_schedule')}), a "
+                           f"KL too weak to hold it ({kl}){hacked}.")
 
     def _generator(self) -> torch.Generator:
         """The sampling RNG stream: its own generator, seeded per rank (`sample_seed`), saved in checkpoints."""
