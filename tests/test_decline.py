@@ -21,6 +21,10 @@ def test_watch_reports_once_after_patience_validations_below_the_start():
     assert watch.update(0.46) is None and watch.update(math.nan) is None
     assert watch.update(0.10) == (0.52, [0.46, 0.10])
     assert watch.update(0.05) is None  # said once
+    resumed = DeclineWatch()
+    resumed.load_state_dict(watch.state_dict())
+    assert resumed.update(0.05, start=True) is None and resumed.start == 0.52  # its sanity check keeps the start
+    assert resumed.warned and resumed.state_dict() == watch.state_dict()
     first = DeclineWatch()
     assert first.update(0.9) is None and first.update(0.8) is None  # no sanity check: the first validation starts it
     assert first.update(0.84) == (0.9, [0.8, 0.84])
@@ -73,3 +77,8 @@ def test_a_real_fit_takes_the_start_from_the_sanity_check(tmp_path):
               enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(module, data)
     assert [s for s, _ in seen] == [True, False, False]  # the sanity check first: the warm start
     assert module.decline_watch.start == seen[0][1]
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    again = GRPOModule("tiny", group_size=2, max_new_tokens=4, log_samples_every_n_steps=0)
+    again.on_load_checkpoint(checkpoint)
+    assert again.decline_watch.state_dict() == module.decline_watch.state_dict()

@@ -373,6 +373,7 @@ class RLModule(StepLogging, PolicyModuleBase):
         states = self._generator_states()
         if any(state is not None for state in states):
             checkpoint["sample_generator_states"] = states
+        checkpoint["decline_watch"] = self.decline_watch.state_dict()  # a resumed run keeps the original start
 
     def _generator_states(self) -> list[Tensor | None]:
         """Every rank's sampling-generator state, indexed by rank. Lightning calls `on_save_checkpoint` on all ranks
@@ -393,6 +394,8 @@ class RLModule(StepLogging, PolicyModuleBase):
         # a rank the checkpoint has no state for (more ranks than when it was saved) starts its seeded stream
         self._sample_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
+        if "decline_watch" in checkpoint:
+            self.decline_watch.load_state_dict(checkpoint["decline_watch"])
 
 
 def _aggregation(hp) -> str:
