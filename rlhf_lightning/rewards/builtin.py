@@ -132,9 +132,7 @@ def chain_process_rewards(prompts: list[str], completions: list[str], **kwargs) 
     steps = chain_step_rewards(prompts, completions)
     out = []
     for prompt, completion, row in zip(prompts, completions, steps):
-        value, terms = parse_chain(_text(prompt))
-        for op, term in terms:
-            value = apply_op(value, op, term)
+        value = int(chain_steps(_text(prompt))[-1].rsplit("=", 1)[1])  # the last right step's result
         got = last_number(_text(completion))
         out.append(row + [float(got is not None and got == value)])
     return out
