@@ -9,6 +9,12 @@ every connect fails at the kernel) when `unshare` exists and a one-time probe sh
 prelude in the child replaces `socket.socket` / `socket.create_connection` with functions that raise. That
 fallback is a Python-level block, NOT a sandbox: code can get around it (e.g. `_socket`, ctypes, a subprocess).
 Neither path isolates the file system: the child runs as the same user and can read what that user can.
+
+Limits are set in `preexec_fn` (between fork and exec). Python warns that preexec_fn is unsafe with threads
+(the child could block on a lock another thread held at fork); ours calls only `resource.setrlimit`, which
+takes no Python-level locks, so running it from `ToolRunner`'s threads is the accepted risk.
+The wall-clock `TIMEOUT_S` (10 s) is longer than `ToolRunner`'s default 5 s: give the runner more than 10 s,
+or it reports a timeout while the child still runs to its own limit.
 """
 
 from __future__ import annotations
