@@ -61,6 +61,11 @@ SHRUNK = {
                        # a label a random policy splits ~50/50, so (right, wrong) pairs exist and the RM is retrained
                        "--trainer.callbacks.init_args.labeler", "parity_label.first_char_parity"],
     "ppo_arithmetic": [*RL, "--model.init_args.model_name_or_path", "{sft}"],
+    # tools: SFT on the calculator task (validation samples with the calculator), GRPO with it from that export
+    "sft_calculator": [*ONE_EPOCH, *SMALL_DATA, "--trainer.val_check_interval", "2",
+                       "--model.init_args.val_max_new_tokens", "8"],
+    "grpo_calculator": [*RL, "--model.init_args.group_size", "2", "--model.init_args.model_name_or_path",
+                        "{sft_calculator}"],
     "ppo_rm": [*RL, "--model.init_args.model_name_or_path", "{sft}", "--model.init_args.reward_model", "{rm}"],
 }
 HUB_CONFIGS = ["grpo_gsm8k", "ppo_hh"]  # need downloads: checked by parsing only
@@ -123,7 +128,8 @@ def test_every_offline_config_writes_everything_under_default_root_dir(tmp_path)
     modules.mkdir()
     (modules / "parity_label.py").write_text(PARITY_LABEL)
     exports = {stage: root / "runs" / f"{stage}_arithmetic" / "version_0" / "hf_model" for stage in ("sft", "rm")}
-    exports.update({name: root / "runs" / name / "version_0" / "hf_model" for name in ("sft_chain", "prm_chain")})
+    exports.update({name: root / "runs" / name / "version_0" / "hf_model" for name in ("sft_chain", "prm_chain",
+                                                                                     "sft_calculator")})
     for name, overrides in SHRUNK.items():
         args = ["fit", "--config", str(CONFIGS / f"{name}.yaml"), *[a.format(**exports) for a in overrides],
                 "--trainer.default_root_dir", str(root)]

@@ -97,7 +97,7 @@ def test_task_completions_pass_their_own_verifiers():
 
 
 def test_task_defaults_and_registry():
-    assert set(TASKS) == {"addition", "chain"}
+    assert set(TASKS) == {"addition", "calculator", "chain"}
     assert AdditionTask().reward_fns == [exact_match] and AdditionTask().process_reward_fns == []
     assert AdditionTask().step_separator is None
     assert ChainArithmeticTask().reward_fns == [final_answer_match]
@@ -110,7 +110,7 @@ def test_task_defaults_and_registry():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: get_task("multiply"), r"unknown task 'multiply'; known tasks: \['addition', 'chain'\]"),
+    (lambda: get_task("multiply"), r"unknown task 'multiply'; known tasks: \['addition', 'calculator', 'chain'\]"),
     (lambda: get_task("addition", digitz=3), r"bad arguments for task 'addition'.*digitz"),
     (lambda: get_task(ChainArithmeticTask(), num_terms=3), "already built task"),
     (lambda: AdditionTask(digits=0), "digits must be an integer >= 1"),

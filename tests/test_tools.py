@@ -313,7 +313,11 @@ def test_get_tool_format(char_tok, qwen_like_tok):
     char = get_tool_format("auto", char_tok, [calculator])
     assert isinstance(char, CharToolFormat) and char.parse("[calculator: 1]") == ToolCall(
         "calculator", {"expression": "1"})
+    saved = build_char_tokenizer()
+    saved.name_or_path = "runs/sft/version_0/hf_model"  # the char tokenizer saved with a model: known by its vocab
+    assert isinstance(get_tool_format("auto", saved, [calculator]), CharToolFormat)
     other = build_char_tokenizer()
+    other.add_tokens(["<extra>"])
     other.name_or_path = "some/model"
     with pytest.raises(ValueError, match="set tool_format"):
         get_tool_format("auto", other, [])

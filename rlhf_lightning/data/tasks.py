@@ -143,7 +143,38 @@ class ChainArithmeticTask(Task):
         return total + (self.num_terms - 2)  # newlines between lines
 
 
-TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "chain": ChainArithmeticTask}
+class CalculatorTask(Task):
+    """"123*456=" -> "56088": products of two `digits`-digit numbers, which the tiny preset cannot compute
+    unaided but can hand to `rlhf_lightning.tools.calculator` (GRPO/PPO with `tools:`, docs/tools.md).
+
+    The SFT target shows the call on `tool_rate` of the rows, in the built-in char format:
+    "[calculator: 123*456]=56088\n56088" (policy text, the tool's reply "=56088\n", the policy's answer); the
+    other rows are the bare answer. The reward is the last number of the completion (`final_answer_match`).
+    """
+
+    name = "calculator"
+
+    def __init__(self, digits: int = 3, tool_rate: float = 0.5) -> None:
+        _check_int("digits", digits, 1)
+        if not 0 <= tool_rate <= 1:
+            raise ValueError(f"tool_rate must be in [0, 1], got {tool_rate!r}")
+        self.digits, self.tool_rate = digits, tool_rate
+
+    def sample(self, rng: random.Random) -> dict:
+        low = 0 if self.digits == 1 else 10 ** (self.digits - 1)
+        a, b = rng.randint(low, 10**self.digits - 1), rng.randint(low, 10**self.digits - 1)
+        answer = str(a * b)
+        shows_call = rng.random() < self.tool_rate
+        completion = f"[calculator: {a}*{b}]={answer}\n{answer}" if shows_call else answer
+        return {"prompt": f"{a}*{b}=", "completion": completion, "answer": answer}
+
+    @property
+    def max_completion_length(self) -> int:
+        d = self.digits
+        return len("[calculator: *]=\n") + 2 * d + 2 * (2 * d)
+
+
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "chain": ChainArithmeticTask, "calculator": CalculatorTask}
 
 
 def get_task(name: str | Task, **kwargs) -> Task:

@@ -92,6 +92,8 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
         max_nonfinite_steps: int = 3,
         eval_num_samples: int = 0, eval_k: list[int] | None = None,  # the sampled evaluation (sampled_eval.py)
         eval_temperature: float = 1.0, eval_top_p: float = 1.0, eval_seed: int = 0,
+        tools: Sequence[str] | None = None, tool_format: str = "auto", max_turns: int = 4,
+        tool_timeout_s: float = 5.0,
     ):
         super().__init__()
         # every class's arguments (subclasses' frames included): the checkpoint's and the logger's hyperparameters
@@ -128,6 +130,14 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
         self._engine = None  # built on first use, on the policy as it is then (after LoRA / sharding)
         self.val_max_new_tokens = val_max_new_tokens
         self.optimizer_steps = self.rollouts = 0
+        self.tool_interaction = None  # set with `tools`: every `generate` runs the multi-turn loop
+        if tools:
+            from ..rollout.multi_turn import ToolInteraction
+            from ..tools import ToolRunner, get_tool_format, load_tools
+
+            fns = load_tools(list(tools))
+            self.tool_interaction = ToolInteraction(ToolRunner(fns, timeout_s=tool_timeout_s),
+                                                    get_tool_format(tool_format, self.tokenizer, fns), self.tokenizer)
 
     def hparam_checks(self, hp) -> list[tuple[bool, str]]:
         """(holds, one-line message) for every range check of the arguments; subclasses add theirs. Run on the
@@ -144,6 +154,9 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
              f"{hp.val_max_new_tokens}"),
             (hp.nonfinite_rewards in NONFINITE_MODES, f"nonfinite_rewards must be {'|'.join(NONFINITE_MODES)}, got "
              f"{hp.nonfinite_rewards!r}"),
+            (isinstance(hp.max_turns, int) and hp.max_turns >= 1, f"max_turns must be an integer >= 1, got "
+             f"{hp.max_turns!r}"),
+            (hp.tool_timeout_s > 0, f"tool_timeout_s must be > 0, got {hp.tool_timeout_s}"),
             *self.eval_checks(hp),
         ]
 
@@ -257,6 +270,11 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
                  generator: torch.Generator | None = None):
         """A `RolloutBatch` from the engine, inside `sampling_context` (every sampling call goes through here)."""
         with self.sampling_context():
+            if self.tool_interaction is not None:
+                from ..rollout.multi_turn import multi_turn_generate
+
+                return multi_turn_generate(self.engine, prompt_ids, prompt_mask, params, generator,
+                                           self.tool_interaction, self.tokenizer, self.hparams.max_turns)
             return self.engine.generate(prompt_ids, prompt_mask, params, generator)
 
     @torch.no_grad()

@@ -283,7 +283,7 @@ class GRPOModule(RLModule):
             step.ref_logp = None
         step.advantages = self.compute_advantages(step.rewards, step.rollout).to(self.device).float()
         s = step.rollout.samples
-        loss_mask = s.completion_mask.float()  # [N, T]
+        loss_mask = s.trained_mask.float()  # [N, T] the policy's tokens (tool output gets no loss, KL, entropy)
         if hp.mask_truncated:
             loss_mask = loss_mask * (~s.is_truncated).float().unsqueeze(-1)
         if hp.drop_uninformative_groups:
@@ -299,7 +299,7 @@ class GRPOModule(RLModule):
             T = rollout.samples.completion_ids.shape[1]
             step_rewards, step_ends = self.step_boundaries(rewards, rollout)
             return losses.process_advantages(step_rewards, step_ends, hp.group_size, num_tokens=T)
-        mask = rollout.samples.completion_mask
+        mask = rollout.samples.trained_mask
         # scale_rewards=batch: the std of the whole batch over all ranks (all_reduce), as one process would see it
         out = self.estimator.fn(AdvantageInputs(mask=mask, scores=rewards.to(mask.device), group_size=hp.group_size,
                                                 scale=hp.scale_rewards, kl=rollout.kl, kl_coef=hp.beta,
@@ -369,9 +369,9 @@ class GRPOModule(RLModule):
 
     def log_samples(self, step: GRPOStep) -> None:
         r = step.rollout
-        self.log_sample_table(r.prompts, r.completions, step.scores, step.advantages)
+        self.log_sample_table(r.prompts, self.shown_completions(r), step.scores, step.advantages)
         # process supervision: every real token's advantage, not only the first
-        adv = step.advantages if step.advantages.dim() == 1 else step.advantages[r.samples.completion_mask.bool()]
+        adv = step.advantages if step.advantages.dim() == 1 else step.advantages[r.samples.trained_mask.bool()]
         self.log_histograms({"reward/histogram": step.scores, "policy/advantage_histogram": adv})
 
 

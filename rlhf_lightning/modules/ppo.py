@@ -330,7 +330,8 @@ class PPOModule(RLModule):
         """Per-token rewards -β·KL_t + score at the last real token, then GAE; rows with no score get no loss."""
         hp = self.hparams
         has_score = ~torch.isnan(step.scores)  # [N]
-        mask = step.rollout.samples.completion_mask.bool() & has_score.unsqueeze(-1)  # [N, T]
+        # the policy's tokens: tool output is attended but gets no KL, reward or loss (GAE steps over it)
+        mask = step.rollout.samples.trained_mask.bool() & has_score.unsqueeze(-1)  # [N, T]
         step.kl_coef = self.kl_ctl.value
         if step.ref_logp is not None:
             kl = losses.kl_estimate(step.old_logp, step.ref_logp, hp.kl_estimator)  # [N, T]
@@ -441,7 +442,7 @@ class PPOModule(RLModule):
 
     def log_samples(self, step: PPOStep) -> None:
         r = step.rollout
-        self.log_sample_table(r.prompts, r.completions, step.scores, step.advantages)
+        self.log_sample_table(r.prompts, self.shown_completions(r), step.scores, step.advantages)
         self.log_histograms({"reward/histogram": step.scores,
                              "policy/advantage_histogram": step.advantages[step.loss_mask]})
 

@@ -32,6 +32,12 @@ class StepLogging:
             "perf/rollouts": torch.tensor(float(self.rollouts)),
             "perf/optimizer_steps": torch.tensor(float(self.optimizer_steps)),
         }
+        if s.turns is not None:  # a multi-turn rollout (tools): per completion, and the share of tool tokens
+            t = s.turns
+            metrics.update({"tools/calls_per_completion": t.tool_calls.mean(), "tools/turns_per_completion":
+                            t.turns.mean(), "tools/error_frac": t.tool_errors.sum() / t.tool_calls.sum().clamp(min=1),
+                            "tools/timeout_frac": t.tool_timeouts.sum() / t.tool_calls.sum().clamp(min=1),
+                            "tools/masked_token_frac": 1.0 - s.trained_mask.sum() / max(n_tokens, 1.0)})
         metrics.update(self.step_metrics(step))
         metrics.update(self.per_function_reward_metrics(step.rollout.per_source))
         metrics.update(self.guard_metrics())
@@ -75,6 +81,14 @@ class StepLogging:
         if self.logger is not None:
             self.logger.log_metrics(out, step=self.log_index)
         return out
+
+    def shown_completions(self, rollout) -> list[str]:
+        """The completions for the sample table: tool turns marked `<<tool: ...>>` in a multi-turn rollout."""
+        if rollout.samples.turns is None:
+            return rollout.completions
+        from ..rollout.multi_turn import marked_conversations
+
+        return marked_conversations(self.tokenizer, rollout.samples)
 
     def log_sample_table(self, prompts: list[str], completions: list[str], rewards: torch.Tensor,
                          advantages: torch.Tensor, max_rows: int = 8) -> None:

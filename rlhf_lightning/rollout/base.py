@@ -25,16 +25,37 @@ class RolloutBatch:
     completion_mask: Tensor  # [B, T] 1 up to and including the EOS token, 0 after
     logprobs: Tensor  # [B, T] float32 log π(token) under the temperature-scaled policy; 0 where mask is 0
     is_truncated: Tensor  # [B] bool: no EOS within max_new_tokens
+    action_mask: Tensor | None = None  # [B, T] 1 = a token the policy sampled (trained); None = completion_mask.
+    # Multi-turn rollouts (`rollout.multi_turn`) put tool / environment replies in the completion: the policy
+    # attends to them (completion_mask 1) but they get no loss, KL or entropy (action_mask 0, logprobs 0).
+    turns: TurnStats | None = None  # per-row counts of a multi-turn rollout (turns, tool calls, errors)
 
     def completion_lengths(self) -> Tensor:
         """Number of real completion tokens per row (EOS included). [B]"""
         return self.completion_mask.sum(dim=-1)
 
 
+    @property
+    def trained_mask(self) -> Tensor:
+        """[B, T] the tokens that get a loss, a KL and an entropy: the policy's own (`action_mask`), which is the
+        whole completion unless a multi-turn rollout put tool output in it."""
+        return self.completion_mask if self.action_mask is None else self.action_mask
+
     def model_inputs(self) -> dict[str, Tensor]:
         """The four id/mask tensors a log-prob pass reads (`completion_logprobs(model, **inputs)`)."""
         return {"prompt_ids": self.prompt_ids, "prompt_mask": self.prompt_mask,
                 "completion_ids": self.completion_ids, "completion_mask": self.completion_mask}
+
+
+@dataclass
+class TurnStats:
+    """Per-row counts of a multi-turn rollout [B] (float32, for logging as means)."""
+
+    turns: Tensor  # policy turns (generate calls that produced tokens for the row)
+    tool_calls: Tensor  # replies the interaction gave (tool results, environment observations)
+    tool_errors: Tensor  # replies that were errors (unknown tool, bad arguments, a raising tool)
+    tool_timeouts: Tensor  # calls that ran past the timeout (also counted in tool_errors)
+    env_rewards: Tensor | None = None  # the environment's rewards summed over the turns (environments only)
 
 
 @dataclass
@@ -67,6 +88,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    stop_token_ids: tuple[int, ...] = ()  # besides EOS, tokens that end a row (kept, like EOS): a tool call's end
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -93,6 +93,8 @@ def decode(decoder, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingPar
         lp = logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B]
         logps.append(torch.where(alive, lp, torch.zeros_like(lp)))
         done = done | (token == params.eos_token_id)
+        for stop in params.stop_token_ids:  # a tool call's end marker: the multi-turn loop takes over
+            done = done | (token == stop)
         if t == params.max_new_tokens - 1 or bool(done.all()):
             break
         next_logits = decoder.step(token)  # [B, V]

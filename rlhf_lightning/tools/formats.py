@@ -151,6 +151,16 @@ class HermesToolFormat(ToolFormat):
         return rendered.split(self._MARK, 1)[1]
 
 
+def _is_char_tokenizer(tokenizer: Any) -> bool:
+    """The built-in char tokenizer, fresh or saved with a model (then its name is the directory): its vocabulary."""
+    from ..tokenizer import CHARS, SPECIAL_TOKENS
+
+    if getattr(tokenizer, "name_or_path", None) == "char":
+        return True
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    return get_vocab is not None and get_vocab() == {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}
+
+
 def get_tool_format(name: str, tokenizer: Any, tools: list[Callable] = ()) -> ToolFormat:
     """"char" | "hermes" | "auto" -> a format checked against `tokenizer` (its end marker is one token).
 
@@ -161,7 +171,7 @@ def get_tool_format(name: str, tokenizer: Any, tools: list[Callable] = ()) -> To
         template = json.dumps(template) if isinstance(template, (dict, list)) else str(template or "")
         if "<tool_call>" in template:
             name = "hermes"
-        elif getattr(tokenizer, "name_or_path", None) == "char":
+        elif _is_char_tokenizer(tokenizer):
             name = "char"
         else:
             raise ValueError(
