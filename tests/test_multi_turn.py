@@ -224,3 +224,47 @@ def test_grpo_and_ppo_train_with_tools(tmp_path, calls_first_engine):
             assert float(loss_mask[samples.action_mask.bool()].float().sum()) > 0
         assert all(float(m["tools/calls_per_completion"]) >= 1.0 for m in logged)
         assert all(0 < float(m["tools/masked_token_frac"]) < 1 for m in logged)
+
+
+def test_the_loop_answers_a_hermes_call_through_the_chat_template():
+    """Qwen2.5 / Hermes format from a tokenizer with a tools-capable template (written in tests/test_tools.py): the
+    call is parsed from the turn, the reply is the template's tool message up to the next assistant turn."""
+    from test_tools import qwen_like_tok as make_tok
+
+    from rlhf_lightning.tools import HermesToolFormat
+
+    tok = make_tok.__wrapped__() if hasattr(make_tok, "__wrapped__") else make_tok()
+    inter = ToolInteraction(ToolRunner([calculator]), HermesToolFormat(), tok)
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*3"}}\n</tool_call>'
+    ids = torch.tensor([tok("12*3=", add_special_tokens=False)["input_ids"]])
+    out = multi_turn_generate(ScriptedEngine(tok, [call, "36<|im_end|>"]), ids, torch.ones_like(ids), _params(tok, 400),
+                              None, inter, tok, max_turns=3)
+    text = tok.decode(out.completion_ids[0][out.completion_mask[0].bool()])
+    reply = text[len(call):-len("36<|im_end|>")]
+    assert "<tool_response>\n36\n</tool_response>" in reply and reply.endswith("<|im_start|>assistant\n")
+    tool = out.completion_mask[0].bool() & ~out.action_mask[0].bool()
+    assert tok.decode(out.completion_ids[0][tool]) == reply
+    assert out.turns.tool_calls.tolist() == [1.0] and out.turns.tool_errors.tolist() == [0.0]
+
+
+def test_resume_with_tools_is_exact(tmp_path, calls_first_engine):
+    """4 rollouts straight == 2 rollouts, a checkpoint, then 2 more from it (`ckpt_path`), with tool rollouts."""
+    def module():
+        torch.manual_seed(0)
+        return GRPOModule("tiny", group_size=2, max_new_tokens=40, tools=["rlhf_lightning.tools.calculator"],
+                          reward_fns=[length_reward], rollout_engine="test_calls_first", lr=1e-3)
+
+    def fit(m, root, ckpt_path=None):
+        dm = PromptDataModule(task="calculator", batch_size=2, num_train=16, num_val=4)
+        every_2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(default_root_dir=root, max_steps=4, accelerator="cpu", logger=False,
+                            callbacks=[every_2], enable_progress_bar=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, enable_model_summary=False)
+        trainer.fit(m, datamodule=dm, ckpt_path=ckpt_path)
+        return m
+
+    straight = fit(module(), tmp_path / "a")
+    mid = next((tmp_path / "a").glob("*step=2.ckpt"))
+    resumed = fit(module(), tmp_path / "b", ckpt_path=mid)
+    for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q), name
