@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import inspect
 import math
 import numbers
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from ..infra.errors import RewardFunctionError
+from ..infra.imports import import_object
 from .builtin import CHAT_PROMPTS, REWARD_FNS, _check_aligned
 from .interface import RewardSource
 
@@ -34,37 +34,13 @@ def resolve_reward_fn(spec: str | Callable) -> Callable:
     spec = spec.strip()
     if spec in REWARD_FNS:
         return REWARD_FNS[spec]
-    if ":" in spec:
-        module_name, _, attr_path = spec.partition(":")
-        candidates = [(module_name, attr_path.split("."))]
-    elif "." in spec:
-        parts = spec.split(".")
-        # Longest importable module prefix first: "a.b.c" -> ("a.b", ["c"]), then ("a", ["b", "c"]).
-        candidates = [(".".join(parts[:i]), parts[i:]) for i in range(len(parts) - 1, 0, -1)]
-    else:
+    if ":" not in spec and "." not in spec:
         raise ValueError(f"reward function {spec!r} is neither a built-in {sorted(REWARD_FNS)} "
                          "nor an import path like 'package.module.function'")
-    for module_name, attrs in candidates:
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            missing = err.name or ""
-            if missing == module_name or module_name.startswith(missing + "."):
-                continue  # this prefix is not a module; try a shorter one
-            raise ValueError(f"reward function {spec!r}: importing {module_name!r} failed: "
-                             f"{type(err).__name__}: {err}") from err
-        except Exception as err:
-            raise ValueError(f"reward function {spec!r}: importing {module_name!r} failed: "
-                             f"{type(err).__name__}: {err}") from err
-        for attr in attrs:
-            if not hasattr(obj, attr):
-                raise ValueError(f"reward function {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute "
-                                 f"{attr!r}")
-            obj = getattr(obj, attr)
-        if not callable(obj):
-            raise ValueError(f"reward function {spec!r} is not callable (it is a {type(obj).__name__})")
-        return _instance(obj)
-    raise ValueError(f"reward function {spec!r}: cannot import module {candidates[0][0]!r}")
+    obj = import_object(spec, "reward function")
+    if not callable(obj):
+        raise ValueError(f"reward function {spec!r} is not callable (it is a {type(obj).__name__})")
+    return _instance(obj)
 
 
 def _instance(obj: Callable) -> Callable:

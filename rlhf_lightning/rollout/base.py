@@ -52,10 +52,9 @@ class TurnStats:
     """Per-row counts of a multi-turn rollout [B] (float32, for logging as means)."""
 
     turns: Tensor  # policy turns (generate calls that produced tokens for the row)
-    tool_calls: Tensor  # replies the interaction gave (tool results, environment observations)
+    tool_calls: Tensor  # tool calls answered (results and error replies)
     tool_errors: Tensor  # replies that were errors (unknown tool, bad arguments, a raising tool)
     tool_timeouts: Tensor  # calls that ran past the timeout (also counted in tool_errors)
-    env_rewards: Tensor | None = None  # the environment's rewards summed over the turns (environments only)
 
 
 @dataclass

@@ -27,9 +27,9 @@ from .base import RolloutBatch, RolloutEngine, SamplingParams, TurnStats, left_p
 
 @dataclass
 class Reply:
-    """What answers the policy after a turn: `text` to append (None = the conversation ends)."""
+    """What answers the policy after a turn that ended at a call's end marker: `text` to append."""
 
-    text: str | None
+    text: str
     error: bool = False
     timed_out: bool = False
 
@@ -41,9 +41,8 @@ class ToolInteraction:
         self.runner, self.fmt, self.tokenizer = runner, fmt, tokenizer
         self.stop_token_ids = (fmt.stop_token_id(tokenizer),)
 
-    def reply(self, turn_text: str, stopped_at_call: bool) -> Reply:
-        if not stopped_at_call:
-            return Reply(None)
+    def reply(self, turn_text: str) -> Reply:
+        """The answer to a turn that stopped at the end-of-call token."""
         call = self.fmt.parse(turn_text)
         if call is None:  # the end marker without a call: plain text, the policy goes on
             return Reply("")
@@ -89,9 +88,7 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
             if not at_call or turn == max_turns - 1 or used[i] >= params.max_new_tokens:
                 truncated[i] = True  # no EOS: the budget, the turn limit, or a call that cannot be answered
                 continue
-            reply = interaction.reply(tokenizer.decode(toks), stopped_at_call=True)
-            if reply.text is None:
-                continue
+            reply = interaction.reply(tokenizer.decode(toks))
             stats["tool_calls"][i] += 1
             stats["tool_errors"][i] += float(reply.error)
             stats["tool_timeouts"][i] += float(reply.timed_out)

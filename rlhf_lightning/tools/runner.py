@@ -8,12 +8,13 @@ tool, wrong arguments, an exception, a timeout) into an error result the policy 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..infra.imports import import_object
 
 
 @dataclass
@@ -39,34 +40,6 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
-def _import(path: str) -> Any:
-    """`pkg.mod.fn`, `pkg.mod.Class.method` or `pkg.mod:fn` -> the object (the longest importable module prefix)."""
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-        candidates = [(module_name, attr.split("."))]
-    else:
-        parts = path.split(".")
-        candidates = [(".".join(parts[:i]), parts[i:]) for i in range(len(parts) - 1, 0, -1)]
-    if not path or not all(name and all(attrs) for name, attrs in candidates) or not candidates:
-        raise ValueError(f"tool {path!r} is not a dotted path like 'my_pkg.module.function'")
-    for module_name, attrs in candidates:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-                continue  # this prefix is not a module: try a shorter one
-            raise ValueError(f"tool {path!r}: importing {module_name!r} failed ({_first_line(err)})") from err
-        except Exception as err:
-            raise ValueError(f"tool {path!r}: importing {module_name!r} failed ({_first_line(err)})") from err
-        obj = module
-        for part in attrs:
-            if not hasattr(obj, part):
-                raise ValueError(f"tool {path!r}: {module_name!r} has no attribute {'.'.join(attrs)!r}")
-            obj = getattr(obj, part)
-        return obj
-    raise ValueError(f"tool {path!r}: no module of that path can be imported")
-
-
 def load_tools(tools: list[str | Callable]) -> list[Callable]:
     """Resolve a config's tool list (dotted paths or callables) into functions with distinct names.
 
@@ -77,7 +50,7 @@ def load_tools(tools: list[str | Callable]) -> list[Callable]:
     loaded: list[Callable] = []
     seen: dict[str, str | Callable] = {}
     for entry in tools:
-        fn = _import(entry) if isinstance(entry, str) else entry
+        fn = import_object(entry, "tool") if isinstance(entry, str) else entry
         if not callable(fn) or inspect.isclass(fn) or inspect.ismodule(fn):
             raise ValueError(f"tool {entry!r} is not a function (got {type(fn).__name__})")
         name = getattr(fn, "__name__", None)
