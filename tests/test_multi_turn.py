@@ -268,3 +268,12 @@ def test_resume_with_tools_is_exact(tmp_path, calls_first_engine):
     resumed = fit(module(), tmp_path / "b", ckpt_path=mid)
     for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_an_end_marker_without_a_call_is_not_counted_as_a_call():
+    tok, inter = _tok_and_interaction()
+    ids, mask = _prompt(tok)
+    out = multi_turn_generate(ScriptedEngine(tok, ["[1, 2]", "ok<eos>"]), ids, mask, _params(tok), None, inter, tok,
+                              max_turns=4)
+    assert tok.decode(out.completion_ids[0][out.completion_mask[0].bool()]) == "[1, 2]ok<eos>"
+    assert out.turns.turns.tolist() == [2.0] and out.turns.tool_calls.tolist() == [0.0]

@@ -32,6 +32,7 @@ class Reply:
     text: str
     error: bool = False
     timed_out: bool = False
+    is_call: bool = True  # False: the end marker closed no call (counted as no tool call)
 
 
 class ToolInteraction:
@@ -45,7 +46,7 @@ class ToolInteraction:
         """The answer to a turn that stopped at the end-of-call token."""
         call = self.fmt.parse(turn_text)
         if call is None:  # the end marker without a call: plain text, the policy goes on
-            return Reply("")
+            return Reply("", is_call=False)
         if isinstance(call, str):  # a malformed call: the policy is told why
             return Reply(self.fmt.response_text(self.tokenizer, call), error=True)
         result = self.runner.call(call)
@@ -89,7 +90,7 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
                 truncated[i] = True  # no EOS: the budget, the turn limit, or a call that cannot be answered
                 continue
             reply = interaction.reply(tokenizer.decode(toks))
-            stats["tool_calls"][i] += 1
+            stats["tool_calls"][i] += float(reply.is_call)
             stats["tool_errors"][i] += float(reply.error)
             stats["tool_timeouts"][i] += float(reply.timed_out)
             r_ids = tokenizer(reply.text, add_special_tokens=False)["input_ids"][: params.max_new_tokens - used[i]]
