@@ -67,6 +67,9 @@ SHRUNK = {
     "grpo_calculator": [*RL, "--model.init_args.group_size", "2", "--model.init_args.model_name_or_path",
                         "{sft_calculator}"],
     "ppo_rm": [*RL, "--model.init_args.model_name_or_path", "{sft}", "--model.init_args.reward_model", "{rm}"],
+    # an environment: the feedback checker's two-try episodes from the SFT export (budget for both tries)
+    "grpo_feedback": [*RL, "--model.init_args.group_size", "2", "--model.init_args.model_name_or_path", "{sft}",
+                      "--model.init_args.max_new_tokens", "16", "--model.init_args.val_max_new_tokens", "16"],
 }
 HUB_CONFIGS = ["grpo_gsm8k", "ppo_hh"]  # need downloads: checked by parsing only
 

@@ -325,3 +325,27 @@ def test_get_tool_format(char_tok, qwen_like_tok):
         get_tool_format("hermes", char_tok, [])
     with pytest.raises(ValueError, match="tool_format must be"):
         get_tool_format("json", char_tok, [])
+
+
+def test_chat_prompts_describe_the_tools_through_the_template(tmp_path, qwen_like_tok):
+    """Conversational prompts get the module's tool schemas in the chat template (its "# Tools" system block) when
+    the tool format is the template's own; the char format has no template to describe them."""
+    import json
+    import types
+
+    from rlhf_lightning import GRPOModule, PromptDataModule
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "What is 12*3?"}], "answer": "36"}) + "\n")
+    module = types.SimpleNamespace(tokenizer=qwen_like_tok, chat_tool_schemas=tool_schemas([calculator]))
+    dm = PromptDataModule(path=str(data), val_fraction=0.0, batch_size=1, max_prompt_length=1024)
+    dm.trainer = types.SimpleNamespace(lightning_module=module)
+    dm.setup("fit")
+    prompt = dm.train_rows[0]["prompts"]
+    assert '"name": "calculator"' in prompt.split("# Tools")[1] and prompt.endswith("<|im_start|>assistant\n")
+    module.chat_tool_schemas = None
+    dm = PromptDataModule(path=str(data), val_fraction=0.0, batch_size=1, max_prompt_length=1024)
+    dm.trainer = types.SimpleNamespace(lightning_module=module)
+    dm.setup("fit")
+    assert "# Tools" not in dm.train_rows[0]["prompts"]
+    assert GRPOModule("tiny", tools=["rlhf_lightning.tools.calculator"]).chat_tool_schemas is None  # char format

@@ -47,6 +47,9 @@ def cat_rows(a: Any, b: Any, pad_value: float = 0.0, left: bool = False) -> Any:
         return None
     if isinstance(a, dict):
         return {k: cat_rows(a[k], b[k], pad_value, left) for k in a}
+    if dataclasses.is_dataclass(a):  # per-row stats (`TurnStats`): field by field
+        return dataclasses.replace(a, **{f.name: cat_rows(getattr(a, f.name), getattr(b, f.name), pad_value, left)
+                                         for f in dataclasses.fields(a)})
     if isinstance(a, Tensor):
         b = b.to(a.device)
         if a.dim() > 1 and a.shape[1] != b.shape[1]:
@@ -63,6 +66,8 @@ def select_rows(x: Any, rows: Tensor) -> Any:
         return None
     if isinstance(x, dict):
         return {k: select_rows(v, rows) for k, v in x.items()}
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: select_rows(getattr(x, f.name), rows) for f in dataclasses.fields(x)})
     if isinstance(x, Tensor):
         return x[rows.to(x.device)]
     return [x[i] for i in rows.tolist()]

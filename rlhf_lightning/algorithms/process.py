@@ -49,3 +49,23 @@ def step_boundaries(tokenizer, completions: list[str], completion_ids: Tensor, c
             rewards[i, s] = float("nan") if r[s] is None else float(r[s])
             pos += len(separator)
     return rewards, ends
+
+
+def turn_boundaries(step_rewards: list[list[float | None]], turn_ends: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Steps that are the policy's turns in an environment's episode: (rewards [N, S] padded with NaN, ends [N, S]
+    the completion index of each turn's last token, -1 = none), S the most turns any row has. A reward function
+    must give one reward per environment step of the row (`RolloutBatch.env_ends`)."""
+    from ..infra.errors import RewardFunctionError
+
+    N = len(step_rewards)
+    S = max(1, max((len(e) for e in turn_ends), default=1))
+    rewards = torch.full((N, S), float("nan"))
+    ends = torch.full((N, S), -1, dtype=torch.long)
+    for i, (r, e) in enumerate(zip(step_rewards, turn_ends)):
+        if len(r) != len(e):
+            raise RewardFunctionError(f"completion {i}: {len(r)} step rewards for {len(e)} environment turns; with "
+                                      "an environment, process supervision's steps are the turns (one reward each)")
+        for s_, (v, t) in enumerate(zip(r, e)):
+            rewards[i, s_] = float("nan") if v is None else float(v)
+            ends[i, s_] = t
+    return rewards, ends

@@ -310,10 +310,14 @@ class PromptDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.sampler is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            self.tool_schemas = getattr(module, "chat_tool_schemas", None)
             self.prepare_rows(self._resolve_tokenizer())
 
+    tool_schemas: list[dict] | None = None  # the module's tools, for chat templates that describe them (`setup`)
+
     def _prompt_text(self, prompt: Any) -> str:
-        return prompt_text(self.tokenizer, prompt)
+        return prompt_text(self.tokenizer, prompt, self.tool_schemas)
 
     def _rendered_prompt(self, row: dict, index: int, split: str) -> str:
         """The row's prompt as text (chat messages through the chat template); errors name the row."""

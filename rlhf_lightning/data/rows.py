@@ -262,10 +262,12 @@ class UnknownCharacters:
                       f"{self.first}); use a tokenizer that covers them or clean the data", stacklevel=3)
 
 
-def prompt_text(tokenizer, prompt: Any) -> str:
-    """A prompt as text: strings pass through, chat messages go through the tokenizer's chat template."""
+def prompt_text(tokenizer, prompt: Any, tools: list[dict] | None = None) -> str:
+    """A prompt as text: strings pass through, chat messages go through the tokenizer's chat template (with the
+    JSON schemas of `tools`, which a tools-capable template describes to the model, e.g. in its system message)."""
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        extra = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **extra)
     raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")

@@ -93,7 +93,7 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
         eval_num_samples: int = 0, eval_k: list[int] | None = None,  # the sampled evaluation (sampled_eval.py)
         eval_temperature: float = 1.0, eval_top_p: float = 1.0, eval_seed: int = 0,
         tools: Sequence[str] | None = None, tool_format: str = "auto", max_turns: int = 4,
-        tool_timeout_s: float = 5.0,
+        tool_timeout_s: float = 5.0, environment: str | dict | None = None,
     ):
         super().__init__()
         # every class's arguments (subclasses' frames included): the checkpoint's and the logger's hyperparameters
@@ -136,8 +136,28 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
             from ..tools import ToolRunner, get_tool_format, load_tools
 
             fns = load_tools(list(tools))
+            self.tool_fns = fns
             self.tool_interaction = ToolInteraction(ToolRunner(fns, timeout_s=tool_timeout_s),
                                                     get_tool_format(tool_format, self.tokenizer, fns), self.tokenizer)
+        self.env_interaction = None  # set with `environment`: every `generate` plays one episode per row
+        if environment is not None:
+            from ..environments import load_environment
+            from ..rollout.multi_turn import EnvironmentInteraction
+
+            self.env_interaction = EnvironmentInteraction(load_environment(environment), self.tokenizer)
+
+    tool_fns: list[Callable] = []  # the loaded `tools`
+
+    @property
+    def chat_tool_schemas(self) -> list[dict] | None:
+        """The tools' JSON schemas for chat prompts (PromptDataModule passes them to `apply_chat_template(...,
+        tools=...)`) when the tool format is the chat template's own (hermes); None otherwise (the char format
+        has no template to describe them: its SFT data shows the calls)."""
+        from ..tools import HermesToolFormat, tool_schemas
+
+        if self.tool_interaction is None or not isinstance(self.tool_interaction.fmt, HermesToolFormat):
+            return None
+        return tool_schemas(self.tool_fns)
 
     def hparam_checks(self, hp) -> list[tuple[bool, str]]:
         """(holds, one-line message) for every range check of the arguments; subclasses add theirs. Run on the
@@ -185,6 +205,9 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
         batch_size = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "batch_size", None)
         if stage == "fit" and "minibatches" in self.hparams and isinstance(batch_size, int):
             self.check_minibatches(batch_size)  # the data's batch size is known: refuse before the first step
+        if not self.reward_funcs and self.env_interaction is not None:  # the environment's rewards
+            self.reward_funcs = list(self.default_environment_reward_fns())
+            self.reward_weights = None
         if not self.reward_funcs:
             task = self.data_task()
             if task is not None:
@@ -267,21 +290,24 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params,
-                 generator: torch.Generator | None = None):
-        """A `RolloutBatch` from the engine, inside `sampling_context` (every sampling call goes through here)."""
+                 generator: torch.Generator | None = None, rows: list[dict] | None = None):
+        """A `RolloutBatch` from the engine, inside `sampling_context` (every sampling call goes through here).
+        With `tools` or an `environment` the multi-turn loop drives the engine; an environment needs each row's
+        dataset row (`rows`, see `batch_rows`)."""
         with self.sampling_context():
-            if self.tool_interaction is not None:
+            if self.tool_interaction is not None or self.env_interaction is not None:
                 from ..rollout.multi_turn import multi_turn_generate
 
                 return multi_turn_generate(self.engine, prompt_ids, prompt_mask, params, generator,
-                                           self.tool_interaction, self.tokenizer, self.hparams.max_turns)
+                                           self.tool_interaction, self.tokenizer, self.hparams.max_turns,
+                                           env=self.env_interaction, rows=rows)
             return self.engine.generate(prompt_ids, prompt_mask, params, generator)
 
     @torch.no_grad()
     def greedy_samples(self, batch: dict[str, Any], max_new_tokens: int | None = None):
         """Greedy `RolloutBatch` of the batch's prompts (token ids and masks)."""
         params = self.sampling_params(greedy=True, max_new_tokens=max_new_tokens or self.val_max_new_tokens)
-        return self.generate(batch["prompt_ids"], batch["prompt_mask"], params)
+        return self.generate(batch["prompt_ids"], batch["prompt_mask"], params, rows=self.batch_rows(batch))
 
     def greedy_completions(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
         from ..rollout import decode_completions

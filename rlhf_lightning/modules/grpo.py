@@ -40,7 +40,7 @@ from .. import losses
 from ..algorithms import dynamic_sampling
 from ..algorithms.advantages import AdvantageInputs, Estimator, get_estimator
 from ..algorithms.policy_losses import PolicyLossInputs, get_policy_loss
-from ..algorithms.process import step_boundaries
+from ..algorithms.process import step_boundaries, turn_boundaries
 from ..infra import parallel
 from ..rollout import Rollout, completion_logprobs, decode_completions
 from .rl import RLModule, RLStep
@@ -198,7 +198,7 @@ class GRPOModule(RLModule):
         greedy = self.greedy_samples(batch, self.hparams.max_new_tokens)
         completions = decode_completions(self.tokenizer, greedy.completion_ids, greedy.completion_mask)
         scores = self.score_rollout(list(batch["prompts"]), completions,
-                                    {"columns": self.reward_columns(batch), **batch}).rewards
+                                    {"columns": self.reward_columns(batch, samples=greedy), **batch}).rewards
         return torch.as_tensor(scores, dtype=torch.float32).to(self.device).repeat_interleave(self.hparams.group_size)
 
     def sample_and_score(self, batch: dict[str, Any]) -> RLStep:
@@ -309,8 +309,12 @@ class GRPOModule(RLModule):
 
     def step_boundaries(self, step_rewards: list[list[float]], rollout: Rollout) -> tuple[Tensor, Tensor]:
         """Step rewards [N, S] and the completion-token index where each step ends [N, S] (-1 = none), the
-        steps split by `step_separator` (`algorithms.process.step_boundaries`)."""
+        steps split by `step_separator` (`algorithms.process.step_boundaries`); with an environment the steps
+        are the policy's turns (`algorithms.process.turn_boundaries`)."""
         s = rollout.samples
+        if s.env_ends is not None:
+            rewards, ends = turn_boundaries(step_rewards, s.env_ends)
+            return rewards.to(self.device), ends.to(self.device)
         rewards, ends = step_boundaries(self.tokenizer, rollout.completions, s.completion_ids, s.completion_mask,
                                         step_rewards, self.step_separator)
         return rewards.to(self.device), ends.to(self.device)

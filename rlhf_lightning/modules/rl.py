@@ -174,10 +174,11 @@ class RLModule(StepLogging, PolicyModuleBase):
         n = self.samples_per_prompt
         prompt_ids = batch["prompt_ids"].repeat_interleave(n, dim=0)  # [N, P], N = B*n
         prompt_mask = batch["prompt_mask"].repeat_interleave(n, dim=0)  # [N, P]
-        samples = self.generate(prompt_ids, prompt_mask, self.sampling_params(), self._generator())
+        samples = self.generate(prompt_ids, prompt_mask, self.sampling_params(), self._generator(),
+                                rows=self.batch_rows(batch, repeat=n))
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         prompts = [p for p in batch["prompts"] for _ in range(n)]
-        return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=n))
+        return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=n, samples=samples))
 
     def rollout_rewards(self, rollout: Rollout, batch: dict[str, Any]):
         """`score_rollout` of a rollout (dataset columns aligned with its rows, its `samples` for reward models):

@@ -125,10 +125,11 @@ class SampledEvaluation:
         real = self._real_rows(B)
         samples = self.generate(batch["prompt_ids"].repeat_interleave(n, dim=0),
                                 batch["prompt_mask"].repeat_interleave(n, dim=0), self.eval_sampling_params(),
-                                self._generator_for_eval())
+                                self._generator_for_eval(), rows=self.batch_rows(batch, repeat=n))
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         prompts = [p for p in batch["prompts"] for _ in range(n)]
-        values = self.score(prompts, completions, self.reward_columns(batch, repeat=n), fns=[verifier])[1][0]
+        values = self.score(prompts, completions, self.reward_columns(batch, repeat=n, samples=samples),
+                            fns=[verifier])[1][0]
         values = values.reshape(B, n)[:real].double().cpu()
         if not bool(((values == 0) | (values == 1) | values.isnan()).all()):
             self._eval_unusable += 1

@@ -27,6 +27,8 @@ class RewardScoring:
         if not self.reward_funcs or not rows or not callable(getattr(datamodule, "collate", None)):
             return
         columns = list(self.reward_columns(datamodule.collate(rows[:1])))
+        if getattr(self, "env_interaction", None) is not None:
+            columns.append("env_rewards")  # added by the rollout: each completion's environment step rewards
         for fn in self.reward_funcs:
             try:
                 check_signature(fn, columns)
@@ -41,12 +43,37 @@ class RewardScoring:
         """Reward functions used when none are configured and the data is a built-in task."""
         return task.reward_fns
 
+    def default_environment_reward_fns(self) -> Sequence[Callable]:
+        """Reward functions used when none are configured and an environment answers the turns: the sum of its
+        step rewards (GRPO under supervision=process: one step reward per turn)."""
+        from ..rewards import environment_reward, environment_turn_rewards
+
+        return [environment_turn_rewards if self.process_rewards else environment_reward]
+
     @staticmethod
-    def reward_columns(batch: dict[str, Any], repeat: int = 1) -> dict[str, list]:
-        """The batch's extra dataset columns, each repeated `repeat` times per row (aligned with completions)."""
+    def reward_columns(batch: dict[str, Any], repeat: int = 1, samples=None) -> dict[str, list]:
+        """The batch's extra dataset columns, each repeated `repeat` times per row (aligned with completions), and
+        `env_rewards` (each row's step rewards) when `samples` came from an environment's episodes."""
         skip = {"prompt_ids", "prompt_mask", "prompts", "input_ids", "attention_mask", "labels"}
-        return {k: [v for v in vals for _ in range(repeat)] for k, vals in batch.items()
-                if k not in skip and isinstance(vals, list)}
+        columns = {k: [v for v in vals for _ in range(repeat)] for k, vals in batch.items()
+                   if k not in skip and isinstance(vals, list)}
+        if samples is not None and getattr(samples, "env_rewards", None) is not None:
+            columns["env_rewards"] = [list(r) for r in samples.env_rewards]
+        return columns
+
+    def batch_rows(self, batch: dict[str, Any], repeat: int = 1) -> list[dict[str, Any]] | None:
+        """Each rollout row's dataset row for an environment's `reset`: {"prompt": the prompt (its chat messages
+        for conversational data), other columns}; None without an environment."""
+        from ..rewards import CHAT_PROMPTS
+
+        if getattr(self, "env_interaction", None) is None:
+            return None
+        columns = self.reward_columns(batch, repeat)
+        messages = columns.pop(CHAT_PROMPTS, None)
+        prompts = [p for p in batch["prompts"] for _ in range(repeat)]
+        if messages is not None:
+            prompts = [m if m is not None else p for m, p in zip(messages, prompts)]
+        return [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], fns=None):
         """(total [B], per-function [F, B]) rewards of `fns` (default: the reward functions); NaN = 'no reward'."""
@@ -126,7 +153,7 @@ class RewardScoring:
         from ..rollout import decode_completions
 
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
-        columns = self.reward_columns(batch)
+        columns = self.reward_columns(batch, samples=samples)
         scored = self.score_rollout(batch["prompts"], completions, {**batch, "columns": columns, "samples": samples})
         rewards = scored.rewards
         B, prefix = len(completions), self.eval_prefix

@@ -38,6 +38,10 @@ class StepLogging:
                             t.turns.mean(), "tools/error_frac": t.tool_errors.sum() / t.tool_calls.sum().clamp(min=1),
                             "tools/timeout_frac": t.tool_timeouts.sum() / t.tool_calls.sum().clamp(min=1),
                             "tools/masked_token_frac": 1.0 - s.trained_mask.sum() / max(n_tokens, 1.0)})
+        if s.env_rewards is not None:  # an environment's episodes: return, steps, and how many it ended itself
+            metrics.update({"env/return": torch.tensor([sum(r) for r in s.env_rewards]).float().mean(),
+                            "env/steps_per_completion": torch.tensor([len(r) for r in s.env_rewards]).float().mean(),
+                            "env/done_frac": s.turns.env_done.float().mean()})
         metrics.update(self.step_metrics(step))
         metrics.update(self.per_function_reward_metrics(step.rollout.per_source))
         metrics.update(self.guard_metrics())

@@ -39,6 +39,8 @@ from .builtin import (
     chain_process_rewards,
     chain_step_rewards,
     chain_steps,
+    environment_reward,
+    environment_turn_rewards,
     exact_match,
     final_answer_match,
     last_number,
@@ -66,7 +68,8 @@ __all__ = [
     "RewardModelSource", "RewardOutput", "RewardSource", "WeightedSources", "apply_op", "as_source", "call_reward_fns",
     "call_step_reward_fns", "canonical_answer", "chain_final_correct", "chain_process_rewards", "chain_step_rewards",
     "chain_steps",
-    "check_finite_rewards", "check_reward_weights", "check_signature", "exact_match", "extract_answer",
+    "check_finite_rewards", "check_reward_weights", "check_signature", "environment_reward",
+    "environment_turn_rewards", "exact_match", "extract_answer",
     "final_answer_match", "last_number", "math_answer_match", "parse_chain", "reference_answer", "resolve_reward_fn",
     "reward_fn_name", "trl_inputs",
 ]

@@ -138,6 +138,23 @@ def chain_process_rewards(prompts: list[str], completions: list[str], **kwargs) 
     return out
 
 
+# ------------------------------------------------------------------------------------------ environments
+def environment_reward(prompts: list[str], completions: list[str], env_rewards: list[list[float]],
+                       **kwargs) -> list[float]:
+    """An environment's episode return: the sum of its step rewards (`env_rewards`, one list per completion,
+    filled by the rollout loop when the module has an `environment`). The default reward with an environment."""
+    _check_aligned(completions, env_rewards, "env_rewards")
+    return [float(sum(r)) for r in env_rewards]
+
+
+def environment_turn_rewards(prompts: list[str], completions: list[str], env_rewards: list[list[float]],
+                             **kwargs) -> list[list[float]]:
+    """Process supervision by turn: each environment step's reward as the step reward of the turn it answered
+    (GRPO's `supervision: process` with an environment, where the steps are the policy's turns)."""
+    _check_aligned(completions, env_rewards, "env_rewards")
+    return [[float(v) for v in r] for r in env_rewards]
+
+
 # Short names accepted by `resolve_reward_fn` (e.g. `reward_fns: [exact_match]` in a YAML config).
 REWARD_FNS: dict[str, Callable] = {
     "exact_match": exact_match,
@@ -145,6 +162,8 @@ REWARD_FNS: dict[str, Callable] = {
     "chain_final_correct": chain_final_correct,
     "chain_step_rewards": chain_step_rewards,
     "chain_process_rewards": chain_process_rewards,
+    "environment_reward": environment_reward,
+    "environment_turn_rewards": environment_turn_rewards,
 }
 
 

@@ -29,6 +29,8 @@ class RolloutBatch:
     # Multi-turn rollouts (`rollout.multi_turn`) put tool / environment replies in the completion: the policy
     # attends to them (completion_mask 1) but they get no loss, KL or entropy (action_mask 0, logprobs 0).
     turns: TurnStats | None = None  # per-row counts of a multi-turn rollout (turns, tool calls, errors)
+    env_rewards: list[list[float]] | None = None  # [B] lists: an environment's reward for each step of the row
+    env_ends: list[list[int]] | None = None  # [B] lists: the completion index of the last token of each step's turn
 
     def completion_lengths(self) -> Tensor:
         """Number of real completion tokens per row (EOS included). [B]"""
@@ -55,6 +57,7 @@ class TurnStats:
     tool_calls: Tensor  # tool calls answered (results and error replies)
     tool_errors: Tensor  # replies that were errors (unknown tool, bad arguments, a raising tool)
     tool_timeouts: Tensor  # calls that ran past the timeout (also counted in tool_errors)
+    env_done: Tensor | None = None  # 1 = the environment ended the episode (else the turn or token budget did)
 
 
 @dataclass

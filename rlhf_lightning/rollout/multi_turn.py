@@ -11,6 +11,11 @@
     end:     one right-padded completion per row: policy and tool tokens in order, `completion_mask` 1 on all of
              them, `action_mask` 1 on the policy's only; `TurnStats` counts turns / calls / errors per row
 
+With an environment (`environments.Environment`, one episode per row) a turn that ends at EOS is answered by its
+`step(turn)`: the observation is appended like a tool's reply (attended, `action_mask` 0), the turn's reward is
+kept (`RolloutBatch.env_rewards`, with the index of the turn's last token in `env_ends`), and `done` finishes the
+row. Its `reset(row)` message opens the completion the same way.
+
 `max_new_tokens` is the whole conversation's budget (policy + tool tokens). Each turn re-reads the row's context
 (no KV cache kept between turns): simple, exact for every engine, and the prefill is a small share at these sizes.
 """
@@ -53,23 +58,76 @@ class ToolInteraction:
         return Reply(self.fmt.response_text(self.tokenizer, result.text), result.error, result.timed_out)
 
 
+class EnvironmentInteraction:
+    """Plays one episode of an environment per rollout row (`environments.Environment`): a fresh object from
+    `factory` per row, `reset(row)` before the first turn, `step(turn)` after every turn that is not a tool call.
+    Observations of a conversational row (its prompt is chat messages) are written as the tokenizer's chat
+    template writes a user message after the assistant's turn; of a plain-text row, as they are."""
+
+    def __init__(self, factory, tokenizer) -> None:
+        self.factory, self.tokenizer = factory, tokenizer
+
+    def start(self, rows: list[dict]) -> tuple[list, list[bool], list[str]]:
+        """(one episode object per row, whether each row is a conversation, each one's first message)."""
+        from ..environments.base import checked_reset
+
+        episodes = [self.factory() for _ in rows]
+        chats = [isinstance(r.get("prompt"), list) for r in rows]
+        firsts = [self.observation_text(checked_reset(e, r, i), chat)
+                  for i, (e, r, chat) in enumerate(zip(episodes, rows, chats))]
+        return episodes, chats, firsts
+
+    def step(self, episode, turn_text: str, row: int):
+        from ..environments.base import checked_step
+
+        return checked_step(episode, turn_text, row)
+
+    def observation_text(self, text: str, chat: bool) -> str:
+        if not text or not chat:
+            return text
+        from ..tools.formats import chat_reply_text
+
+        return chat_reply_text(self.tokenizer, "user", text, "environment", after_eos=True)
+
+
 @torch.no_grad()
 def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
-                        generator: torch.Generator | None, interaction: ToolInteraction, tokenizer,
-                        max_turns: int) -> RolloutBatch:
-    """Sample conversations of at most `max_turns` policy turns and `params.max_new_tokens` tokens (see above)."""
+                        generator: torch.Generator | None, interaction: ToolInteraction | None, tokenizer,
+                        max_turns: int, env: EnvironmentInteraction | None = None,
+                        rows: list[dict] | None = None) -> RolloutBatch:
+    """Sample conversations of at most `max_turns` policy turns and `params.max_new_tokens` tokens (see above):
+    tool calls answered by `interaction`, other turns by `env` (one episode per row of `rows`), either optional."""
     device, B = prompt_ids.device, prompt_ids.size(0)
     prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
     pieces: list[list[tuple[list[int], list[float], bool]]] = [[] for _ in range(B)]  # (ids, logps, trained)
     used = [0] * B  # completion tokens so far
-    truncated = [False] * B
     stats = {k: [0.0] * B for k in ("turns", "tool_calls", "tool_errors", "tool_timeouts")}
-    stops = tuple(params.stop_token_ids) + interaction.stop_token_ids
-    active = list(range(B))
+    budget_of = params.max_new_tokens
+
+    def append(i: int, text: str) -> None:  # an answer (tool / environment): attended, not trained, log-prob 0
+        r_ids = tokenizer(text, add_special_tokens=False)["input_ids"][: budget_of - used[i]] if text else []
+        pieces[i].append((r_ids, [0.0] * len(r_ids), False))
+        used[i] += len(r_ids)
+
+    episodes = env_rewards = env_ends = env_done = None
+    turn_start = [0] * B  # the piece where the row's current environment turn began
+    if env is not None:
+        if rows is None or len(rows) != B:
+            raise ValueError(f"an environment needs the dataset row of each of the {B} rollout rows, got "
+                             f"{None if rows is None else len(rows)}")
+        episodes, chats, firsts = env.start(rows)
+        env_rewards, env_ends, env_done = [[] for _ in range(B)], [[] for _ in range(B)], [False] * B
+        for i, first in enumerate(firsts):
+            append(i, first)
+            turn_start[i] = len(pieces[i])
+    tool_stops = interaction.stop_token_ids if interaction is not None else ()
+    stops = tuple(params.stop_token_ids) + tuple(tool_stops)
+    active = [i for i in range(B) if used[i] < budget_of]
+    truncated = [used[i] >= budget_of for i in range(B)]
     for turn in range(max_turns):
         if not active:
             break
-        budget = max(params.max_new_tokens - used[i] for i in active)
+        budget = max(budget_of - used[i] for i in active)
         ids, mask = left_pad([prompts[i] + [t for p in pieces[i] for t in p[0]] for i in active],
                              params.pad_token_id)
         turn_params = replace(params, max_new_tokens=budget, stop_token_ids=stops,
@@ -77,31 +135,52 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
         out = engine.generate(ids.to(device), mask.to(device), turn_params, generator)
         still = []
         for j, i in enumerate(active):
-            n = min(int(out.completion_mask[j].sum()), params.max_new_tokens - used[i])
+            n = min(int(out.completion_mask[j].sum()), budget_of - used[i])
             toks = out.completion_ids[j, :n].tolist()
             pieces[i].append((toks, out.logprobs[j, :n].tolist(), True))
             used[i] += n
             stats["turns"][i] += 1
             last = toks[-1] if toks else None
-            if last == params.eos_token_id:
+            can_go_on = turn < max_turns - 1 and used[i] < budget_of
+            if last in tool_stops:  # a tool call: the tool answers (a call in the last turn is cut off)
+                if not can_go_on:
+                    truncated[i] = True
+                    continue
+                reply = interaction.reply(tokenizer.decode(toks))
+                stats["tool_calls"][i] += float(reply.is_call)
+                stats["tool_errors"][i] += float(reply.error)
+                stats["tool_timeouts"][i] += float(reply.timed_out)
+                append(i, reply.text)
+                if used[i] < budget_of:
+                    still.append(i)
+                else:
+                    truncated[i] = True
                 continue
-            at_call = last in interaction.stop_token_ids
-            if not at_call or turn == max_turns - 1 or used[i] >= params.max_new_tokens:
-                truncated[i] = True  # no EOS: the budget, the turn limit, or a call that cannot be answered
+            ended = last == params.eos_token_id
+            truncated[i] = not ended  # no EOS: the token budget (or a turn limit) cut the policy off
+            if env is None:
                 continue
-            reply = interaction.reply(tokenizer.decode(toks))
-            stats["tool_calls"][i] += float(reply.is_call)
-            stats["tool_errors"][i] += float(reply.error)
-            stats["tool_timeouts"][i] += float(reply.timed_out)
-            r_ids = tokenizer(reply.text, add_special_tokens=False)["input_ids"][: params.max_new_tokens - used[i]]
-            pieces[i].append((r_ids, [0.0] * len(r_ids), False))
-            used[i] += len(r_ids)
-            if used[i] >= params.max_new_tokens:
-                truncated[i] = True
-            else:
+            turn_ids = [t for p in pieces[i][turn_start[i]:] for t in p[0] if t != params.eos_token_id]
+            step = env.step(episodes[i], tokenizer.decode(turn_ids), i)
+            env_rewards[i].append(step.reward)
+            env_ends[i].append(used[i] - 1)  # the turn's last token: where a per-turn reward lands
+            if step.done:
+                env_done[i] = True
+                continue
+            if not ended or not can_go_on:
+                continue
+            append(i, env.observation_text(step.observation, chats[i]))
+            turn_start[i] = len(pieces[i])
+            if used[i] < budget_of:
                 still.append(i)
+            else:
+                truncated[i] = True
         active = still
-    return _assemble(prompt_ids, prompt_mask, pieces, truncated, stats, params.pad_token_id, device)
+    batch = _assemble(prompt_ids, prompt_mask, pieces, truncated, stats, params.pad_token_id, device)
+    if env is not None:
+        batch.env_rewards, batch.env_ends = env_rewards, env_ends
+        batch.turns.env_done = torch.tensor(env_done, dtype=torch.float32, device=device)
+    return batch
 
 
 def _assemble(prompt_ids: Tensor, prompt_mask: Tensor, pieces, truncated: list[bool], stats: dict[str, list],

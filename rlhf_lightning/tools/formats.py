@@ -114,7 +114,6 @@ class HermesToolFormat(ToolFormat):
     name = "hermes"
     start_marker = "<tool_call>"
     end_marker = "</tool_call>"
-    _MARK = "\u2063RLHF_TOOL_CALL_END\u2063"  # text no real conversation contains
 
     def parse(self, text: str) -> ToolCall | str | None:
         start = text.rfind(self.start_marker)
@@ -140,15 +139,29 @@ class HermesToolFormat(ToolFormat):
         return ToolCall(call["name"], arguments)
 
     def response_text(self, tokenizer: Any, result: str) -> str:
-        messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": self._MARK},
-                    {"role": "tool", "content": result}]
-        try:
-            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as err:
-            raise ValueError(f"tool_format 'hermes': the chat template cannot render a tool message ({err})") from err
-        if rendered.count(self._MARK) != 1:
-            raise ValueError("tool_format 'hermes': the chat template does not render the assistant's content as is")
-        return rendered.split(self._MARK, 1)[1]
+        return chat_reply_text(tokenizer, "tool", result, "tool_format 'hermes'")
+
+
+_MARK = "\u2063RLHF_TURN_END\u2063"  # text no real conversation contains
+
+
+def chat_reply_text(tokenizer: Any, role: str, content: str, what: str, after_eos: bool = False) -> str:
+    """The text the tokenizer's chat template writes after an assistant turn for a `role` message of `content`,
+    up to and including the opening of the next assistant turn. `after_eos`: the assistant's turn already ended
+    with the EOS token (an environment answers a finished turn), so a leading EOS text is left out."""
+    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _MARK},
+                {"role": role, "content": content}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:
+        raise ValueError(f"{what}: the chat template cannot render a {role} message ({err})") from err
+    if rendered.count(_MARK) != 1:
+        raise ValueError(f"{what}: the chat template does not render the assistant's content as is")
+    text = rendered.split(_MARK, 1)[1]
+    eos = getattr(tokenizer, "eos_token", None)
+    if after_eos and eos and text.startswith(eos):
+        text = text[len(eos):]
+    return text
 
 
 def _is_char_tokenizer(tokenizer: Any) -> bool:
