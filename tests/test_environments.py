@@ -197,7 +197,10 @@ class ShortTurns(AutoEngine):
 
 
 class Parity(Environment):
-    """Reward 1 for a turn of even length, two turns an episode, "again:" between them."""
+    """Reward 1 for a turn whose first character has an even code, `turns` turns an episode, "again:" between them."""
+
+    def __init__(self, turns: int = 2):
+        self.max_turns = turns
 
     def reset(self, row):
         self.turns = 0
@@ -205,7 +208,7 @@ class Parity(Environment):
 
     def step(self, turn):
         self.turns += 1
-        return EnvStep("again:", float(len(turn) % 2 == 0), self.turns == 2)
+        return EnvStep("again:", float(bool(turn) and ord(turn[0]) % 2 == 0), self.turns == self.max_turns)
 
 
 @pytest.fixture
@@ -277,3 +280,33 @@ def test_grpo_and_ppo_train_on_environment_episodes(tmp_path, short_turns_engine
     assert all(float(m["env/steps_per_completion"]) == 2.0 and float(m["env/done_frac"]) == 1.0 for m in logged)
     assert all(0.0 <= float(m["env/return"]) <= 2.0 for m in logged)
     assert "val/reward" in trainer.callback_metrics
+
+
+def test_resume_with_an_environment_is_exact(tmp_path, short_turns_engine):
+    """4 rollouts straight == 2, a checkpoint, 2 more from it (`ckpt_path`), with episodes; the environment given as
+    {class_path, init_args} goes through the checkpoint's hyperparameters (weights_only loading)."""
+    def module():
+        torch.manual_seed(0)
+        return GRPOModule("tiny", group_size=2, max_new_tokens=24, max_turns=3, lr=1e-3,
+                          environment={"class_path": "test_environments.Parity", "init_args": {"turns": 2}},
+                          rollout_engine="test_short_turns")
+
+    def fit(m, root, ckpt_path=None):
+        dm = PromptDataModule(task="addition", batch_size=2, num_train=16, num_val=4)
+        every_2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(default_root_dir=root, max_steps=4, accelerator="cpu", logger=False, callbacks=[every_2],
+                            enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            enable_model_summary=False)
+        trainer.fit(m, datamodule=dm, ckpt_path=ckpt_path)
+        return m
+
+    straight = fit(module(), tmp_path / "a")
+    mid = next((tmp_path / "a").glob("*step=2.ckpt"))
+    resumed = fit(module(), tmp_path / "b", ckpt_path=mid)
+    for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q), name
+    first = module()
+    moved = any(not torch.equal(p, q) for p, q in zip(first.policy.parameters(), straight.policy.parameters()))
+    assert moved  # the episodes' rewards moved the weights: the equality above is not trivial
+    loaded = GRPOModule.load_from_checkpoint(mid, weights_only=True)
+    assert loaded.hparams.environment == {"class_path": "test_environments.Parity", "init_args": {"turns": 2}}
