@@ -185,6 +185,9 @@ class IterativeCallbackBase(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Find (or install) the scorer the module rewards with; runs after module.setup and checkpoint restore."""
         name = type(self).__name__
+        if getattr(pl_module, "env_interaction", None) is not None:
+            raise ValueError(f"{name} retrains its scorer on single-turn policy samples, but the module plays "
+                             "episodes of an environment (`environment`); use one or the other")
         if self.reset_reference and getattr(pl_module, "_lora_reference", False):
             raise ValueError(f"{name}.reset_reference needs a reference copy, but with LoRA the reference is the "
                              "base model (adapter disabled); set reset_reference: false")

@@ -310,3 +310,34 @@ def test_resume_with_an_environment_is_exact(tmp_path, short_turns_engine):
     assert moved  # the episodes' rewards moved the weights: the equality above is not trivial
     loaded = GRPOModule.load_from_checkpoint(mid, weights_only=True)
     assert loaded.hparams.environment == {"class_path": "test_environments.Parity", "init_args": {"turns": 2}}
+
+
+def test_an_observation_without_room_for_a_reply_is_not_appended():
+    """The policy's turn ended at EOS but "\\nwrong\\n1+1=" would fill the budget: the episode ends there, whole
+    (no cut-off observation in the completion, not truncated: the policy's text ended)."""
+    tok = build_char_tokenizer()
+    ids, mask = _prompt(tok, "1+1=")
+    out = multi_turn_generate(ScriptedEngine(tok, ["3<eos>"]), ids, mask, _params(tok, 10), None, None, tok,
+                              max_turns=3, env=_feedback(tok), rows=[{"prompt": "1+1=", "answer": "2"}])
+    assert _text(tok, out) == "3<eos>" and not bool(out.is_truncated[0]) and out.env_rewards == [[0.0]]
+
+
+def test_first_message_of_a_conversation_follows_an_empty_assistant_turn(qwen_like_tok):
+    env = EnvironmentInteraction(AnswerFeedback, qwen_like_tok)
+    text = env.observation_text("Hint", chat=True, first=True)  # the prompt ended with the assistant's opening
+    assert text == "<|im_end|>\n<|im_start|>user\nHint<|im_end|>\n<|im_start|>assistant\n"
+    fb = AnswerFeedback()
+    fb.reset({"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"})
+    assert fb.step("3") == EnvStep("\nwrong\n1+1=", 0.0, False)  # {prompt}: the last user message
+
+
+def test_module_settings_with_an_environment():
+    """A class given as `environment` is saved as its import path (weights_only checkpoints hold no code); under
+    supervision=process val/accuracy is the episode's return; single-turn samplers refuse episodes."""
+    from rlhf_lightning.algorithms.mc_labels import module_generate
+
+    m = GRPOModule("tiny", environment=AnswerFeedback, supervision="process")
+    assert m.hparams.environment == "rlhf_lightning.environments.feedback.AnswerFeedback"
+    assert m.validation_verifier() is environment_reward
+    with pytest.raises(ValueError, match="Monte-Carlo step labels continue a step's prefix in one turn"):
+        module_generate(m)

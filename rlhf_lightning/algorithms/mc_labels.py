@@ -179,6 +179,9 @@ def module_generate(module: Any, max_new_tokens: int | None = None, temperature:
     prefix may be just EOS)."""
     from ..rollout import decode_completions, left_pad
 
+    if getattr(module, "env_interaction", None) is not None:
+        raise ValueError("Monte-Carlo step labels continue a step's prefix in one turn; a module with an "
+                         "`environment` samples whole episodes, which have no such prefix")
     tok, base = module.tokenizer, module.sampling_params()
     params = dataclasses.replace(base, min_new_tokens=0, max_new_tokens=max_new_tokens or base.max_new_tokens,
                                  temperature=base.temperature if temperature is None else temperature)

@@ -4,7 +4,7 @@
     turn 1  policy "72<eos>"              step -> EnvStep("\\nwrong\\n37+45=", 0.0, done=False)
     turn 2  policy "82<eos>"              step -> EnvStep("", 1.0, done=True)
 
-`feedback` may hold `{prompt}`, replaced by the row's prompt text: restating the question keeps the next try in
+`feedback` may hold `{prompt}`, replaced by the row's prompt text (a conversation's last user message): restating the question keeps the next try in
 the form the policy was trained on (a tiny SFT model that sees only "wrong" writes noise after it).
 
 The verifier is an outcome reward function with TRL's signature (default `final_answer_match`: the last number of
@@ -41,5 +41,12 @@ class AnswerFeedback(Environment):
         right = float(self.verifier(prompts=[self.row.get("prompt", "")], completions=[turn], **columns)[0]) == 1.0
         if right:
             return EnvStep("", self.reward, True)
-        prompt = self.row.get("prompt", "")
-        return EnvStep(self.feedback.replace("{prompt}", prompt if isinstance(prompt, str) else ""), 0.0, False)
+        return EnvStep(self.feedback.replace("{prompt}", _question(self.row.get("prompt", ""))), 0.0, False)
+
+
+def _question(prompt: Any) -> str:
+    """The prompt's text: a string as is; chat messages: the last user message's content."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return str(users[-1]) if users else ""

@@ -141,6 +141,11 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
                                                     get_tool_format(tool_format, self.tokenizer, fns), self.tokenizer)
         self.env_interaction = None  # set with `environment`: every `generate` plays one episode per row
         if environment is not None:
+            # checkpoints store import paths, not classes (weights_only loading refuses pickled code)
+            if callable(environment):
+                self.hparams["environment"] = _import_path(environment)
+            elif isinstance(environment, dict) and callable(environment.get("class_path")):
+                self.hparams["environment"] = {**environment, "class_path": _import_path(environment["class_path"])}
             from ..environments import load_environment
             from ..rollout.multi_turn import EnvironmentInteraction
 

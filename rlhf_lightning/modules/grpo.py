@@ -173,9 +173,14 @@ class GRPOModule(RLModule):
         return task.process_reward_fns if self.hparams.supervision == "process" else task.reward_fns
 
     def validation_verifier(self):
-        """Process supervision: the task's outcome verifier (the reward functions give step rewards), if any."""
+        """Process supervision: the task's outcome verifier (the reward functions give step rewards), if any; with
+        an environment, the episode's return (`rewards.environment_reward`: 0/1 episodes are solved or not)."""
         if self.hparams.supervision != "process":
             return super().validation_verifier()
+        if self.env_interaction is not None:
+            from ..rewards import environment_reward
+
+            return environment_reward
         task = self.data_task()
         return task.reward_fns[0] if task is not None and task.reward_fns else None
 

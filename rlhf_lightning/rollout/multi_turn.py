@@ -73,7 +73,7 @@ class EnvironmentInteraction:
 
         episodes = [self.factory() for _ in rows]
         chats = [isinstance(r.get("prompt"), list) for r in rows]
-        firsts = [self.observation_text(checked_reset(e, r, i), chat)
+        firsts = [self.observation_text(checked_reset(e, r, i), chat, first=True)
                   for i, (e, r, chat) in enumerate(zip(episodes, rows, chats))]
         return episodes, chats, firsts
 
@@ -82,12 +82,15 @@ class EnvironmentInteraction:
 
         return checked_step(episode, turn_text, row)
 
-    def observation_text(self, text: str, chat: bool) -> str:
+    def observation_text(self, text: str, chat: bool, first: bool = False) -> str:
+        """`text` as the completion shows it: as is for a plain-text row; for a conversation, a user message
+        after the assistant's turn — after its EOS, or (`first`: `reset`'s message, before the policy wrote
+        anything) after an empty assistant turn the template closes."""
         if not text or not chat:
             return text
         from ..tools.formats import chat_reply_text
 
-        return chat_reply_text(self.tokenizer, "user", text, "environment", after_eos=True)
+        return chat_reply_text(self.tokenizer, "user", text, "environment", after_eos=not first)
 
 
 @torch.no_grad()
@@ -169,12 +172,12 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
                 continue
             if not ended or not can_go_on:
                 continue
-            append(i, env.observation_text(step.observation, chats[i]))
+            obs = env.observation_text(step.observation, chats[i])
+            if used[i] + len(tokenizer(obs, add_special_tokens=False)["input_ids"]) >= budget_of:
+                continue  # no room for the observation and a reply: the episode ends here (the turn ended at EOS)
+            append(i, obs)
             turn_start[i] = len(pieces[i])
-            if used[i] < budget_of:
-                still.append(i)
-            else:
-                truncated[i] = True
+            still.append(i)
         active = still
     batch = _assemble(prompt_ids, prompt_mask, pieces, truncated, stats, params.pad_token_id, device)
     if env is not None:
