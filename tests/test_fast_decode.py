@@ -222,3 +222,34 @@ def test_bf16_model_decodes_in_bf16_close_to_hf() -> None:
     r = sample(m, ids, mask, max_new_tokens=6, eos_token_id=1, pad_token_id=PAD, engine="fast",
                generator=torch.Generator().manual_seed(0))
     assert r.logprobs.dtype == torch.float32 and r.logprobs.isfinite().all() and (r.logprobs <= 0).all()
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen2", "llama-bias", "llama-dynamic-rope"])
+def test_compaction_drops_finished_rows_and_keeps_the_sampled_tokens(kind: str, monkeypatch) -> None:
+    """Rows that finished leave the fast decoder's batch (its steps get fewer rows), and a seeded run samples the
+    same tokens as the hf engine, which never compacts (a dynamic rope is rescaled by the batch's largest
+    position, so there the fast decoder keeps every row)."""
+    m = build(kind)
+    ids, mask = left_pad(PROMPTS * 4)  # 16 rows
+    greedy = sample(m, ids, mask, max_new_tokens=12, eos_token_id=1, pad_token_id=PAD, do_sample=False)
+    eos = int(greedy.completion_ids[0, 0])
+    rows_per_step = []
+    step = FastDecoder.step
+    monkeypatch.setattr(FastDecoder, "step", lambda self, token: (rows_per_step.append(token.numel()),
+                                                                  step(self, token))[1])
+    runs = {}
+    for engine in ("hf", "fast"):
+        runs[engine] = sample(m, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD, temperature=1.0,
+                              generator=torch.Generator().manual_seed(3), engine=engine)
+    hf, fast = runs["hf"], runs["fast"]
+    assert hf.is_truncated.any() and not hf.is_truncated.all()  # ragged: some rows end early
+    assert torch.equal(fast.completion_ids, hf.completion_ids)
+    assert torch.equal(fast.completion_mask, hf.completion_mask)
+    assert torch.allclose(fast.logprobs, hf.logprobs, atol=1e-5)
+    assert rows_per_step == sorted(rows_per_step, reverse=True)
+    if kind == "llama-dynamic-rope":
+        assert set(rows_per_step) == {16}
+    else:
+        assert rows_per_step[0] == 16 and rows_per_step[-1] < 16  # finished rows left the batch
+        still_writing = hf.completion_mask[:, 1:len(rows_per_step) + 1].sum(0).tolist()  # rows fed at each step
+        assert all(n >= live for n, live in zip(rows_per_step, still_writing))

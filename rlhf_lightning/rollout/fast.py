@@ -270,6 +270,9 @@ class FastDecoder:
         self.rotary = inner.rotary_emb
         self.stateful_rope = any(k in self.rotary.rope_type for k in _STATEFUL_ROPE)
         self.positions = torch.cat([prompt_pos, decode_pos], dim=1)  # [B, L]
+        # finished rows may leave the batch (`compact`), except under a stateful (dynamic) rope: HF rescales it by
+        # the largest position in the batch, which would change when rows leave
+        self.compactable = not self.stateful_rope
         if not self.stateful_rope:
             # One table for every position of this call: the same elementwise math as per-step calls.
             cos, sin = self.rotary(emb[:1], self.positions)  # [B, L, D] each
@@ -335,6 +338,19 @@ class FastDecoder:
         for lw in self.layers:
             x = self._layer(x, lw, cos, sin, 0, mask)
         return self._logits(x.view(B, P, -1)[:, -1])
+
+    @torch.no_grad()
+    def compact(self, keep: Tensor) -> None:
+        """Keep only rows `keep` [B'] (indices into the current batch): the KV caches, key masks, positions and rope
+        tables shrink to them, so later steps compute B' rows. The sampling loop calls it when rows finish."""
+        for lw in self.layers:
+            lw.k_cache = lw.k_cache.index_select(0, keep)
+            lw.v_cache = lw.v_cache.index_select(0, keep)
+        self.key_mask = self.key_mask.index_select(0, keep)
+        self.positions = self.positions.index_select(0, keep)
+        if not self.stateful_rope:
+            self.cos, self.sin_signed = self.cos.index_select(0, keep), self.sin_signed.index_select(0, keep)
+        self.prompt_ids = self.prompt_ids.index_select(0, keep)
 
     @torch.no_grad()
     def step(self, token: Tensor) -> Tensor:

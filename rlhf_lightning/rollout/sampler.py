@@ -5,6 +5,10 @@ A decoder engine (`DecoderEngine`) only says who computes the logits: a decoder 
 tokens (greedy, temperature, top-k, top-p, min-new-tokens), pads finished rows, stops when every row has emitted
 EOS and keeps the behaviour log-probs, so the `hf` and `fast` engines sample identically from identical logits.
 A bare loop over the KV cache is much faster than `model.generate` on small models, and it is easy to read.
+
+Compaction: a decoder with `compactable` True and `compact(keep)` (the `fast` one) drops finished rows from its batch and KV cache once a
+quarter of its rows have finished, so the remaining steps compute only the rows still writing; the tokens are
+chosen over the full batch either way, so a seeded run samples the same tokens with and without it.
 """
 
 from __future__ import annotations
@@ -77,13 +81,20 @@ def decode(decoder, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingPar
     [B, V] logsumexp per step (the LM head's matmul is hidden_size times that work) and keep [B] values per step.
     """
     lp_temperature = params.temperature if params.temperature > 0 else 1.0
-    done = torch.zeros(prompt_ids.size(0), dtype=torch.bool, device=prompt_ids.device)  # [B]
+    B = prompt_ids.size(0)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)  # [B]
     tokens: list[Tensor] = []  # T x [B]
     masks: list[Tensor] = []  # T x [B]
     logps: list[Tensor] = []  # T x [B]
-    next_logits = decoder.prefill()  # [B, V]
+    rows = None  # after a compaction: the original row of each of the decoder's rows [B'] (None = all B)
+    can_compact = bool(getattr(decoder, "compactable", False))
+    next_logits = decoder.prefill()  # [B or B', V]
     for t in range(params.max_new_tokens):
-        logits = next_logits.float() / lp_temperature  # [B, V]
+        logits = next_logits.float() / lp_temperature  # [B', V]
+        if rows is not None:  # finished rows left the decoder: any finite logits stand in for them (never used)
+            logits = logits.new_zeros(B, logits.size(-1)).index_copy_(0, rows, logits)  # [B, V]
+        # the choice is made over all B rows, so a seeded run draws the same random numbers with or without
+        # compaction (torch.multinomial's draw for a row does not depend on the other rows' probabilities)
         token = _choose(logits, t, params, generator)
         alive = ~done  # [B] this step's token is real (EOS included)
         token = torch.where(alive, token, torch.full_like(token, params.pad_token_id))
@@ -97,7 +108,15 @@ def decode(decoder, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingPar
             done = done | (token == stop)
         if t == params.max_new_tokens - 1 or bool(done.all()):
             break
-        next_logits = decoder.step(token)  # [B, V]
+        current = torch.arange(B, device=done.device) if rows is None else rows  # [B'] the decoder's rows
+        if can_compact and 4 * int(done[current].sum()) >= current.numel():
+            # compaction: a quarter of the decoder's rows have finished -> they leave its batch (and KV cache),
+            # so a ragged batch costs about the sum of its lengths, not rows x the longest
+            keep = (~done[current]).nonzero().flatten()  # [B''] positions in the decoder's batch
+            decoder.compact(keep)
+            rows = current[keep]
+            current = rows
+        next_logits = decoder.step(token[current])  # [B', V]
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                         completion_ids=torch.stack(tokens, dim=1),  # [B, T]
                         completion_mask=torch.stack(masks, dim=1).long(),  # [B, T]
