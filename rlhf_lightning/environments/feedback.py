@@ -4,8 +4,9 @@
     turn 1  policy "72<eos>"              step -> EnvStep("\\nwrong\\n37+45=", 0.0, done=False)
     turn 2  policy "82<eos>"              step -> EnvStep("", 1.0, done=True)
 
-`feedback` may hold `{prompt}`, replaced by the row's prompt text (a conversation's last user message): restating the question keeps the next try in
-the form the policy was trained on (a tiny SFT model that sees only "wrong" writes noise after it).
+`feedback` may hold `{prompt}`, replaced by the row's prompt text (a conversation's last user message):
+restating the question keeps the next try in the form the policy was trained on (a tiny SFT model that sees
+only "wrong" writes noise after it).
 
 The verifier is an outcome reward function with TRL's signature (default `final_answer_match`: the last number of
 the turn equals the row's `answer`), called on the turn alone with the row's columns, so every built-in task and

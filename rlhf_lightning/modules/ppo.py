@@ -56,6 +56,7 @@ from ..algorithms.policy_losses import PolicyLossInputs, get_policy_loss
 from ..rewards import RewardModelSource, RewardOutput
 from ..rewards.model import load_frozen_reward_model
 from ..rollout import RolloutBatch, completion_logprobs, join_prompt_completion, token_logprobs
+from ..rollout.base import pad_columns, trim_padding
 from .rl import RLModule, RLStep
 
 
@@ -294,6 +295,13 @@ class PPOModule(RLModule):
     def policy_and_values(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(log π [n, T], entropy [n, T], V [n, T]) of completion tokens; V[t] is the value of the state before
         token t (the position whose logits predict it). Differentiable when grad is enabled."""
+        width = ctx["completion_ids"].shape[1]
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        logp, entropy, values = self._policy_and_values(dict(zip(keys, trim_padding(*(ctx[k] for k in keys)))))
+        return pad_columns(logp, width), pad_columns(entropy, width), pad_columns(values, width)
+
+    def _policy_and_values(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """`policy_and_values` on inputs without all-padding columns."""
         hp = self.hparams
         T = ctx["completion_ids"].shape[1]
         input_ids, attn, pos = join_prompt_completion(**ctx)
@@ -316,14 +324,16 @@ class PPOModule(RLModule):
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
-        old_logp, old_values = [], []
-        for idx in self._micro_batches(ctx["completion_ids"].shape[0]):
+        N = ctx["completion_ids"].shape[0]
+        old_logp = old_values = None
+        for idx in self._micro_batches(N, ctx=ctx):  # token-budget micro-batches come in length order
             logp, _, values = self.policy_and_values({k: v[idx] for k, v in ctx.items()})
-            old_logp.append(logp)
-            old_values.append(values)
+            if old_logp is None:
+                old_logp, old_values = logp.new_zeros(N, logp.size(1)), values.new_zeros(N, values.size(1))
+            old_logp[idx], old_values[idx] = logp, values
         for m, mode in zip(modules, modes):
             m.train(mode)
-        return torch.cat(old_logp), torch.cat(old_values), self.reference_logprobs(ctx)
+        return old_logp, old_values, self.reference_logprobs(ctx)
 
     # ------------------------------------------------------------------------------------------ 3. advantages
     def compute_step_advantages(self, step: PPOStep) -> None:

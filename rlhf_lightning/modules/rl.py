@@ -68,6 +68,12 @@ class RLModule(StepLogging, PolicyModuleBase):
         micro_batch_size: rows per forward/backward inside an optimizer step (gradient accumulation; the loss is
             normalised by the whole step's count on all ranks, so it does not change the update). None = the
             minibatch.
+        max_tokens_per_micro_batch: token-budget micro-batches for every pass over a rollout (old, reference,
+            training, critic): rows sorted by length are packed while rows x (longest prompt + longest completion
+            of the micro-batch) stays within the budget (a longer row goes alone), and each forward runs at its
+            own micro-batch's length, not the rollout's longest (padding columns dropped: `rollout.trim_padding`).
+            On ragged rollouts this skips most of the padding work. With `micro_batch_size` too, both limits hold.
+            None = off.
         max_grad_norm: gradient clipping of each optimizer's parameters (None = off).
         sample_seed: seed of the sampling generator (offset by the global rank; saved in checkpoints). None (the
             default) = 1234 + the global seed (`seed_everything`, Lightning's `PL_GLOBAL_SEED`), so runs that differ
@@ -89,7 +95,8 @@ class RLModule(StepLogging, PolicyModuleBase):
 
     def __init__(self, model_name_or_path: str = "tiny", *, max_new_tokens: int = 32, min_new_tokens: int = 0,
                  temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.2, minibatches: int = 1,
-                 micro_batch_size: int | None = None, max_grad_norm: float | None = 1.0, sample_seed: int | None = None,
+                 micro_batch_size: int | None = None, max_tokens_per_micro_batch: int | None = None,
+                 max_grad_norm: float | None = 1.0, sample_seed: int | None = None,
                  log_samples_every_n_steps: int = 50, lr: float = 1e-5, val_max_new_tokens: int | None = None,
                  process_reward_model: str | None = None, process_reward_aggregation: str | None = None,
                  **kwargs: Any):
@@ -129,6 +136,8 @@ class RLModule(StepLogging, PolicyModuleBase):
              f"{hp.minibatches!r}"),
             (hp.micro_batch_size is None or hp.micro_batch_size >= 1, f"micro_batch_size must be >= 1 or null, got "
              f"{hp.micro_batch_size!r}"),
+            (hp.max_tokens_per_micro_batch is None or hp.max_tokens_per_micro_batch >= 1,
+             f"max_tokens_per_micro_batch must be >= 1 or null, got {hp.max_tokens_per_micro_batch!r}"),
             (hp.max_grad_norm is None or hp.max_grad_norm > 0, f"max_grad_norm must be > 0 or null, got "
              f"{hp.max_grad_norm}"),
             (hp.sample_seed is None or isinstance(hp.sample_seed, int), f"sample_seed must be an integer or null, got "
@@ -232,7 +241,7 @@ class RLModule(StepLogging, PolicyModuleBase):
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 step_loss = 0.0  # micro-batch losses add up to the step's loss (global normaliser)
-                for idx in self._micro_batches(N, rows):
+                for idx in self._micro_batches(N, rows, step.ctx):
                     loss, stats = self.micro_batch_loss(step, idx, normalizer)
                     # DDP averages gradients over ranks; the normaliser is already global, so undo the mean
                     self.manual_backward(loss * self.trainer.world_size)
@@ -289,10 +298,15 @@ class RLModule(StepLogging, PolicyModuleBase):
         sampling pass), micro-batch by micro-batch."""
         was_training = model.training
         model.eval()
-        out = [completion_logprobs(model, **{k: v[idx] for k, v in ctx.items()}, temperature=self.hparams.temperature)
-               for idx in self._micro_batches(ctx["completion_ids"].shape[0])]
+        N = ctx["completion_ids"].shape[0]
+        out = None
+        for idx in self._micro_batches(N, ctx=ctx):  # token-budget micro-batches come in length order
+            logp = completion_logprobs(model, **{k: v[idx] for k, v in ctx.items()},
+                                       temperature=self.hparams.temperature)
+            out = logp.new_zeros(N, logp.size(1)) if out is None else out  # float32, whatever the default dtype
+            out[idx] = logp
         model.train(was_training)
-        return torch.cat(out)
+        return out
 
     def reference_logprobs(self, ctx: dict[str, Tensor]) -> Tensor | None:
         """log π_ref [N, T] (None without a reference; with LoRA the policy with its adapter disabled)."""
@@ -344,11 +358,17 @@ class RLModule(StepLogging, PolicyModuleBase):
             self.sample_generator = gen
         return self.sample_generator
 
-    def _micro_batches(self, n: int, rows: Tensor | None = None) -> list[Tensor]:
-        """Row indices split into chunks of `micro_batch_size` (None = one chunk)."""
+    def _micro_batches(self, n: int, rows: Tensor | None = None, ctx: dict[str, Tensor] | None = None
+                       ) -> list[Tensor]:
+        """Row indices split into chunks of `micro_batch_size` (None = one chunk), or with
+        `max_tokens_per_micro_batch` (and the rollout's `ctx` to read lengths from) `token_budget_chunks`."""
         rows = torch.arange(n, device=self.device) if rows is None else rows
         size = self.hparams.micro_batch_size or len(rows)
-        return list(rows.split(size))
+        budget = self.hparams.get("max_tokens_per_micro_batch")
+        if budget is None or ctx is None:
+            return list(rows.split(size))
+        return token_budget_chunks(rows, ctx["prompt_mask"].sum(-1)[rows], ctx["completion_mask"].sum(-1)[rows],
+                                   budget, size)
 
     def _global_count(self, value: Tensor) -> float:
         """Sum of a count over all ranks (the loss normaliser of an optimizer step)."""
@@ -422,6 +442,27 @@ def _process_reward_checks(hp) -> list[tuple[bool, str]]:
         (prm is None or not process or agg == "steps", f"supervision=process needs step rewards: "
          f"process_reward_aggregation must be steps (or null), got {agg!r}"),
     ]
+
+
+def token_budget_chunks(rows: Tensor, prompt_lens: Tensor, completion_lens: Tensor, budget: int,
+                        max_rows: int) -> list[Tensor]:
+    """`rows` [n] in micro-batches of similar length: sorted longest first, a row joins the current micro-batch
+    while (its rows + 1) x (longest prompt + longest completion among them) <= `budget` and it has fewer than
+    `max_rows` rows; a row longer than the budget goes alone. The cost of a micro-batch's forward is about that
+    product once its padding columns are dropped."""
+    order = torch.argsort(completion_lens + prompt_lens, descending=True, stable=True).tolist()
+    p, c = prompt_lens.tolist(), completion_lens.tolist()
+    chunks: list[list[int]] = []
+    width_p = width_c = 0
+    for j in order:
+        wp, wc = max(width_p, p[j]), max(width_c, c[j])
+        if chunks and len(chunks[-1]) < max_rows and (len(chunks[-1]) + 1) * (wp + wc) <= budget:
+            chunks[-1].append(j)
+            width_p, width_c = wp, wc
+        else:
+            chunks.append([j])
+            width_p, width_c = p[j], c[j]
+    return [rows[torch.tensor(chunk, device=rows.device)] for chunk in chunks]
 
 
 def _as_list(x: Any) -> list:

@@ -181,6 +181,27 @@ def join_prompt_completion(prompt_ids: Tensor, prompt_mask: Tensor, completion_i
     return input_ids, attn, position_ids_from_mask(attn)
 
 
+def trim_padding(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four tensors without the columns that are padding in EVERY row: leading prompt columns (left padding)
+    and trailing completion columns (right padding). A micro-batch of short rows cut from a ragged rollout then
+    costs its own length, not the rollout's longest. Exact: positions count real tokens only
+    (`position_ids_from_mask`), pad keys are masked, and causal attention never reads later columns."""
+    real_p = prompt_mask.bool().any(dim=0)  # [P]
+    first = int(real_p.long().argmax()) if bool(real_p.any()) else prompt_mask.size(1) - 1
+    real_c = completion_mask.bool().any(dim=0)  # [T]
+    T = int(real_c.nonzero().max()) + 1 if bool(real_c.any()) else 0
+    return prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :T], completion_mask[:, :T]
+
+
+def pad_columns(x: Tensor, width: int) -> Tensor:
+    """[B, t, ...] -> [B, width, ...] with zeros on the right (the inverse of `trim_padding` for outputs)."""
+    if x.size(1) == width:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, width - x.size(1)]
+    return torch.nn.functional.pad(x, pad)
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token-id lists as a prompt batch: (prompt_ids [B, P], prompt_mask [B, P]) LEFT-padded with `pad_id`, as
     the data batches prompts (the last column is every row's last token)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import check_prompt, join_prompt_completion
+from .base import check_prompt, join_prompt_completion, pad_columns, trim_padding
 
 
 def completion_logprobs(
@@ -22,7 +22,8 @@ def completion_logprobs(
     """log π(completion token | prefix) for every completion position, from ONE forward pass. [B, T] float32
 
     The model is asked only for the last T+1 positions' logits (`logits_to_keep`), the first T of which predict
-    the completion tokens; prompt positions never reach the LM head. Masked positions are 0. With
+    the completion tokens; prompt positions never reach the LM head. Masked positions are 0. Columns that are
+    padding in every row are left out of the forward (`trim_padding`) and come back as 0. With
     `return_entropy`, also returns the per-token entropy [B, T] of the same distribution (0 where masked).
     Differentiable when called with grad enabled.
     """
@@ -36,16 +37,20 @@ def completion_logprobs(
         )
     if completion_ids.size(0) != prompt_ids.size(0):
         raise ValueError(f"completion batch {completion_ids.size(0)} != prompt batch {prompt_ids.size(0)}")
-    B, T = completion_ids.shape
+    B, width = completion_ids.shape
+    prompt_ids, prompt_mask, completion_ids, completion_mask = trim_padding(prompt_ids, prompt_mask, completion_ids,
+                                                                            completion_mask)
+    T = completion_ids.size(1)
     if T == 0:
-        empty = torch.zeros(B, 0, device=completion_ids.device)
+        empty = torch.zeros(B, width, device=completion_ids.device)
         return (empty, empty.clone()) if return_entropy else empty
     input_ids, attn, position_ids = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
                 logits_to_keep=T + 1)
     logits = out.logits[:, :-1, :]  # [B, T, V]: position P-1+t predicts completion token t
     logprobs, entropy = token_logprobs(logits, completion_ids, completion_mask, temperature, return_entropy)
-    return (logprobs, entropy) if return_entropy else logprobs
+    logprobs = pad_columns(logprobs, width)  # [B, width]
+    return (logprobs, pad_columns(entropy, width)) if return_entropy else logprobs
 
 
 def token_logprobs(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, temperature: float = 1.0,

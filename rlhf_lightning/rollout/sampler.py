@@ -6,9 +6,10 @@ tokens (greedy, temperature, top-k, top-p, min-new-tokens), pads finished rows, 
 EOS and keeps the behaviour log-probs, so the `hf` and `fast` engines sample identically from identical logits.
 A bare loop over the KV cache is much faster than `model.generate` on small models, and it is easy to read.
 
-Compaction: a decoder with `compactable` True and `compact(keep)` (the `fast` one) drops finished rows from its batch and KV cache once a
-quarter of its rows have finished, so the remaining steps compute only the rows still writing; the tokens are
-chosen over the full batch either way, so a seeded run samples the same tokens with and without it.
+Compaction: a decoder with `compactable` True and `compact(keep)` (the `fast` one) drops finished rows from its
+batch and KV cache once a quarter of its rows have finished, so the remaining steps compute only the rows still
+writing; the tokens are chosen over the full batch either way, so a seeded run samples the same tokens with and
+without it.
 """
 
 from __future__ import annotations
