@@ -54,6 +54,20 @@ SIZES = ("small", "medium")
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_STEPS = {"small": (2, 4), "medium": (1, 2)}  # (warm-up, measured) steps per run
 GROUP_SIZE, PROMPTS_GRPO, PROMPTS_PPO, TOKENS = 8, 8, 64, 64
+# The workloads (`--workload`): `forced` = every completion runs to TOKENS (min_new_tokens), the short addition
+# prompts; `ragged` = completions end at EOS (the random policy emits it with probability ~1/vocab per token: a
+# geometric spread of lengths with a tail to the RAGGED_CAP cap), and every prompt starts with PREAMBLE, a fixed
+# few-shot block of 120+ tokens, so the G samples of a group share a long prompt (what math RL batches look like).
+WORKLOADS = ("forced", "ragged")
+RAGGED_CAP = 256
+RAGGED_TOKEN_BUDGET = 4096  # our max_tokens_per_micro_batch on the ragged workload (length-sorted, trimmed passes)
+PREAMBLE = ("Add the two numbers and write only the sum.\n12+7=19\n40+45=85\n3+99=102\n58+21=79\n6+6=12\n"
+            "71+18=89\n25+25=50\n90+9=99\nNow this one:\n")
+
+
+def workload_settings(workload: str) -> tuple[int, int]:
+    """(max new tokens, min new tokens) of a workload."""
+    return (TOKENS, TOKENS) if workload == "forced" else (RAGGED_CAP, 0)
 LR = 1e-6  # tiny: the weights barely move, so step times do not drift with what the model learns
 
 
@@ -68,11 +82,12 @@ def model_paths(root: Path) -> dict[str, dict[str, str]]:
     return {size: {kind: str(root / size / kind) for kind in ("policy", "reward")} for size in SIZES}
 
 
-def read_prompts(root: Path, n: int) -> list[str]:
+def read_prompts(root: Path, n: int, workload: str = "forced") -> list[str]:
     """The first n of the built-in addition prompts that `write_models` stored (no rlhf_lightning import, so the
-    TRL 0.21 venv needs only TRL)."""
+    TRL 0.21 venv needs only TRL), behind the few-shot PREAMBLE for the ragged workload."""
     prompts = json.loads((root / "prompts.json").read_text())
-    return [prompts[i % len(prompts)] for i in range(n)]
+    lead = PREAMBLE if workload == "ragged" else ""
+    return [lead + prompts[i % len(prompts)] for i in range(n)]
 
 
 def write_models(root: Path) -> dict[str, dict[str, str]]:
@@ -158,14 +173,17 @@ def _phase_means(snapshots: list[dict[str, float]], first: int) -> dict[str, flo
     return {k: (v - start.get(k, 0.0)) / steps for k, v in snapshots[-1].items()}
 
 
-def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmup: int, measure: int) -> dict:
+def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
+             prompts: list[str], workload: str = "forced", token_budget: int | None = None) -> dict:
     import lightning as L
 
     from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
 
     L.seed_everything(0, verbose=False)
-    common = dict(model_name_or_path=models["policy"], max_new_tokens=TOKENS, min_new_tokens=TOKENS, lr=LR,
-                  max_grad_norm=1.0, log_samples_every_n_steps=0)
+    max_new, min_new = workload_settings(workload)
+    prompts_text = prompts
+    common = dict(model_name_or_path=models["policy"], max_new_tokens=max_new, min_new_tokens=min_new, lr=LR,
+                  max_grad_norm=1.0, log_samples_every_n_steps=0, max_tokens_per_micro_batch=token_budget)
     steps = warmup + measure
     if algo == "grpo":
         module = GRPOModule(reward_fns=[digit_fraction], group_size=GROUP_SIZE, beta=0.04, num_iterations=1,
@@ -177,6 +195,15 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
         prompts, max_steps = PROMPTS_PPO, 2 * steps  # both optimizers count in trainer.global_step
     phases = PhaseTimer()
     phases.wrap(module, "rollout", "generation")
+    tokens: list[float] = []  # completion tokens each rollout sampled (EOS included)
+    sample_rollout = module.rollout
+
+    def counted_rollout(batch):
+        out = sample_rollout(batch)
+        tokens.append(float(out.samples.completion_mask.sum()))
+        return out
+
+    module.rollout = counted_rollout
     if algo == "grpo":
         phases.wrap(module, "logprobs_no_grad", "no-grad passes")
     else:
@@ -186,7 +213,11 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
     phases.wrap(module, "update", "forward+backward+step")
     if algo == "ppo":  # the fused PPO update's forward runs before `update` (`PPOModule.fuses_old_passes`)
         phases.wrap(module, "policy_and_values", "forward+backward+step", grad=True)
-    data = PromptDataModule(task="addition", num_train=prompts * (steps + 2), num_val=0, batch_size=prompts)
+    rows = [{"prompt": p} for p in prompts_text[: prompts * (steps + 2)]]
+    data_file = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = PromptDataModule(path=str(data_file), val_fraction=0.0, batch_size=prompts, shuffle=False,
+                            max_prompt_length=512)
     times: list[float] = []
     cpu: list[float] = []
     snapshots: list[dict[str, float]] = []
@@ -205,11 +236,12 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
                         num_sanity_val_steps=0, callbacks=[Timer()], default_root_dir=tempfile.mkdtemp(),
                         precision="bf16-true" if precision == "bf16" else "32-true")
     trainer.fit(module, datamodule=data)
-    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:], "phases": _phase_means(snapshots, warmup)}
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:], "phases": _phase_means(snapshots, warmup),
+            "tokens": tokens[warmup:]}
 
 
 def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
-                 prompts: list[str]) -> dict:
+                 prompts: list[str], workload: str = "forced") -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
@@ -220,10 +252,11 @@ def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int,
     steps = warmup + measure
     bf16 = precision == "bf16"
     tokenizer = load_tokenizer(models["policy"])
+    max_new, min_new = workload_settings(workload)
     config = trl_grpo_config(tempfile.mkdtemp(), completions_per_step=PROMPTS_GRPO * GROUP_SIZE,
-                             group_size=GROUP_SIZE, max_steps=steps, max_new_tokens=TOKENS, lr=LR, beta=0.04,
+                             group_size=GROUP_SIZE, max_steps=steps, max_new_tokens=max_new, lr=LR, beta=0.04,
                              bf16=bf16, loss_agg="token-mean", logging_steps=steps,
-                             generation_kwargs={"min_new_tokens": TOKENS})
+                             generation_kwargs={"min_new_tokens": min_new} if min_new else None)
     dataset = Dataset.from_list([{"prompt": p} for p in prompts])
     model = load_causal_lm(models["policy"], tokenizer, torch_dtype="bfloat16" if bf16 else "float32")
     trainer = GRPOTrainer(model=model, reward_funcs=[digit_fraction], args=config, train_dataset=dataset,
@@ -243,11 +276,14 @@ def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int,
             times.append(time.perf_counter() - self.t0)
             cpu.append(time.process_time() - self.c0)
             snapshots.append(phases.snapshot())
+            lengths = trainer._metrics["train"].get("completions/mean_length", [])  # one per step until logged
+            tokens.append(lengths[-1] * PROMPTS_GRPO * GROUP_SIZE if lengths else float("nan"))
 
+    tokens: list[float] = []
     trainer.add_callback(Timer())
     trainer.train()
     return {"step_s": times[warmup:], "cpu_s": cpu[warmup:],
-            "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
+            "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:]), "tokens": tokens[warmup:]}
 
 
 def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
@@ -309,16 +345,19 @@ def _with_rest(phases: dict[str, float], step_s: list[float]) -> dict[str, float
     return phases
 
 
-def run_one(spec: str, models_root: Path, warmup: int, measure: int, threads: int) -> dict:
+def run_one(spec: str, models_root: Path, warmup: int, measure: int, threads: int, workload: str = "forced",
+            token_budget: int | None = None) -> dict:
     """Child process: one (algo, system, size, precision) run; prints its JSON on the last line."""
     torch.set_num_threads(threads)
     algo, system, size, precision = spec.split(":")
     models = model_paths(models_root)[size]
-    prompts = read_prompts(models_root, (PROMPTS_GRPO if algo == "grpo" else PROMPTS_PPO) * (warmup + measure + 2))
+    prompts = read_prompts(models_root, (PROMPTS_GRPO if algo == "grpo" else PROMPTS_PPO) * (warmup + measure + 2),
+                           workload)
     if system == "ours":
-        result = run_ours(algo, size, precision, models, warmup, measure)
+        budget = token_budget if token_budget else (RAGGED_TOKEN_BUDGET if workload == "ragged" else None)
+        result = run_ours(algo, size, precision, models, warmup, measure, prompts, workload, budget)
     elif algo == "grpo":
-        result = run_trl_grpo(size, precision, models, warmup, measure, prompts)
+        result = run_trl_grpo(size, precision, models, warmup, measure, prompts, workload)
     else:
         result = run_trl_ppo(size, precision, models, warmup, measure, prompts)
     result.update(spec=spec, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -340,6 +379,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                    / "python"), help="python of a venv with trl==0.21 (PPO peer)")
     p.add_argument("--models", default="bench_out/throughput_models", help="where the random models are written")
     p.add_argument("--out", default="bench_out/throughput", help="directory for results.json / results.md")
+    p.add_argument("--workload", default="forced", choices=WORKLOADS,
+                   help="forced: every completion runs to 64 tokens; ragged: completions end at EOS (cap 256) "
+                        "behind a shared 120+ token few-shot prompt")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="our max_tokens_per_micro_batch (default: off for forced, 4096 for ragged)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: child process spec algo:system:size:precision
     args = p.parse_args(argv)
     for name, allowed in (("algos", ("grpo", "ppo")), ("sizes", SIZES), ("precisions", PRECISIONS),
@@ -368,7 +412,8 @@ def spawn(args: argparse.Namespace, spec: str, size: str) -> dict:
                                                         os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [python, __file__, "--one", spec, "--models", args.models, "--threads", str(args.threads),
-           "--warmup", str(warmup), "--measure", str(measure)]
+           "--warmup", str(warmup), "--measure", str(measure), "--workload", args.workload,
+           *(["--token-budget", str(args.token_budget)] if args.token_budget else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -398,11 +443,20 @@ def summarize(runs: list[dict], args, peaks: dict[str, float], flops: dict[tuple
                     row[f"{system}_cpu"] = statistics.median(cpu) if cpu else None
                     row[f"{system}_rss"] = max((r["peak_rss_mib"] for r in mine if "peak_rss_mib" in r), default=None)
                     row[f"{system}_errors"] = [r["error"] for r in mine if "error" in r]
+                    # completion tokens per second: what each step sampled (EOS included) over its time
+                    rates = [n / t for r in mine for n, t in zip(r.get("tokens", []), r.get("step_s", []))
+                             if n == n and t > 0]
+                    row[f"{system}_tok_s"] = statistics.median(rates) if rates else None
+                    lengths = [n / ((PROMPTS_GRPO * GROUP_SIZE) if algo == "grpo" else PROMPTS_PPO)
+                               for r in mine for n in r.get("tokens", []) if n == n]
+                    row[f"{system}_mean_len"] = statistics.mean(lengths) if lengths else None
                     phases = [r["phases"] for r in mine if r.get("phases")]
                     row[f"{system}_phases"] = ({k: statistics.median(p.get(k, 0.0) for p in phases)
                                                 for k in phases[0]} if phases else {})
                 if row.get("ours") and row.get("trl"):
                     row["ratio"] = row["trl"] / row["ours"]
+                if row.get("ours_tok_s") and row.get("trl_tok_s"):
+                    row["tok_ratio"] = row["ours_tok_s"] / row["trl_tok_s"]
                 if row.get("ours_cpu") and row.get("trl_cpu"):
                     row["cpu_ratio"] = row["trl_cpu"] / row["ours_cpu"]
                 if row.get("ours"):
@@ -420,12 +474,17 @@ def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
     def f(x, fmt):
         return "—" if x is None else format(x, fmt)
 
-    lines = ["| algo | model | precision | ours s/step | TRL s/step | TRL / ours | ours CPU s | TRL CPU s | "
+    lines = ["| algo | model | precision | ours completion tok/s | TRL completion tok/s | ours / TRL tok/s | "
+             "mean length ours / TRL | ours s/step | TRL s/step | TRL / ours | ours CPU s | TRL CPU s | "
              "CPU TRL / ours | our TFLOP/s | of matmul peak | our floor s | TRL / floor | ours peak RSS MiB | "
              "TRL peak RSS MiB |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {f(r.get('ours'), '.2f')} | "
+        lines.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {f(r.get('ours_tok_s'), '.0f')} | "
+                     f"{f(r.get('trl_tok_s'), '.0f')} | {f(r.get('tok_ratio'), '.2f')}x | "
+                     f"{f(r.get('ours_mean_len'), '.0f')} / {f(r.get('trl_mean_len'), '.0f')} | "
+                     f"{f(r.get('ours'), '.2f')} | "
                      f"{f(r.get('trl'), '.2f')} | {f(r.get('ratio'), '.2f')}x | {f(r.get('ours_cpu'), '.2f')} | "
                      f"{f(r.get('trl_cpu'), '.2f')} | {f(r.get('cpu_ratio'), '.2f')}x | {f(r.get('tflops'), '.3f')} | "
                      f"{f(r.get('peak_frac'), '.0%')} | {f(r.get('floor_s'), '.2f')} | "
@@ -451,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.one:
         warmup = 0 if args.warmup is None else args.warmup
-        print(json.dumps(run_one(args.one, Path(args.models), warmup, args.measure or 1, args.threads)))
+        print(json.dumps(run_one(args.one, Path(args.models), warmup, args.measure or 1, args.threads,
+                                 args.workload, args.token_budget)))
         return {}
     torch.set_num_threads(args.threads)
     models = write_models(Path(args.models))
@@ -459,7 +519,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[throughput] {machine_before}", flush=True)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {p: matmul_peak_flops(dtypes[p]) for p in args.precisions}
-    flops = _useful_flops(args, models)
     runs = []
     for algo in args.algos:
         for size in args.sizes:
@@ -468,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
                     for system in args.systems:
                         runs.append(spawn(args, f"{algo}:{system}:{size}:{precision}", size))
     peaks = {p: max(v, matmul_peak_flops(dtypes[p])) for p, v in peaks.items()}
+    flops = _useful_flops(args, models, runs)
     machine_after = machine_line(args.threads)
     rows = summarize(runs, args, peaks, flops)
     table = markdown(rows, peaks)
@@ -484,8 +544,12 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
-def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]]) -> dict[tuple[str, str, str], float]:
+def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]],
+                  runs: list[dict]) -> dict[tuple[str, str, str], float]:
     """FLOPs per step each system executes, for each (algo, size, system).
+
+    Ragged workload: at our runs' mean completion length, as if every row were exactly that long (no padding,
+    no finished row computed): the floor of a padding-free implementation.
 
     GRPO, both: sampling + reference forward + policy fwd/bwd (mu = 1: no old-log-prob pass on either side).
     PPO: sampling + policy and critic fwd/bwd, plus no-grad forwards: TRL 0.21 runs reference, critic and reward
@@ -499,11 +563,22 @@ def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]]) -
     for size in args.sizes:
         config = AutoConfig.from_pretrained(models[size]["policy"])
         tok = load_tokenizer(models[size]["policy"])
-        prompt_len = round(statistics.mean(len(tok(p)["input_ids"]) for p in read_prompts(Path(args.models), 64)))
+        prompt_len = round(statistics.mean(len(tok(p)["input_ids"])
+                                           for p in read_prompts(Path(args.models), 64, args.workload)))
+
+        def tokens(algo: str, size: str = size) -> int:
+            if args.workload == "forced":
+                return TOKENS
+            rows = PROMPTS_GRPO * GROUP_SIZE if algo == "grpo" else PROMPTS_PPO
+            got = [n / rows for r in runs if r.get("spec", "").startswith(f"{algo}:ours:{size}:")
+                   for n in r.get("tokens", [])]
+            return max(1, round(statistics.mean(got))) if got else RAGGED_CAP
+
         for system in ("ours", "trl"):
-            out[("grpo", size, system)] = step_flops(config, PROMPTS_GRPO * GROUP_SIZE, prompt_len, TOKENS, 1, 1)
-        out[("ppo", size, "ours")] = step_flops(config, PROMPTS_PPO, prompt_len, TOKENS, 2, 2)
-        out[("ppo", size, "trl")] = step_flops(config, PROMPTS_PPO, prompt_len, TOKENS, 3, 2)
+            out[("grpo", size, system)] = step_flops(config, PROMPTS_GRPO * GROUP_SIZE, prompt_len, tokens("grpo"),
+                                                     1, 1)
+        out[("ppo", size, "ours")] = step_flops(config, PROMPTS_PPO, prompt_len, tokens("ppo"), 2, 2)
+        out[("ppo", size, "trl")] = step_flops(config, PROMPTS_PPO, prompt_len, tokens("ppo"), 3, 2)
     return out
 
 
