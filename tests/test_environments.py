@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from test_multi_turn import ScriptedEngine, _params, _prompt
+from test_multi_turn import ScriptedEngine, _params, _prompt, straight_and_resumed
 
 from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
 from rlhf_lightning.algorithms.process import turn_boundaries
@@ -291,18 +291,7 @@ def test_resume_with_an_environment_is_exact(tmp_path, short_turns_engine):
                           environment={"class_path": "test_environments.Parity", "init_args": {"turns": 2}},
                           rollout_engine="test_short_turns")
 
-    def fit(m, root, ckpt_path=None):
-        dm = PromptDataModule(task="addition", batch_size=2, num_train=16, num_val=4)
-        every_2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
-        trainer = L.Trainer(default_root_dir=root, max_steps=4, accelerator="cpu", logger=False, callbacks=[every_2],
-                            enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            enable_model_summary=False)
-        trainer.fit(m, datamodule=dm, ckpt_path=ckpt_path)
-        return m
-
-    straight = fit(module(), tmp_path / "a")
-    mid = next((tmp_path / "a").glob("*step=2.ckpt"))
-    resumed = fit(module(), tmp_path / "b", ckpt_path=mid)
+    straight, resumed, mid = straight_and_resumed(module, tmp_path, "addition")
     for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
         assert torch.equal(p, q), name
     first = module()

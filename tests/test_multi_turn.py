@@ -247,6 +247,22 @@ def test_the_loop_answers_a_hermes_call_through_the_chat_template():
     assert out.turns.tool_calls.tolist() == [1.0] and out.turns.tool_errors.tolist() == [0.0]
 
 
+def straight_and_resumed(module, tmp_path, task):
+    """(4 rollouts straight, 2 + 2 resumed from the step-2 checkpoint, that checkpoint's path) of `module()`."""
+    def fit(m, root, ckpt_path=None):
+        dm = PromptDataModule(task=task, batch_size=2, num_train=16, num_val=4)
+        every_2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(default_root_dir=root, max_steps=4, accelerator="cpu", logger=False, callbacks=[every_2],
+                            enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            enable_model_summary=False)
+        trainer.fit(m, datamodule=dm, ckpt_path=ckpt_path)
+        return m
+
+    straight = fit(module(), tmp_path / "a")
+    mid = next((tmp_path / "a").glob("*step=2.ckpt"))
+    return straight, fit(module(), tmp_path / "b", ckpt_path=mid), mid
+
+
 def test_resume_with_tools_is_exact(tmp_path, calls_first_engine):
     """4 rollouts straight == 2 rollouts, a checkpoint, then 2 more from it (`ckpt_path`), with tool rollouts."""
     def module():
@@ -254,18 +270,7 @@ def test_resume_with_tools_is_exact(tmp_path, calls_first_engine):
         return GRPOModule("tiny", group_size=2, max_new_tokens=40, tools=["rlhf_lightning.tools.calculator"],
                           reward_fns=[length_reward], rollout_engine="test_calls_first", lr=1e-3)
 
-    def fit(m, root, ckpt_path=None):
-        dm = PromptDataModule(task="calculator", batch_size=2, num_train=16, num_val=4)
-        every_2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
-        trainer = L.Trainer(default_root_dir=root, max_steps=4, accelerator="cpu", logger=False,
-                            callbacks=[every_2], enable_progress_bar=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, enable_model_summary=False)
-        trainer.fit(m, datamodule=dm, ckpt_path=ckpt_path)
-        return m
-
-    straight = fit(module(), tmp_path / "a")
-    mid = next((tmp_path / "a").glob("*step=2.ckpt"))
-    resumed = fit(module(), tmp_path / "b", ckpt_path=mid)
+    straight, resumed, _ = straight_and_resumed(module, tmp_path, "calculator")
     for (name, p), q in zip(straight.policy.named_parameters(), resumed.policy.parameters()):
         assert torch.equal(p, q), name
 
