@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..infra.imports import import_object
+from ..infra.imports import first_line, import_object
 
 
 @dataclass
@@ -67,8 +67,7 @@ def load_environment(spec: str | dict | Callable[[], Environment]) -> Callable[[
     try:
         probe = factory()
     except Exception as err:  # noqa: BLE001 - the user's constructor: one line naming it
-        raise ValueError(f"environment {name!r}: building it failed: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise ValueError(f"environment {name!r}: building it failed: {first_line(err)}") from err
     if not callable(getattr(probe, "step", None)):
         raise ValueError(f"environment {name!r} builds a {type(probe).__name__}, which has no step(turn) method")
     return factory
@@ -81,8 +80,7 @@ def checked_step(env: Any, turn: str, row: int) -> EnvStep:
     try:
         out = env.step(turn)
     except Exception as err:
-        raise RuntimeError(f"environment {name}.step raised on rollout row {row}: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        raise RuntimeError(f"environment {name}.step raised on rollout row {row}: {first_line(err)}") from err
     if isinstance(out, tuple) and len(out) == 3:
         out = EnvStep(*out)
     if not isinstance(out, EnvStep):
@@ -110,8 +108,7 @@ def checked_reset(env: Any, row: dict[str, Any], index: int) -> str:
     try:
         first = reset(row)
     except Exception as err:
-        raise RuntimeError(f"environment {name}.reset raised on rollout row {index}: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        raise RuntimeError(f"environment {name}.reset raised on rollout row {index}: {first_line(err)}") from err
     if first is None:
         return ""
     if not isinstance(first, str):

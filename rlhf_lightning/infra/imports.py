@@ -27,9 +27,9 @@ def import_object(spec: str, what: str) -> Any:
             missing = err.name or ""
             if missing == module_name or module_name.startswith(missing + "."):
                 continue  # this prefix is not a module; try a shorter one
-            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {_first_line(err)}") from err
+            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {first_line(err)}") from err
         except Exception as err:
-            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {_first_line(err)}") from err
+            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: {first_line(err)}") from err
         for attr in attrs:
             if not hasattr(obj, attr):
                 raise ValueError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {attr!r}")
@@ -38,7 +38,8 @@ def import_object(spec: str, what: str) -> Any:
     raise ValueError(f"{what} {spec!r}: cannot import module {candidates[0][0]!r}")
 
 
-def _first_line(err: BaseException) -> str:
-    """"Type: first line of the message" (messages of import errors can span lines; ours are one line)."""
+def first_line(err: BaseException) -> str:
+    """"Type: first line of the message" ("Type" alone without one): how a user's exception is named inside our
+    one-line errors (its message can span lines; ours are one line)."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

@@ -107,10 +107,13 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
     stats = {k: [0.0] * B for k in ("turns", "tool_calls", "tool_errors", "tool_timeouts")}
     budget_of = params.max_new_tokens
 
-    def append(i: int, text: str) -> None:  # an answer (tool / environment): attended, not trained, log-prob 0
-        r_ids = tokenizer(text, add_special_tokens=False)["input_ids"][: budget_of - used[i]] if text else []
-        pieces[i].append((r_ids, [0.0] * len(r_ids), False))
-        used[i] += len(r_ids)
+    def answer_ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def append(i: int, ids: list[int]) -> None:  # an answer (tool / environment): attended, not trained, log-prob 0
+        ids = ids[: budget_of - used[i]]
+        pieces[i].append((ids, [0.0] * len(ids), False))
+        used[i] += len(ids)
 
     episodes = env_rewards = env_ends = env_done = None
     turn_start = [0] * B  # the piece where the row's current environment turn began
@@ -121,7 +124,7 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
         episodes, chats, firsts = env.start(rows)
         env_rewards, env_ends, env_done = [[] for _ in range(B)], [[] for _ in range(B)], [False] * B
         for i, first in enumerate(firsts):
-            append(i, first)
+            append(i, answer_ids(first))
             turn_start[i] = len(pieces[i])
     tool_stops = interaction.stop_token_ids if interaction is not None else ()
     stops = tuple(params.stop_token_ids) + tuple(tool_stops)
@@ -153,7 +156,7 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
                 stats["tool_calls"][i] += float(reply.is_call)
                 stats["tool_errors"][i] += float(reply.error)
                 stats["tool_timeouts"][i] += float(reply.timed_out)
-                append(i, reply.text)
+                append(i, answer_ids(reply.text))
                 if used[i] < budget_of:
                     still.append(i)
                 else:
@@ -172,8 +175,8 @@ def multi_turn_generate(engine: RolloutEngine, prompt_ids: Tensor, prompt_mask: 
                 continue
             if not ended or not can_go_on:
                 continue
-            obs = env.observation_text(step.observation, chats[i])
-            if used[i] + len(tokenizer(obs, add_special_tokens=False)["input_ids"]) >= budget_of:
+            obs = answer_ids(env.observation_text(step.observation, chats[i]))
+            if used[i] + len(obs) >= budget_of:
                 continue  # no room for the observation and a reply: the episode ends here (the turn ended at EOS)
             append(i, obs)
             turn_start[i] = len(pieces[i])

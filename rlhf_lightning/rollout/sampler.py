@@ -109,15 +109,15 @@ def decode(decoder, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingPar
             done = done | (token == stop)
         if t == params.max_new_tokens - 1 or bool(done.all()):
             break
-        current = torch.arange(B, device=done.device) if rows is None else rows  # [B'] the decoder's rows
-        if can_compact and 4 * int(done[current].sum()) >= current.numel():
-            # compaction: a quarter of the decoder's rows have finished -> they leave its batch (and KV cache),
-            # so a ragged batch costs about the sum of its lengths, not rows x the longest
-            keep = (~done[current]).nonzero().flatten()  # [B''] positions in the decoder's batch
-            decoder.compact(keep)
-            rows = current[keep]
-            current = rows
-        next_logits = decoder.step(token[current])  # [B', V]
+        if can_compact:
+            current = torch.arange(B, device=done.device) if rows is None else rows  # [B'] the decoder's rows
+            if 4 * int(done[current].sum()) >= current.numel():
+                # compaction: a quarter of the decoder's rows have finished -> they leave its batch (and KV
+                # cache), so a ragged batch costs about the sum of its lengths, not rows x the longest
+                keep = (~done[current]).nonzero().flatten()  # [B''] positions in the decoder's batch
+                decoder.compact(keep)
+                rows = current[keep]
+        next_logits = decoder.step(token if rows is None else token[rows])  # [B', V]
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                         completion_ids=torch.stack(tokens, dim=1),  # [B, T]
                         completion_mask=torch.stack(masks, dim=1).long(),  # [B, T]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..infra.imports import import_object
+from ..infra.imports import first_line, import_object
 
 
 @dataclass
@@ -32,12 +32,6 @@ class ToolResult:
     text: str
     error: bool = False
     timed_out: bool = False
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
 def load_tools(tools: list[str | Callable]) -> list[Callable]:
@@ -74,7 +68,7 @@ def tool_schemas(tools: list[Callable]) -> list[dict]:
             schemas.append(get_json_schema(fn))
         except Exception as err:
             raise ValueError(
-                f"tool {name!r} has no usable JSON schema ({_first_line(err)}); give it type hints and a "
+                f"tool {name!r} has no usable JSON schema ({first_line(err)}); give it type hints and a "
                 "Google-style docstring with an Args: line per parameter"
             ) from err
     return schemas
@@ -150,9 +144,9 @@ class ToolRunner:
             return self._error(f"{call.name}: timed out after {self.timeout_s:g} s", timed_out=True)
         if "error" in outcome:
             err = outcome["error"]
-            return self._error(f"{call.name}: {_first_line(err)}", timed_out=isinstance(err, TimeoutError))
+            return self._error(f"{call.name}: {first_line(err)}", timed_out=isinstance(err, TimeoutError))
         try:
             text = str(outcome.get("value"))
         except Exception as err:
-            return self._error(f"{call.name}: its result cannot be turned into text ({_first_line(err)})")
+            return self._error(f"{call.name}: its result cannot be turned into text ({first_line(err)})")
         return self._count(ToolResult(self._truncate(text)))
