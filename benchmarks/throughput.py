@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ def step_flops(config, rows: int, prompt_len: int, tokens: int, no_grad_passes: 
 
 # ---------------------------------------------------------------------------------------- one run each
 class PhaseTimer:
-    """Wraps methods of an object to add up the seconds spent in each named phase."""
+    """Wraps methods of an object to add up the seconds spent in each named phase (calls on the main thread only:
+    the `overlap` system's sampler thread runs some of the same methods, hidden behind the update)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -148,7 +150,8 @@ class PhaseTimer:
         original = getattr(obj, method)
 
         def timed(*args, **kwargs):
-            if (grad is not None and torch.is_grad_enabled() != grad) or phase in self._open:
+            if ((grad is not None and torch.is_grad_enabled() != grad) or phase in self._open
+                    or threading.current_thread() is not threading.main_thread()):
                 return original(*args, **kwargs)
             self._open.add(phase)
             t0 = time.perf_counter()
@@ -174,7 +177,9 @@ def _phase_means(snapshots: list[dict[str, float]], first: int) -> dict[str, flo
 
 
 def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
-             prompts: list[str], workload: str = "forced", token_budget: int | None = None) -> dict:
+             prompts: list[str], workload: str = "forced", token_budget: int | None = None,
+             overlap: bool = False, share_prompts: bool = True) -> dict:
+    """Our module; `overlap` = `off_policy_steps: 1` (the `overlap` system: sampling on a second thread)."""
     import lightning as L
 
     from rlhf_lightning import GRPOModule, PPOModule, PromptDataModule
@@ -183,7 +188,8 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
     max_new, min_new = workload_settings(workload)
     prompts_text = prompts
     common = dict(model_name_or_path=models["policy"], max_new_tokens=max_new, min_new_tokens=min_new, lr=LR,
-                  max_grad_norm=1.0, log_samples_every_n_steps=0, max_tokens_per_micro_batch=token_budget)
+                  max_grad_norm=1.0, log_samples_every_n_steps=0, max_tokens_per_micro_batch=token_budget or None,
+                  off_policy_steps=int(overlap), share_prompt_prefix=share_prompts)
     steps = warmup + measure
     if algo == "grpo":
         module = GRPOModule(reward_fns=[digit_fraction], group_size=GROUP_SIZE, beta=0.04, num_iterations=1,
@@ -194,16 +200,21 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
                            minibatches=1, **common)
         prompts, max_steps = PROMPTS_PPO, 2 * steps  # both optimizers count in trainer.global_step
     phases = PhaseTimer()
-    phases.wrap(module, "rollout", "generation")
-    tokens: list[float] = []  # completion tokens each rollout sampled (EOS included)
-    sample_rollout = module.rollout
+    # overlap: sampling runs on the sampler thread; the step's "generation" is its wait for that thread
+    if overlap:
+        from rlhf_lightning.rollout.overlap import OverlappedSampler
 
-    def counted_rollout(batch):
-        out = sample_rollout(batch)
-        tokens.append(float(out.samples.completion_mask.sum()))
-        return out
+        phases.wrap(OverlappedSampler, "take", "generation (waiting for the sampler thread)")
+    else:
+        phases.wrap(module, "rollout", "generation")
+    tokens: list[float] = []  # completion tokens of each trained rollout (EOS included)
+    build_rollout = module.build_rollout
 
-    module.rollout = counted_rollout
+    def counted_rollout(batch, samples):
+        tokens.append(float(samples.completion_mask.sum()))
+        return build_rollout(batch, samples)
+
+    module.build_rollout = counted_rollout
     if algo == "grpo":
         phases.wrap(module, "logprobs_no_grad", "no-grad passes")
     else:
@@ -236,7 +247,8 @@ def run_ours(algo: str, size: str, precision: str, models: dict[str, str], warmu
                         num_sanity_val_steps=0, callbacks=[Timer()], default_root_dir=tempfile.mkdtemp(),
                         precision="bf16-true" if precision == "bf16" else "32-true")
     trainer.fit(module, datamodule=data)
-    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:], "phases": _phase_means(snapshots, warmup),
+    first = warmup + int(overlap)  # overlap: the first batch is only handed to the sampler (no update)
+    return {"step_s": times[first:], "cpu_s": cpu[first:], "phases": _phase_means(snapshots, first),
             "tokens": tokens[warmup:]}
 
 
@@ -287,8 +299,9 @@ def run_trl_grpo(size: str, precision: str, models: dict[str, str], warmup: int,
 
 
 def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, measure: int,
-                prompts: list[str]) -> dict:
-    """TRL 0.21's PPOTrainer (run by --trl-ppo-python: the venv that has trl 0.21)."""
+                prompts: list[str], workload: str = "forced") -> dict:
+    """TRL 0.21's PPOTrainer (run by --trl-ppo-python: the venv that has trl 0.21). Ragged: `stop_token="eos"`
+    (TRL truncates each response after its first EOS and pads the rest), response_length = the cap."""
     import trl.trainer.ppo_trainer as ppo_module
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -302,7 +315,8 @@ def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, 
     config = PPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=bf16, report_to="none", seed=0,
                        learning_rate=LR, per_device_train_batch_size=PROMPTS_PPO, gradient_accumulation_steps=1,
                        num_mini_batches=1, num_ppo_epochs=1, local_rollout_forward_batch_size=PROMPTS_PPO,
-                       response_length=TOKENS, stop_token=None, missing_eos_penalty=None, kl_coef=0.05,
+                       response_length=workload_settings(workload)[0],
+                       stop_token="eos" if workload == "ragged" else None, missing_eos_penalty=None, kl_coef=0.05,
                        total_episodes=PROMPTS_PPO * steps, num_sample_generations=0, save_strategy="no",
                        logging_steps=steps, max_grad_norm=1.0, dataloader_num_workers=0)
     dataset = Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
@@ -314,10 +328,23 @@ def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, 
         m.config.pad_token_id = tokenizer.pad_token_id
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=dataset)
+    sampled = [0.0]  # completion tokens of the step so far: up to and including the first EOS (or the cap)
+    generate = ppo_module.batch_generation
+
+    def counted_generation(model, queries, *args, **kwargs):
+        query_responses, logits = generate(model, queries, *args, **kwargs)
+        responses = query_responses[:, queries.shape[1]:]
+        is_eos = responses == tokenizer.eos_token_id
+        first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, responses.shape[1])
+        sampled[0] += float(first.sum()) if workload == "ragged" else float(responses.numel())
+        return query_responses, logits
+
+    ppo_module.batch_generation = counted_generation
     phases = PhaseTimer()
     phases.wrap(ppo_module, "batch_generation", "generation")
     times: list[float] = []
     cpu: list[float] = []
+    tokens: list[float] = []
     snapshots: list[dict[str, float]] = []
 
     class Timer(TrainerCallback):
@@ -330,11 +357,13 @@ def run_trl_ppo(size: str, precision: str, models: dict[str, str], warmup: int, 
             times.append(now - self.t0)
             cpu.append(now_cpu - self.c0)
             snapshots.append(phases.snapshot())
+            tokens.append(sampled[0])
+            sampled[0] = 0.0
             self.t0, self.c0 = now, now_cpu
 
     trainer.add_callback(Timer())
     trainer.train()
-    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:],
+    return {"step_s": times[warmup:], "cpu_s": cpu[warmup:], "tokens": tokens[warmup:],
             "phases": _with_rest(_phase_means(snapshots, warmup), times[warmup:])}
 
 
@@ -346,20 +375,21 @@ def _with_rest(phases: dict[str, float], step_s: list[float]) -> dict[str, float
 
 
 def run_one(spec: str, models_root: Path, warmup: int, measure: int, threads: int, workload: str = "forced",
-            token_budget: int | None = None) -> dict:
+            token_budget: int | None = None, share_prompts: bool = True) -> dict:
     """Child process: one (algo, system, size, precision) run; prints its JSON on the last line."""
     torch.set_num_threads(threads)
     algo, system, size, precision = spec.split(":")
     models = model_paths(models_root)[size]
     prompts = read_prompts(models_root, (PROMPTS_GRPO if algo == "grpo" else PROMPTS_PPO) * (warmup + measure + 2),
                            workload)
-    if system == "ours":
-        budget = token_budget if token_budget else (RAGGED_TOKEN_BUDGET if workload == "ragged" else None)
-        result = run_ours(algo, size, precision, models, warmup, measure, prompts, workload, budget)
+    if system in ("ours", "overlap"):
+        budget = token_budget if token_budget is not None else (RAGGED_TOKEN_BUDGET if workload == "ragged" else None)
+        result = run_ours(algo, size, precision, models, warmup, measure, prompts, workload, budget,
+                          overlap=system == "overlap", share_prompts=share_prompts)
     elif algo == "grpo":
         result = run_trl_grpo(size, precision, models, warmup, measure, prompts, workload)
     else:
-        result = run_trl_ppo(size, precision, models, warmup, measure, prompts)
+        result = run_trl_ppo(size, precision, models, warmup, measure, prompts, workload)
     result.update(spec=spec, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
 
@@ -374,7 +404,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="steps excluded per run (default: small 2, medium 1)")
     p.add_argument("--measure", type=int, default=None, help="steps timed per run (default: small 4, medium 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every run (both systems)")
-    p.add_argument("--systems", default="ours,trl", help="comma list of ours, trl (order within a round)")
+    p.add_argument("--systems", default="ours,trl",
+                   help="comma list of ours, overlap (ours with off_policy_steps: 1: sampling on a second thread), "
+                        "trl (order within a round)")
     p.add_argument("--trl-ppo-python", default=str(Path(__file__).resolve().parent.parent / ".venv-trl021" / "bin"
                                                    / "python"), help="python of a venv with trl==0.21 (PPO peer)")
     p.add_argument("--models", default="bench_out/throughput_models", help="where the random models are written")
@@ -383,11 +415,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="forced: every completion runs to 64 tokens; ragged: completions end at EOS (cap 256) "
                         "behind a shared 120+ token few-shot prompt")
     p.add_argument("--token-budget", type=int, default=None,
-                   help="our max_tokens_per_micro_batch (default: off for forced, 4096 for ragged)")
+                   help="our max_tokens_per_micro_batch (default: off for forced, 4096 for ragged; 0 = off)")
+    p.add_argument("--no-share-prompts", action="store_true",
+                   help="our share_prompt_prefix: false (each row's prompt in its own forward; the lever's share)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: child process spec algo:system:size:precision
     args = p.parse_args(argv)
     for name, allowed in (("algos", ("grpo", "ppo")), ("sizes", SIZES), ("precisions", PRECISIONS),
-                          ("systems", ("ours", "trl"))):
+                          ("systems", ("ours", "overlap", "trl"))):
         values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
         bad = [v for v in values if v not in allowed]
         if not values or bad:
@@ -413,7 +447,8 @@ def spawn(args: argparse.Namespace, spec: str, size: str) -> dict:
            "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [python, __file__, "--one", spec, "--models", args.models, "--threads", str(args.threads),
            "--warmup", str(warmup), "--measure", str(measure), "--workload", args.workload,
-           *(["--token-budget", str(args.token_budget)] if args.token_budget else [])]
+           *(["--token-budget", str(args.token_budget)] if args.token_budget is not None else []),
+           *(["--no-share-prompts"] if args.no_share_prompts else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -457,6 +492,8 @@ def summarize(runs: list[dict], args, peaks: dict[str, float], flops: dict[tuple
                     row["ratio"] = row["trl"] / row["ours"]
                 if row.get("ours_tok_s") and row.get("trl_tok_s"):
                     row["tok_ratio"] = row["ours_tok_s"] / row["trl_tok_s"]
+                if row.get("overlap_tok_s") and row.get("trl_tok_s"):
+                    row["overlap_tok_ratio"] = row["overlap_tok_s"] / row["trl_tok_s"]
                 if row.get("ours_cpu") and row.get("trl_cpu"):
                     row["cpu_ratio"] = row["trl_cpu"] / row["ours_cpu"]
                 if row.get("ours"):
@@ -475,14 +512,16 @@ def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
         return "—" if x is None else format(x, fmt)
 
     lines = ["| algo | model | precision | ours completion tok/s | TRL completion tok/s | ours / TRL tok/s | "
-             "mean length ours / TRL | ours s/step | TRL s/step | TRL / ours | ours CPU s | TRL CPU s | "
+             "ours + overlap tok/s | overlap / TRL tok/s | mean length ours / TRL | ours s/step | TRL s/step | TRL / ours | ours CPU s | TRL CPU s | "
              "CPU TRL / ours | our TFLOP/s | of matmul peak | our floor s | TRL / floor | ours peak RSS MiB | "
              "TRL peak RSS MiB |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: "
              "| ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['algo']} | {r['size']} | {r['precision']} | {f(r.get('ours_tok_s'), '.0f')} | "
                      f"{f(r.get('trl_tok_s'), '.0f')} | {f(r.get('tok_ratio'), '.2f')}x | "
+                     f"{f(r.get('overlap_tok_s'), '.0f')} | {f(r.get('overlap_tok_ratio'), '.2f')}x | "
                      f"{f(r.get('ours_mean_len'), '.0f')} / {f(r.get('trl_mean_len'), '.0f')} | "
                      f"{f(r.get('ours'), '.2f')} | "
                      f"{f(r.get('trl'), '.2f')} | {f(r.get('ratio'), '.2f')}x | {f(r.get('ours_cpu'), '.2f')} | "
@@ -497,7 +536,7 @@ def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
                                                                   for p, v in peaks.items()))
     lines += ["", "where a step's time goes (seconds, median over runs):", ""]
     for r in rows:
-        for system in ("ours", "trl"):
+        for system in ("ours", "overlap", "trl"):
             if r.get(f"{system}_phases"):
                 parts = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{system}_phases"].items())
                 lines.append(f"- {r['algo']} {r['size']} {r['precision']} {system}: {parts}")
@@ -511,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.one:
         warmup = 0 if args.warmup is None else args.warmup
         print(json.dumps(run_one(args.one, Path(args.models), warmup, args.measure or 1, args.threads,
-                                 args.workload, args.token_budget)))
+                                 args.workload, args.token_budget, not args.no_share_prompts)))
         return {}
     torch.set_num_threads(args.threads)
     models = write_models(Path(args.models))

@@ -251,6 +251,11 @@ def test_fused_old_passes_only_where_they_are_exact():
     assert not PPOModule("tiny", reward_fns=[digit_fraction], ppo_epochs=1, minibatches=2).fuses_old_passes(8)
     micro = PPOModule("tiny", reward_fns=[digit_fraction], ppo_epochs=1, micro_batch_size=4)
     assert micro.fuses_old_passes(4) and not micro.fuses_old_passes(8)  # two micro-batches: two graphs
+    budget = PPOModule("tiny", reward_fns=[digit_fraction], ppo_epochs=1, max_tokens_per_micro_batch=40)
+    ctx = {"prompt_mask": torch.ones(4, 6), "completion_mask": torch.ones(4, 4)}  # 4 rows x 10 tokens
+    assert budget.fuses_old_passes(4, ctx) and not budget.fuses_old_passes(8, {k: v.repeat(2, 1) for k, v in
+                                                                               ctx.items()})
+    assert not budget.fuses_old_passes(4)  # lengths unknown: the budget may split the rollout
     # dropout makes the train-mode update differ from an eval-mode old pass
     m.policy.model.layers[0].self_attn.attention_dropout = 0.1
     assert not m.fuses_old_passes(8)

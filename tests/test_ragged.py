@@ -86,11 +86,12 @@ def _fit(module, steps=2, batch_size=4):
     return module
 
 
-@pytest.mark.parametrize("cls", ["grpo", "ppo"])
+@pytest.mark.parametrize("cls", ["grpo", "ppo", "ppo_one_epoch"])
 def test_token_budget_micro_batches_train_like_one_padded_batch(cls, monkeypatch):
     """The same seeded run with and without max_tokens_per_micro_batch: identical rollouts, the forward passes
     split into short micro-batches (each narrower than the rollout), and the weights after 2 rollouts agree to
-    float rounding (gradient accumulation over the micro-batches == one padded batch)."""
+    float rounding (gradient accumulation over the micro-batches == one padded batch). PPO at one epoch: the
+    padded run takes π_old / V_old from its update's forward (`fuses_old_passes`), the budgeted one cannot."""
     from rlhf_lightning.rollout import base
 
     widths = []  # (columns given, columns the forward ran) of every pass
@@ -104,7 +105,7 @@ def test_token_budget_micro_batches_train_like_one_padded_batch(cls, monkeypatch
         common = dict(max_new_tokens=24 if cls == "grpo" else 64, temperature=1.5, lr=1e-3, seed=0, **kw)
         if cls == "grpo":
             return GRPOModule("tiny", group_size=4, beta=0.04, num_iterations=2, **common)
-        return PPOModule("tiny", ppo_epochs=2, **common)
+        return PPOModule("tiny", ppo_epochs=1 if cls == "ppo_one_epoch" else 2, **common)
 
     rows = 4 if cls == "grpo" else 16  # prompts per rollout (GRPO: x group_size 4)
     padded = _fit(build(), batch_size=rows)
@@ -113,4 +114,66 @@ def test_token_budget_micro_batches_train_like_one_padded_batch(cls, monkeypatch
     budgeted = _fit(build(max_tokens_per_micro_batch=64 if cls == "grpo" else 160), batch_size=rows)
     assert any(trimmed < full for full, trimmed in widths), widths  # ragged rows: short micro-batches ran narrower
     for (name, p), q in zip(padded.policy.named_parameters(), budgeted.policy.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+# ------------------------------------------------------------------------------------ shared prompt prefix
+def _grouped_batch(G=3):
+    """The ragged batch's 4 prompts, each repeated G times (rows i*G .. i*G+G-1), with G different completions."""
+    p_ids, p_mask, c_ids, c_mask = _ragged_batch()
+    g = torch.Generator().manual_seed(1)
+    c_ids = torch.randint(3, 90, (4 * G, c_ids.size(1)), generator=g)
+    lengths = torch.randint(1, c_ids.size(1) + 1, (4 * G,), generator=g)
+    c_mask = (torch.arange(c_ids.size(1))[None] < lengths[:, None]).long()
+    return p_ids.repeat_interleave(G, 0), p_mask.repeat_interleave(G, 0), c_ids * c_mask, c_mask
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen2"])
+def test_shared_prompt_forward_gives_the_one_pass_logprobs_and_gradients(kind, monkeypatch):
+    """Each distinct prompt runs once (4 prompt rows for 12 completions), its KV cache read by the rows that
+    repeat it: the same log-probs and gradients as one forward of prompt + completion per row."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf_lightning.rollout import logprobs
+
+    torch.manual_seed(0)
+    if kind == "tiny":
+        model = load_causal_lm("tiny", build_char_tokenizer(), seed=0)
+    else:  # q/k/v biases and GQA
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    batch = _grouped_batch()
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: calls.append(kw["input_ids"].shape) or forward(**kw))
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        calls.clear()
+        logp, entropy = completion_logprobs(model, *batch, temperature=0.7, return_entropy=True, share_prompts=share)
+        (logp.sum() + entropy.sum()).backward()
+        results[share] = logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()], list(calls)
+    (ref, ref_h, ref_g, one_pass), (got, got_h, got_g, shared) = results[False], results[True]
+    assert len(one_pass) == 1 and one_pass[0][0] == 12
+    assert [tuple(s) for s in shared] == [(4, 5), (12, batch[2].size(1))]  # 4 prompts once, then 12 completions
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_h, ref_h, atol=1e-5, rtol=0)
+    for (name, _), a, b in zip(model.named_parameters(), got_g, ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert logprobs.shared_prompt_logits(model, *_ragged_batch()) is None  # all prompts distinct: one pass
+
+
+def test_grpo_trains_the_same_with_and_without_shared_prompts():
+    """A seeded GRPO run (old, reference and training passes) with share_prompt_prefix on and off: weights equal
+    to float rounding."""
+    def build(**kw):
+        return GRPOModule("tiny", group_size=4, beta=0.04, num_iterations=2, max_new_tokens=12, temperature=1.5,
+                          lr=1e-3, seed=0, **kw)
+
+    one_pass = _fit(build(share_prompt_prefix=False))
+    shared = _fit(build())
+    for (name, p), q in zip(one_pass.policy.named_parameters(), shared.policy.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name

@@ -404,7 +404,8 @@ def lora_trained(tmp_path_factory):
     """A tiny RM trained with a LoRA adapter (r 16): only the adapter and the score head may change."""
     root = tmp_path_factory.mktemp("rm_lora")
     L.seed_everything(0)
-    rm = RewardModel("tiny", lr=1e-2, warmup_steps=10, lr_schedule="constant", lora={"r": 16, "alpha": 32})
+    # lr 3e-3: at 1e-2 (and 5e-3) the run collapsed to a constant score on an Intel Xeon with AMX (margin 0.04)
+    rm = RewardModel("tiny", lr=3e-3, warmup_steps=10, lr_schedule="constant", lora={"r": 16, "alpha": 32})
     frozen = {n: p.detach().clone() for n, p in rm.named_parameters() if not p.requires_grad}
     dm = PreferenceDataModule(task="addition", negatives={"random": 1.0}, num_train=LORA_STEPS * 64, num_val=256,
                               batch_size=64, val_batch_size=256, seed=0)
@@ -423,7 +424,8 @@ def test_lora_reward_model_trains_only_the_adapter_and_the_head(lora_trained):
     assert any(".score." in n for n in trainable)  # the fresh head trains in full (modules_to_save)
     assert all(torch.equal(p, frozen[n]) for n, p in rm.named_parameters() if n in frozen)  # the backbone did not move
     after = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    # measured on 256 held-out pairs: loss 0.687 -> 0.555, margin 0.01 -> 0.55, accuracy 0.598 -> 0.629
+    # measured on 256 held-out pairs (Intel Xeon, 2026-12-03): loss 0.687 -> 0.461, margin 0.01 -> 1.72, accuracy
+    # 0.598 -> 0.730
     assert after["val/loss"] < before["val/loss"] - 0.1, (before, after)
     assert after["val/margin"] > before["val/margin"] + 0.3, (before, after)
     assert after["val/accuracy"] > before["val/accuracy"], (before, after)

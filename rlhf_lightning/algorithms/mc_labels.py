@@ -172,7 +172,7 @@ def _reduce(correct: torch.Tensor, mode: str) -> torch.Tensor:
 def module_generate(module: Any, max_new_tokens: int | None = None, temperature: float | None = None) -> Generate:
     """`generate` for `mc_step_labels` from a policy module (GRPOModule, PPOModule): texts tokenized by its
     tokenizer, left-padded as the data pads prompts, sampled by `module.generate` (its rollout engine, no grad,
-    eval mode) under `module.sampling_params()` with the module's seeded sampling stream (`module._generator()`,
+    eval mode) under `module.sampling_params()` with the module's seeded stream (`module._update_generator()`,
     saved in checkpoints), decoded without EOS.
 
     `max_new_tokens` / `temperature`: None = the module's. `min_new_tokens` is 0 (a continuation of a finished
@@ -194,7 +194,7 @@ def module_generate(module: Any, max_new_tokens: int | None = None, temperature:
         if empty:
             raise ValueError(f"prompt text {texts[empty[0]]!r} has no tokens to continue")
         ids, mask = left_pad(seqs, tok.pad_token_id)  # [B, P]
-        out = module.generate(ids.to(module.device), mask.to(module.device), params, module._generator())
+        out = module.generate(ids.to(module.device), mask.to(module.device), params, module._update_generator())
         return decode_completions(tok, out.completion_ids, out.completion_mask)
 
     return generate

@@ -295,18 +295,19 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params,
-                 generator: torch.Generator | None = None, rows: list[dict] | None = None):
-        """A `RolloutBatch` from the engine, inside `sampling_context` (every sampling call goes through here).
-        With `tools` or an `environment` the multi-turn loop drives the engine; an environment needs each row's
-        dataset row (`rows`, see `batch_rows`)."""
+                 generator: torch.Generator | None = None, rows: list[dict] | None = None, engine=None):
+        """A `RolloutBatch` from the engine (`engine`, else `self.engine`), inside `sampling_context` (every
+        sampling call goes through here). With `tools` or an `environment` the multi-turn loop drives the engine;
+        an environment needs each row's dataset row (`rows`, see `batch_rows`)."""
+        engine = self.engine if engine is None else engine
         with self.sampling_context():
             if self.tool_interaction is not None or self.env_interaction is not None:
                 from ..rollout.multi_turn import multi_turn_generate
 
-                return multi_turn_generate(self.engine, prompt_ids, prompt_mask, params, generator,
+                return multi_turn_generate(engine, prompt_ids, prompt_mask, params, generator,
                                            self.tool_interaction, self.tokenizer, self.hparams.max_turns,
                                            env=self.env_interaction, rows=rows)
-            return self.engine.generate(prompt_ids, prompt_mask, params, generator)
+            return engine.generate(prompt_ids, prompt_mask, params, generator)
 
     @torch.no_grad()
     def greedy_samples(self, batch: dict[str, Any], max_new_tokens: int | None = None):

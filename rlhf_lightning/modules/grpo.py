@@ -206,10 +206,10 @@ class GRPOModule(RLModule):
                                     {"columns": self.reward_columns(batch, samples=greedy), **batch}).rewards
         return torch.as_tensor(scores, dtype=torch.float32).to(self.device).repeat_interleave(self.hparams.group_size)
 
-    def sample_and_score(self, batch: dict[str, Any]) -> RLStep:
+    def sample_and_score(self, batch: dict[str, Any], rollout: Rollout | None = None) -> RLStep:
         """The rollout and its rewards after DAPO's dynamic sampling (`resample_uninformative`), with the soft
         overlong penalty added. `step.uninformative` [N/G]: the groups whose task rewards are all equal."""
-        step = self.resample_uninformative(super().sample_and_score(batch), batch)
+        step = self.resample_uninformative(super().sample_and_score(batch, rollout), batch)
         hp = self.hparams
         # informative = the task's rewards differ inside the group (DAPO filters on accuracy, before the penalty)
         step.uninformative = self._zero_std_groups(self.outcome_rewards(step.rewards))  # [N/G] bool
@@ -337,7 +337,8 @@ class GRPOModule(RLModule):
         hp = self.hparams
         mask = step.loss_mask[idx]
         logp, entropy = completion_logprobs(self.policy, **{k: v[idx] for k, v in step.ctx.items()},
-                                            temperature=hp.temperature, return_entropy=True)
+                                            temperature=hp.temperature, return_entropy=True,
+                                            share_prompts=hp.share_prompt_prefix)
         old = step.old_logp[idx] if step.old_logp is not None else logp.detach()
         loss, stats = self.policy_loss(logp, old, step.advantages[idx], mask, normalizer)
         stats = {f"policy/{k}": v for k, v in stats.items()}
@@ -392,6 +393,9 @@ def _check_estimator(hp) -> Estimator:
     if hp.supervision == "process" and est.name != "grpo":
         raise ValueError(f"supervision=process has its own advantages (GRPO §4.1.3): it needs "
                          f"advantage_estimator=grpo, got {est.name!r}")
+    if hp.off_policy_steps and est.needs_baseline:
+        raise ValueError(f"advantage_estimator={est.name} samples a greedy baseline with the current policy, which "
+                         f"off_policy_steps: 1 does not have at sampling time: use off_policy_steps: 0")
     if hp.scale_rewards != "group" and est.name != "grpo":
         raise ValueError(f"scale_rewards={hp.scale_rewards} applies to advantage_estimator=grpo only, got "
                          f"{est.name!r}")
@@ -418,6 +422,8 @@ def _grpo_checks(hp) -> list[tuple[bool, str]]:
         (hp.supervision in ("outcome", "process"), f"supervision must be outcome|process, got {hp.supervision!r}"),
         (isinstance(hp.dynamic_sampling_max_tries, int) and hp.dynamic_sampling_max_tries >= 0,
          f"dynamic_sampling_max_tries must be an integer >= 0, got {hp.dynamic_sampling_max_tries!r}"),
+        (hp.dynamic_sampling_max_tries == 0 or not hp.off_policy_steps, "dynamic_sampling_max_tries re-samples "
+         "with the current policy inside the step, which off_policy_steps: 1 samples ahead: use one of the two"),
         (hp.dynamic_sampling_max_tries == 0 or hp.drop_uninformative_groups, "dynamic_sampling_max_tries re-samples "
          "the groups drop_uninformative_groups drops: set drop_uninformative_groups: true (it would be ignored)"),
         (isinstance(hp.overlong_buffer_len, int) and 0 <= hp.overlong_buffer_len <= hp.max_new_tokens,

@@ -55,7 +55,7 @@ from ..algorithms.kl_control import AdaptiveKLController, FixedKLController
 from ..algorithms.policy_losses import PolicyLossInputs, get_policy_loss
 from ..rewards import RewardModelSource, RewardOutput
 from ..rewards.model import load_frozen_reward_model
-from ..rollout import RolloutBatch, completion_logprobs, join_prompt_completion, token_logprobs
+from ..rollout import Rollout, RolloutBatch, completion_logprobs, join_prompt_completion, token_logprobs
 from ..rollout.base import pad_columns, trim_padding
 from .rl import RLModule, RLStep
 
@@ -254,9 +254,9 @@ class PPOModule(RLModule):
         input_ids, attn, pos = join_prompt_completion(**samples.model_inputs())
         return self._reward_model_source.score_ids(input_ids, attn, pos, self.hparams.micro_batch_size)
 
-    def sample_and_score(self, batch: dict[str, Any]) -> PPOStep:
+    def sample_and_score(self, batch: dict[str, Any], rollout: Rollout | None = None) -> PPOStep:
         """The rollout and its sequence scores, minus `missing_eos_penalty` for completions without EOS."""
-        step = super().sample_and_score(batch)
+        step = super().sample_and_score(batch, rollout)
         step.raw_scores = step.rewards.float()  # [N]
         step.scores = step.raw_scores.clone()
         if self.hparams.missing_eos_penalty:
@@ -268,8 +268,10 @@ class PPOModule(RLModule):
         """π_ref, then π_old and V_old: a no-grad pass, or (`fuses_old_passes`) the update's own first forward,
         with grad, detached, after the no-grad work so that its activations are freed before this graph is built."""
         N = step.ctx["completion_ids"].shape[0]
-        if not self.fuses_old_passes(N):
+        if step.behaviour_logp is not None or not self.fuses_old_passes(N, step.ctx):
             step.old_logp, step.old_values, step.ref_logp = self._no_grad_passes(step.ctx)
+            if step.behaviour_logp is not None:  # off_policy_steps: 1: the sampler's weights are π_old; V_old is
+                step.old_logp = step.behaviour_logp  # today's critic (the values GAE starts from)
             return
         step.ref_logp = self.reference_logprobs(step.ctx)
         for module in self.trained_modules():
@@ -277,7 +279,7 @@ class PPOModule(RLModule):
         step.forward = self.policy_and_values(step.ctx)  # (log π, entropy, V) [N, T] each, with grad
         step.old_logp, step.old_values = step.forward[0].detach(), step.forward[2].detach()
 
-    def fuses_old_passes(self, n_rows: int) -> bool:
+    def fuses_old_passes(self, n_rows: int, ctx: dict[str, Tensor] | None = None) -> bool:
         """Whether this rollout's π_old / V_old come from the update's own forward instead of a no-grad pass.
 
         With one epoch of one minibatch done in one micro-batch, the update's forward runs on the very weights
@@ -288,8 +290,10 @@ class PPOModule(RLModule):
         instance attribute) turns it off, e.g. for a subclass whose `policy_and_values` differs between modes.
         """
         hp = self.hparams
-        return (self.fuse_old_passes and hp.ppo_epochs == 1 and hp.minibatches == 1
-                and (hp.micro_batch_size is None or hp.micro_batch_size >= n_rows)
+        # one micro-batch: `micro_batch_size`, and `max_tokens_per_micro_batch` on the rollout's lengths (`ctx`)
+        one_graph = (len(self._micro_batches(n_rows, ctx=ctx)) == 1 if ctx is not None or
+                     hp.max_tokens_per_micro_batch is None else False)
+        return (self.fuse_old_passes and hp.ppo_epochs == 1 and hp.minibatches == 1 and one_graph
                 and not any(has_active_dropout(m) for m in (self.policy, self.value_model)))
 
     def policy_and_values(self, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -313,7 +317,8 @@ class PPOModule(RLModule):
                                            hp.temperature)  # [n, T]
             values = self.value_model.values_from_hidden(out.hidden_states[-1][:, -(T + 1):-1])  # [n, T]
             return logp, entropy, values
-        logp, entropy = completion_logprobs(self.policy, **ctx, temperature=hp.temperature, return_entropy=True)
+        logp, entropy = completion_logprobs(self.policy, **ctx, temperature=hp.temperature, return_entropy=True,
+                                            share_prompts=hp.share_prompt_prefix)
         values = self.value_model(input_ids, attn, pos)[:, -(T + 1):-1]  # [n, T]
         return logp, entropy, values
 
@@ -367,8 +372,8 @@ class PPOModule(RLModule):
 
     # ------------------------------------------------------------------------------------------ 4. updates
     def minibatch_rows(self, n_rows: int) -> list[Tensor]:
-        """Rows shuffled per epoch (the sampling generator: seeded, checkpointed), then `minibatches` slices."""
-        order = torch.randperm(n_rows, device=self.device, generator=self._generator())
+        """Rows shuffled per epoch (`_update_generator`: seeded, checkpointed), then `minibatches` slices."""
+        order = torch.randperm(n_rows, device=self.device, generator=self._update_generator())
         return list(order.tensor_split(self.hparams.minibatches))
 
     def micro_batch_loss(self, step: PPOStep, idx: Tensor, normalizer: float) -> tuple[Tensor, dict[str, Tensor]]:

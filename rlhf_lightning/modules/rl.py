@@ -4,7 +4,9 @@
 
     1. sample_and_score(batch)   `rollout` (the `rollout_engine` samples `samples_per_prompt` completions per prompt,
                                  no grad, eval mode) then `score_rollout` (the reward sources, or a subclass's
-                                 `compute_rewards`) -> an `RLStep`
+                                 `compute_rewards`) -> an `RLStep`. With `off_policy_steps: 1`, `overlapped_step`
+                                 instead: the batch goes to the sampler thread and the previous batch's rollout,
+                                 sampled during the previous update, is scored (`rollout.overlap`)
     2. old_and_reference(step)   the no-grad passes the algorithm needs: π_old (and V_old), π_ref. Where the policy
                                  has not moved since sampling, the update's own forward stands in for π_old
     3. compute_step_advantages   the algorithm's part: GRPO "group baseline, KL in the loss"; PPO "critic + GAE,
@@ -25,7 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -33,7 +35,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..infra.decline import DeclineWatch
-from ..rollout import Rollout, completion_logprobs, decode_completions
+from ..rollout import Rollout, RolloutBatch, completion_logprobs, decode_completions
+from ..rollout.overlap import OverlappedSampler
 from .base import PolicyModuleBase, grad_norm
 from .step_logging import StepLogging
 
@@ -55,6 +58,7 @@ class RLStep:
     loss_mask: Tensor | None = None  # [N, T] the tokens that get a loss
     stats: dict[str, float] = field(default_factory=dict)  # the updates' metrics (policy/*, value/*)
     t_train: float = 0.0  # seconds from the no-grad passes to the last optimizer step
+    behaviour_logp: Tensor | None = None  # [N, T] log π of the weights that sampled it (off_policy_steps: 1)
 
 
 class RLModule(StepLogging, PolicyModuleBase):
@@ -86,6 +90,16 @@ class RLModule(StepLogging, PolicyModuleBase):
             after theirs). process_reward_aggregation: what it gives: `steps` (each step's P(correct): GRPO
             `supervision: process`) or one reward per completion, the `min` / `last` / `product` of the steps'
             (GRPO outcome, PPO); null = `steps` under supervision=process, else `min`.
+        off_policy_steps: 0 (on-policy) or 1: rollout k+1 is sampled on a background thread, by a copy of the
+            policy synced before each submit, while the update on rollout k runs (`rollout.overlap`); the update
+            uses the sampler's log-probs as π_old of the clipped ratio (one optimizer step stale:
+            rollout/staleness). On a CPU give each thread one core (`torch.set_num_threads(1)` on 2 cores). The
+            first batch is only sampled (max_steps updates take max_steps + 1 batches). Single-turn rollouts on
+            an unsharded policy (no tools / environment; GRPO: no dynamic sampling, no remax).
+        share_prompt_prefix: in every log-prob pass (old, reference, training), rows that repeat a prompt (GRPO's
+            G samples) run it through the model once and read its KV cache (`rollout.shared_prompt_logits`: the
+            same log-probs and gradients to float rounding; off with gradient checkpointing). False = one forward
+            of prompt + completion per row.
     """
 
     samples_per_prompt = 1  # completions sampled per prompt (GRPO: group_size)
@@ -99,7 +113,7 @@ class RLModule(StepLogging, PolicyModuleBase):
                  max_grad_norm: float | None = 1.0, sample_seed: int | None = None,
                  log_samples_every_n_steps: int = 50, lr: float = 1e-5, val_max_new_tokens: int | None = None,
                  process_reward_model: str | None = None, process_reward_aggregation: str | None = None,
-                 **kwargs: Any):
+                 off_policy_steps: int = 0, share_prompt_prefix: bool = True, **kwargs: Any):
         weights = kwargs.get("reward_weights")
         if process_reward_model is not None:
             kwargs["reward_weights"] = None  # checked below, once the process reward model is one of the sources
@@ -123,6 +137,10 @@ class RLModule(StepLogging, PolicyModuleBase):
         self.automatic_optimization = False
         self.sample_generator: torch.Generator | None = None  # the sampling RNG, see `_generator`
         self._sample_generator_state: Tensor | None = None
+        self.update_generator: torch.Generator | None = None  # off_policy_steps: 1, see `_update_generator`
+        self._update_generator_state: Tensor | None = None
+        self.overlap: OverlappedSampler | None = None  # off_policy_steps: 1, built at the first training_step
+        self._restored_pending: dict[str, Any] | None = None  # a checkpoint's rollout sampled ahead
 
     def hparam_checks(self, hp) -> list[tuple[bool, str]]:
         return super().hparam_checks(hp) + [
@@ -145,6 +163,11 @@ class RLModule(StepLogging, PolicyModuleBase):
             (isinstance(hp.log_samples_every_n_steps, int) and hp.log_samples_every_n_steps >= 0,
              f"log_samples_every_n_steps must be an integer >= 0, got {hp.log_samples_every_n_steps!r}"),
             *_process_reward_checks(hp),
+            (hp.off_policy_steps in (0, 1), f"off_policy_steps must be 0 (on-policy) or 1 (sample the next rollout "
+             f"during the update), got {hp.off_policy_steps!r}"),
+            (hp.off_policy_steps == 0 or not (hp.get("tools") or hp.get("environment")), "off_policy_steps: 1 "
+             "samples single-turn rollouts only: the tool / environment loop runs on the main thread (set "
+             "off_policy_steps: 0 with tools or environment)"),
         ]
 
     @property
@@ -160,7 +183,9 @@ class RLModule(StepLogging, PolicyModuleBase):
 
     # ------------------------------------------------------------------------------------------ the loop
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        step = self.sample_and_score(batch)  # 1. rollout + rewards
+        step = self.overlapped_step(batch) if self.hparams.off_policy_steps else self.sample_and_score(batch)  # 1.
+        if step is None:  # off_policy_steps: 1, the first batch: sampling it is all this step does
+            return
         t1 = time.perf_counter()
         step.ctx = step.rollout.samples.model_inputs()
         self.old_and_reference(step)  # 2. no-grad passes
@@ -171,23 +196,85 @@ class RLModule(StepLogging, PolicyModuleBase):
         self.after_update(step)  # 5.
         self.log_step(step)  # 6.
 
-    def sample_and_score(self, batch: dict[str, Any]) -> RLStep:
-        """`rollout` then `score_rollout`: the step's rollout (with each reward source's values) and rewards."""
+    def sample_and_score(self, batch: dict[str, Any], rollout: Rollout | None = None) -> RLStep:
+        """`rollout` (unless given: sampled ahead by `overlapped_step`) then `score_rollout`: the step's rollout
+        (with each reward source's values) and rewards."""
         t0 = time.perf_counter()
-        rollout = self.rollout(batch)
+        rollout = self.rollout(batch) if rollout is None else rollout
         t_gen = time.perf_counter() - t0
         return self.step_type(rollout, self.rollout_rewards(rollout, batch), t_gen)
 
     def rollout(self, batch: dict[str, Any]) -> Rollout:
         """Sample `samples_per_prompt` completions per prompt; rows i*n .. i*n+n-1 share prompt i."""
+        return self.build_rollout(batch, self.rollout_samples(batch, self.engine, self._generator()))
+
+    def rollout_samples(self, batch: dict[str, Any], engine, generator: torch.Generator) -> RolloutBatch:
+        """The `RolloutBatch` of `samples_per_prompt` completions per prompt from `engine`: token ids only, so
+        that the sampler thread of `overlapped_step` can run it."""
         n = self.samples_per_prompt
         prompt_ids = batch["prompt_ids"].repeat_interleave(n, dim=0)  # [N, P], N = B*n
         prompt_mask = batch["prompt_mask"].repeat_interleave(n, dim=0)  # [N, P]
-        samples = self.generate(prompt_ids, prompt_mask, self.sampling_params(), self._generator(),
-                                rows=self.batch_rows(batch, repeat=n))
+        return self.generate(prompt_ids, prompt_mask, self.sampling_params(), generator,
+                             rows=self.batch_rows(batch, repeat=n), engine=engine)
+
+    def build_rollout(self, batch: dict[str, Any], samples: RolloutBatch) -> Rollout:
+        """The `Rollout` of sampled token ids: texts, prompts and dataset columns aligned with the rows."""
+        n = self.samples_per_prompt
         completions = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         prompts = [p for p in batch["prompts"] for _ in range(n)]
         return Rollout(samples, prompts, completions, self.reward_columns(batch, repeat=n, samples=samples))
+
+    # ------------------------------------------------------------------------------------------ overlap
+    def overlapped_step(self, batch: dict[str, Any]) -> RLStep | None:
+        """off_policy_steps: 1 (`rollout.overlap`): take the rollout the sampler thread made of the previous batch,
+        sync its copy of the policy, hand it `batch`, and return the previous rollout scored (None at the first
+        batch, which only starts the sampler). Rewards run here, on the main thread, while the thread samples."""
+        sampler = self._overlapped_sampler()
+        t0 = time.perf_counter()
+        done = sampler.take()  # waits for the thread when the update was faster than the sampling
+        wait = time.perf_counter() - t0
+        sampler.sync(self.policy)
+        sampler.submit(self._sample_ahead, batch, self._generator(), self.optimizer_steps)
+        if done is None:
+            return None
+        step = self.sample_and_score(done["batch"], rollout=self.build_rollout(done["batch"], done["samples"]))
+        step.t_gen = wait  # the sampling time the step did not hide
+        step.behaviour_logp = done["behaviour_logp"]
+        step.metrics["rollout/staleness"] = torch.tensor(float(self.optimizer_steps - done["sampled_at"]))
+        step.metrics["perf/sampler_s"] = torch.tensor(done["sampler_s"])
+        return step
+
+    def _sample_ahead(self, sampler: OverlappedSampler, batch: dict[str, Any], generator: torch.Generator,
+                      sampled_at: int) -> dict[str, Any]:
+        """The sampler thread's job: the batch's samples and their log-probs under the weights that sampled them."""
+        t0 = time.perf_counter()
+        samples = self.rollout_samples(batch, sampler.engine, generator)
+        behaviour_logp = self.logprobs_no_grad(sampler.model, samples.model_inputs())
+        return {"batch": batch, "samples": samples, "behaviour_logp": behaviour_logp, "sampled_at": sampled_at,
+                "sampler_s": time.perf_counter() - t0}
+
+    def _overlapped_sampler(self) -> OverlappedSampler:
+        if self.overlap is None:
+            from ..infra import parallel
+
+            if not type(self).rollout.__module__.startswith("rlhf_lightning."):
+                raise ValueError(f"off_policy_steps: 1 samples through rollout_samples on a background thread, so "
+                                 f"{type(self).__name__}.rollout would be skipped: override rollout_samples / "
+                                 f"build_rollout instead, or set off_policy_steps: 0")
+            if parallel.is_sharded(self.policy):
+                raise ValueError("off_policy_steps: 1 needs an unsharded policy (its sampler thread keeps a full "
+                                 "copy of the weights): use it with DDP or one device, not FSDP")
+            self.overlap = OverlappedSampler(self.policy, self._engine_cls, self.device.type)
+            if self._restored_pending is not None:
+                self.overlap.restore(self._restored_pending)
+                self._restored_pending = None
+        return self.overlap
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if self.overlap is not None:  # the batch sampled at the last step is never trained
+            self.overlap.close()
+            self.overlap = None
 
     def rollout_rewards(self, rollout: Rollout, batch: dict[str, Any]):
         """`score_rollout` of a rollout (dataset columns aligned with its rows, its `samples` for reward models):
@@ -199,7 +286,9 @@ class RLModule(StepLogging, PolicyModuleBase):
 
     def old_and_reference(self, step: RLStep) -> None:
         """π_old where the policy moves before a row is used (`needs_old_logprobs`), π_ref where the KL needs it."""
-        if self.needs_old_logprobs():
+        if step.behaviour_logp is not None:  # off_policy_steps: 1: the sampler's weights are π_old
+            step.old_logp = step.behaviour_logp
+        elif self.needs_old_logprobs():
             step.old_logp = self.logprobs_no_grad(self.policy, step.ctx)
         step.ref_logp = self.reference_logprobs(step.ctx)
 
@@ -302,7 +391,8 @@ class RLModule(StepLogging, PolicyModuleBase):
         out = None
         for idx in self._micro_batches(N, ctx=ctx):  # token-budget micro-batches come in length order
             logp = completion_logprobs(model, **{k: v[idx] for k, v in ctx.items()},
-                                       temperature=self.hparams.temperature)
+                                       temperature=self.hparams.temperature,
+                                       share_prompts=self.hparams.share_prompt_prefix)
             out = logp.new_zeros(N, logp.size(1)) if out is None else out  # float32, whatever the default dtype
             out[idx] = logp
         model.train(was_training)
@@ -350,13 +440,28 @@ class RLModule(StepLogging, PolicyModuleBase):
     def _generator(self) -> torch.Generator:
         """The sampling RNG stream: its own generator, seeded per rank (`sample_seed`), saved in checkpoints."""
         if self.sample_generator is None or self.sample_generator.device != self.device:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank)
-            if self._sample_generator_state is not None:
-                gen.set_state(self._sample_generator_state)
-                self._sample_generator_state = None
-            self.sample_generator = gen
+            self.sample_generator = self._seeded(0, self._sample_generator_state)
+            self._sample_generator_state = None
         return self.sample_generator
+
+    def _update_generator(self) -> torch.Generator:
+        """The RNG of what the main thread draws besides the rollouts (PPO's minibatch shuffles, MC step labels):
+        the sampling stream when on-policy; with off_policy_steps: 1 the sampler thread owns that stream, so these
+        draw from a second one (saved in checkpoints too) and neither stream depends on the threads' timing."""
+        if not self.hparams.off_policy_steps:
+            return self._generator()
+        if self.update_generator is None or self.update_generator.device != self.device:
+            self.update_generator = self._seeded(500, self._update_generator_state)
+            self._update_generator_state = None
+        return self.update_generator
+
+    def _seeded(self, offset: int, state: Tensor | None) -> torch.Generator:
+        """A generator on this device seeded `sample_seed` + 1000 x rank + offset, or set to a saved `state`."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.hparams.sample_seed + 1000 * self.global_rank + offset)
+        if state is not None:
+            gen.set_state(state)
+        return gen
 
     def _micro_batches(self, n: int, rows: Tensor | None = None, ctx: dict[str, Tensor] | None = None
                        ) -> list[Tensor]:
@@ -391,15 +496,23 @@ class RLModule(StepLogging, PolicyModuleBase):
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        states = self._generator_states()
-        if any(state is not None for state in states):
-            checkpoint["sample_generator_states"] = states
+        pending = self.overlap.wait() if self.overlap is not None else None  # before the generator state is read
+        if pending is not None:  # the rollout sampled ahead: resuming without it would change the run
+            samples = pending["samples"]
+            checkpoint["off_policy_pending"] = {**pending, "samples": {f.name: getattr(samples, f.name)
+                                                                        for f in fields(samples)}}
+        for key, gen in (("sample_generator_states", self.sample_generator),
+                         ("update_generator_states", self.update_generator)):
+            states = self._generator_states(gen)
+            if any(state is not None for state in states):
+                checkpoint[key] = states
         checkpoint["decline_watch"] = self.decline_watch.state_dict()  # a resumed run keeps the original start
 
-    def _generator_states(self) -> list[Tensor | None]:
-        """Every rank's sampling-generator state, indexed by rank. Lightning calls `on_save_checkpoint` on all ranks
-        but writes rank 0's dict: saving rank 0's state alone would give every rank one stream after a resume."""
-        state = self.sample_generator.get_state() if self.sample_generator is not None else None
+    def _generator_states(self, gen: torch.Generator | None) -> list[Tensor | None]:
+        """Every rank's state of `gen` (a sampling generator), indexed by rank. Lightning calls `on_save_checkpoint`
+        on all ranks but writes rank 0's dict: saving rank 0's state alone would give every rank one stream after
+        a resume."""
+        state = gen.get_state() if gen is not None else None
         dist = torch.distributed
         if self._trainer is None or self.trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             return [state]
@@ -415,8 +528,17 @@ class RLModule(StepLogging, PolicyModuleBase):
         # a rank the checkpoint has no state for (more ranks than when it was saved) starts its seeded stream
         self._sample_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
         self.sample_generator = None  # rebuilt from the saved state on the next _generator() call
+        states = checkpoint.get("update_generator_states")
+        self._update_generator_state = states[self.global_rank] if states and self.global_rank < len(states) else None
+        self.update_generator = None
         if "decline_watch" in checkpoint:
             self.decline_watch.load_state_dict(checkpoint["decline_watch"])
+        pending = checkpoint.get("off_policy_pending")
+        if pending is not None:
+            if not self.hparams.off_policy_steps:
+                raise ValueError("this checkpoint was written with off_policy_steps: 1 and holds the rollout sampled "
+                                 "ahead; resume it with off_policy_steps: 1 (or it would not resume exactly)")
+            self._restored_pending = {**pending, "samples": RolloutBatch(**pending["samples"])}
 
 
 def _aggregation(hp) -> str:
