@@ -113,13 +113,16 @@ def write_models(root: Path) -> dict[str, dict[str, str]]:
     return model_paths(root)
 
 
-def step_flops(config, rows: int, prompt_len: int, tokens: int, no_grad_passes: int, train_passes: int) -> float:
+def step_flops(config, rows: int, prompt_len: int, tokens: int, no_grad_passes: int, train_passes: int,
+               prompt_rows: int | None = None) -> float:
     """Useful FLOPs of one RL step: sampling + `no_grad_passes` forwards + `train_passes` forward+backward.
 
     Per token and layer: 2 x (q, k, v, o projections + the 3 MLP matrices) for the matmuls, 4 x hidden x context
     for attention (QK^T and AV); the LM head (2 x hidden x vocab) only where logits are needed. Backward = 2 x
-    forward. Sampling: the prompt once, then one token per step against a growing cache.
+    forward. Sampling: the prompt once, then one token per step against a growing cache. `prompt_rows`: the rows
+    whose prompt tokens run (shared prompts: one per group; None = every row).
     """
+    prompt_rows = rows if prompt_rows is None else prompt_rows
     d, layers, f = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
@@ -129,10 +132,11 @@ def step_flops(config, rows: int, prompt_len: int, tokens: int, no_grad_passes: 
     def attention(ctx: float) -> float:
         return 4 * layers * d * ctx
 
-    sampling = rows * (prompt_len * (linear + attention(prompt_len / 2)) + head)
+    prompt = prompt_len * (linear + attention(prompt_len / 2))  # one row's prompt tokens through every layer
+    sampling = prompt_rows * prompt + rows * head
     sampling += rows * sum(linear + attention(prompt_len + t) + head for t in range(1, tokens))
-    length = prompt_len + tokens
-    full = rows * (length * (linear + attention(length / 2)) + (tokens + 1) * head)  # one full-sequence forward
+    # one full-sequence forward: the prompts, then the completion tokens against prompt + the completion so far
+    full = prompt_rows * prompt + rows * (tokens * (linear + attention(prompt_len + tokens / 2)) + (tokens + 1) * head)
     return sampling + full * (no_grad_passes + 3 * train_passes)
 
 
@@ -613,9 +617,10 @@ def _useful_flops(args: argparse.Namespace, models: dict[str, dict[str, str]],
                    for n in r.get("tokens", [])]
             return max(1, round(statistics.mean(got))) if got else RAGGED_CAP
 
-        for system in ("ours", "trl"):
+        for system in ("ours", "trl"):  # ours shares each group's prompt (share_prompt_prefix) in every pass
+            shared = system == "ours" and not args.no_share_prompts
             out[("grpo", size, system)] = step_flops(config, PROMPTS_GRPO * GROUP_SIZE, prompt_len, tokens("grpo"),
-                                                     1, 1)
+                                                     1, 1, prompt_rows=PROMPTS_GRPO if shared else None)
         out[("ppo", size, "ours")] = step_flops(config, PROMPTS_PPO, prompt_len, tokens("ppo"), 2, 2)
         out[("ppo", size, "trl")] = step_flops(config, PROMPTS_PPO, prompt_len, tokens("ppo"), 3, 2)
     return out

@@ -94,6 +94,25 @@ def test_fast_logits_and_greedy_tokens_match_hf(kind: str) -> None:
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_repeated_prompts_are_prefilled_once_with_the_same_logits(kind: str) -> None:
+    """GRPO's layout (each prompt repeated G = 3 times): the prefill runs the distinct prompts only, and every
+    row's logits, after the prompt and after each forced token, are those of the HF forward over all rows."""
+    m = build(kind)
+    ids, mask = left_pad(PROMPTS)
+    ids, mask = ids.repeat_interleave(3, dim=0), mask.repeat_interleave(3, dim=0)
+    forced = torch.randint(3, m.config.vocab_size, (ids.size(0), 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = teacher_forced_logits(_HFDecoder(m, ids, mask, 9, static_cache=True), forced)
+        decoder = FastDecoder(m, ids, mask, 9)
+        rows = []
+        layer = decoder._layer
+        decoder._layer = lambda x, *args: rows.append(x.size(0)) or layer(x, *args)
+        got = teacher_forced_logits(decoder, forced)
+    assert rows[0] == len(PROMPTS) * ids.size(1)  # the prefill's tokens: the distinct prompts', once
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+
+
 @pytest.mark.parametrize("kind", ["tiny", "qwen2"])
 def test_fast_sampling_is_token_identical_with_a_seeded_generator(kind: str) -> None:
     """temperature, top-k, top-p, min_new_tokens and a mixed-EOS batch: same tokens, masks, truncation flags."""

@@ -325,19 +325,38 @@ class FastDecoder:
 
     @torch.no_grad()
     def prefill(self) -> Tensor:
-        """Run the left-padded prompt through every layer, fill the cache, return logits [B, V]."""
-        P = self.P
+        """Run the left-padded prompt through every layer, fill the cache, return logits [B, V].
+
+        Rows that repeat a prompt (GRPO's G samples of each) share one pass: only the U distinct rows run, into a
+        [U, ..., P] cache, whose columns and logits are then copied to every row that repeats them."""
+        P, B = self.P, self.prompt_ids.size(0)
+        rows, inverse = torch.unique(torch.cat([self.prompt_ids, self.key_mask[:, :P].long()], dim=1), dim=0,
+                                     return_inverse=True)
+        U = rows.size(0)
+        first = None if U == B else torch.full((U,), B, dtype=torch.long, device=self.device).scatter_reduce(
+            0, inverse, torch.arange(B, device=self.device), "amin")  # [U] a row holding each distinct prompt
+        pick = (lambda t: t) if first is None else (lambda t: t.index_select(0, first))
+        key_mask = pick(self.key_mask[:, :P])  # [U, P]
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()  # [P, P]
         # A pad query sees no real key. torch 2.13's SDPA returns 0 for such a row, but other backends and versions
         # give NaN, and a NaN in a masked-out cache column still poisons the real rows' output (0 * NaN, checked).
         # Letting a pad query see itself keeps its (never used) output finite everywhere.
-        mask = (causal & self.key_mask[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=self.device)
-        cos, sin = self._rope_at(0, P)
-        B = self.prompt_ids.size(0)
-        x = F.embedding(self.prompt_ids.reshape(-1), self.embed)  # [B P, hidden]
+        mask = (causal & key_mask[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
+        cos, sin = (pick(t) for t in self._rope_at(0, P))
+        full = [(lw.k_cache, lw.v_cache) for lw in self.layers]
+        if first is not None:  # the distinct rows' own cache, only as long as the prompt
+            for lw in self.layers:
+                lw.k_cache, lw.v_cache = (c.new_zeros(U, c.size(1), P, c.size(3)) for c in (lw.k_cache, lw.v_cache))
+        x = F.embedding(pick(self.prompt_ids).reshape(-1), self.embed)  # [U P, hidden]
         for lw in self.layers:
             x = self._layer(x, lw, cos, sin, 0, mask)
-        return self._logits(x.view(B, P, -1)[:, -1])
+        logits = self._logits(x.view(-1, P, x.size(-1))[:, -1])  # [U, V]
+        if first is None:
+            return logits
+        for lw, (k, v) in zip(self.layers, full):  # every row gets its prompt's columns
+            k[:, :, :P], v[:, :, :P] = lw.k_cache.index_select(0, inverse), lw.v_cache.index_select(0, inverse)
+            lw.k_cache, lw.v_cache = k, v
+        return logits.index_select(0, inverse)  # [B, V]
 
     @torch.no_grad()
     def compact(self, keep: Tensor) -> None:
