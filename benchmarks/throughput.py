@@ -422,6 +422,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our max_tokens_per_micro_batch (default: off for forced, 4096 for ragged; 0 = off)")
     p.add_argument("--no-share-prompts", action="store_true",
                    help="our share_prompt_prefix: false (each row's prompt in its own forward; the lever's share)")
+    p.add_argument("--no-shared-prefill", action="store_true",
+                   help="our fast decoder prefills every row, repeated prompts too (FastDecoder.share_prefill)")
+    p.add_argument("--no-compaction", action="store_true",
+                   help="our fast decoder keeps finished rows in the batch (FastDecoder.compaction)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: child process spec algo:system:size:precision
     args = p.parse_args(argv)
     for name, allowed in (("algos", ("grpo", "ppo")), ("sizes", SIZES), ("precisions", PRECISIONS),
@@ -452,7 +456,9 @@ def spawn(args: argparse.Namespace, spec: str, size: str) -> dict:
     cmd = [python, __file__, "--one", spec, "--models", args.models, "--threads", str(args.threads),
            "--warmup", str(warmup), "--measure", str(measure), "--workload", args.workload,
            *(["--token-budget", str(args.token_budget)] if args.token_budget is not None else []),
-           *(["--no-share-prompts"] if args.no_share_prompts else [])]
+           *(["--no-share-prompts"] if args.no_share_prompts else []),
+           *(["--no-shared-prefill"] if args.no_shared_prefill else []),
+           *(["--no-compaction"] if args.no_compaction else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -552,6 +558,9 @@ def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.one:
+        from rlhf_lightning.rollout.fast import FastDecoder
+
+        FastDecoder.share_prefill, FastDecoder.compaction = not args.no_shared_prefill, not args.no_compaction
         warmup = 0 if args.warmup is None else args.warmup
         print(json.dumps(run_one(args.one, Path(args.models), warmup, args.measure or 1, args.threads,
                                  args.workload, args.token_budget, not args.no_share_prompts)))

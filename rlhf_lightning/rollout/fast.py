@@ -229,7 +229,12 @@ class FastDecoder:
 
     Same interface as `hf.HFDecoder`: `prefill()` then `step(token)` repeatedly, each returning the
     next-token logits [B, V] in the model's dtype. Build it only after `ineligibility_reason(...)` returned None.
+    `compaction` / `share_prefill` (class attributes, for a subclass or a measurement to turn off): finished rows
+    leave the batch (`compact`); rows that repeat a prompt are prefilled once (`prefill`).
     """
+
+    compaction = True
+    share_prefill = True
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int) -> None:
@@ -272,7 +277,7 @@ class FastDecoder:
         self.positions = torch.cat([prompt_pos, decode_pos], dim=1)  # [B, L]
         # finished rows may leave the batch (`compact`), except under a stateful (dynamic) rope: HF rescales it by
         # the largest position in the batch, which would change when rows leave
-        self.compactable = not self.stateful_rope
+        self.compactable = self.compaction and not self.stateful_rope
         if not self.stateful_rope:
             # One table for every position of this call: the same elementwise math as per-step calls.
             cos, sin = self.rotary(emb[:1], self.positions)  # [B, L, D] each
@@ -332,7 +337,7 @@ class FastDecoder:
         P, B = self.P, self.prompt_ids.size(0)
         rows, inverse = torch.unique(torch.cat([self.prompt_ids, self.key_mask[:, :P].long()], dim=1), dim=0,
                                      return_inverse=True)
-        U = rows.size(0)
+        U = rows.size(0) if self.share_prefill else B
         first = None if U == B else torch.full((U,), B, dtype=torch.long, device=self.device).scatter_reduce(
             0, inverse, torch.arange(B, device=self.device), "amin")  # [U] a row holding each distinct prompt
         pick = (lambda t: t) if first is None else (lambda t: t.index_select(0, first))
