@@ -558,9 +558,10 @@ def markdown(rows: list[dict], peaks: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.one:
-        from rlhf_lightning.rollout.fast import FastDecoder
+        if args.one.split(":")[1] != "trl":  # the TRL 0.21 venv has no rlhf_lightning dependencies (lightning)
+            from rlhf_lightning.rollout.fast import FastDecoder
 
-        FastDecoder.share_prefill, FastDecoder.compaction = not args.no_shared_prefill, not args.no_compaction
+            FastDecoder.share_prefill, FastDecoder.compaction = not args.no_shared_prefill, not args.no_compaction
         warmup = 0 if args.warmup is None else args.warmup
         print(json.dumps(run_one(args.one, Path(args.models), warmup, args.measure or 1, args.threads,
                                  args.workload, args.token_budget, not args.no_share_prompts)))
