@@ -484,11 +484,14 @@ def _rank_accuracy(scorer: RewardModelScorer, pairs: list[tuple[str, str, str]])
 
 
 @pytest.mark.slow  # ~1.5 CPU minutes alone, ~3 on a loaded 2-core machine
-def test_policy_negatives_rank_the_policys_own_held_out_mistakes_lower(tmp_path):
+def test_random_and_policy_negative_rms_rank_the_policys_held_out_mistakes_lower(tmp_path):
     """What the RM -> PPO route relies on, at small scale: a short SFT, then two equally short RMs from its export,
     one on random wrong sums (the former recipe) and one on the SFT model's own wrong samples (`policy`, the
-    shipped rm_arithmetic.yaml). On held-out prompts, the second scores the right answer above a fresh mistake of
-    the policy more often (measured: 0.614 vs 0.681 on 251 mistakes; full size 0.744 vs 0.903, docs/ppo.md)."""
+    shipped rm_arithmetic.yaml). On held-out prompts both score the right answer above a fresh mistake of the
+    policy well above chance. Which one ranks better does not hold across hosts at this scale: measured 0.614 vs
+    0.681 (policy ahead) on 251 mistakes where the recipe was chosen, 0.665 vs 0.591 (random ahead; 0.759 vs 0.661
+    with 600 RM steps) on an Intel Xeon with AMX on 2026-12-03; full size 0.744 vs 0.903, docs/ppo.md, on the
+    first host. So the test holds what both hosts agree on."""
     trainer_kwargs = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                           default_root_dir=tmp_path)
@@ -512,7 +515,7 @@ def test_policy_negatives_rank_the_policys_own_held_out_mistakes_lower(tmp_path)
                                     num_train=19200, negatives_model=sft_dir if kind == "policy" else None)
         L.Trainer(max_steps=300, **trainer_kwargs).fit(rm, data)
         accuracy[kind] = _rank_accuracy(RewardModelScorer(rm), triples)
-    assert accuracy["policy"] > accuracy["random"] + 0.04, accuracy
+    assert min(accuracy.values()) > 0.55, accuracy
 
 
 # ---------------------------------------------------------------------------------------------- the config

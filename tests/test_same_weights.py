@@ -102,5 +102,10 @@ def test_seeded_run_exports_the_same_weights_as_before_the_redesign(tmp_path, ca
     golden = json.loads(GOLDEN.read_text())[case]
     assert sorted(digest) == sorted(golden)
     for name, values in golden.items():
-        # the same arithmetic gives the same bits; the tolerance only absorbs another CPU's float rounding
-        assert digest[name] == pytest.approx(values, rel=1e-5, abs=1e-6), name
+        # the same arithmetic gives the same bits; the tolerance only absorbs another CPU's float rounding. The sum
+        # of a tensor cancels (it can be far smaller than its terms), so its rounding scales with the sum of |x|:
+        # an Intel Xeon with AMX gave sums 1e-6 .. 2e-5 off the golden ones, 2.5e-7 of sum |x| at most, while one
+        # different update moves every entry by about lr = 1e-3
+        sum_tol = 1e-6 * values[1]
+        assert digest[name][0] == pytest.approx(values[0], rel=0, abs=max(sum_tol, 1e-6)), name
+        assert digest[name][1:] == pytest.approx(values[1:], rel=1e-5, abs=1e-6), name
