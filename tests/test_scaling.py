@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import DIGIT_REWARD, REPO, SCRIPT, run_cli_processes, run_processes
+from conftest import DIGIT_REWARD, REPO, SCRIPT, run_cli_processes, run_processes, subprocess_env
 
 from rlhf_lightning import GRPOModule, PPOModule, PreferenceDataModule, PromptDataModule, RewardModel, SFTModule
 from rlhf_lightning.cli import cli_main
@@ -393,3 +394,20 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         m.sft_loss(batch).backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.policy.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_the_process_group_is_destroyed_at_exit_while_python_is_alive(tmp_path):
+    """`parallel.destroy_process_group_at_exit` (every module's setup): the group is gone before interpreter
+    finalization, where gloo's threads would otherwise abort the finished process now and then (exit -6)."""
+    script = f"""
+import atexit, torch.distributed as dist
+from rlhf_lightning.infra import parallel
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))  # runs after the handler below
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+parallel.destroy_process_group_at_exit()
+parallel.destroy_process_group_at_exit()  # once
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=subprocess_env(REPO), check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "initialized at exit: False"

@@ -11,6 +11,7 @@ optimization (Lightning #19626, #19685), and every RL module here optimizes manu
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,28 @@ class FSDP2Strategy(ModelParallelStrategy):
                                  f"{world}")
             self._data_parallel_size = world // self._tensor_parallel_size
         super().setup_environment()
+
+
+_DESTROY_REGISTERED = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group at interpreter exit, while Python is still alive (registered once, where a
+    group exists). Lightning leaves the group to interpreter finalization, where gloo's worker threads can still
+    hold work objects whose tensors need the GIL being torn down: a finished 2-process CPU run then aborted
+    ("terminate called without an active exception", exit -6, 1 in ~10 runs here; pytorch/pytorch#179291)."""
+    global _DESTROY_REGISTERED
+    dist = torch.distributed
+    if _DESTROY_REGISTERED or not (dist.is_available() and dist.is_initialized()):
+        return
+    _DESTROY_REGISTERED = True
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    dist = torch.distributed
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_strategy(module: Any, strategy: Any) -> None:

@@ -206,6 +206,7 @@ class PolicyModuleBase(RewardScoring, SampledEvaluation, L.LightningModule):
             raise ValueError(f"{type(self).__name__} trains on prompts, but the data is a PreferenceDataModule (pairs "
                              "for RewardModel); use data: rlhf_lightning.PromptDataModule")
         parallel.check_strategy(self, self.trainer.strategy)
+        parallel.destroy_process_group_at_exit()
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: reuse activation memory step to step
         batch_size = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "batch_size", None)
         if stage == "fit" and "minibatches" in self.hparams and isinstance(batch_size, int):

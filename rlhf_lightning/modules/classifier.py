@@ -95,6 +95,7 @@ class ClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
+        parallel.destroy_process_group_at_exit()
         keep_freed_memory(self.trainer.strategy.root_device)  # CPU: see rlhf_lightning/infra/cpu_allocator.py
 
     def configure_optimizers(self):
