@@ -61,7 +61,8 @@ def destroy_process_group_at_exit() -> None:
     """Destroy the default process group at interpreter exit, while Python is still alive (registered once, where a
     group exists). Lightning leaves the group to interpreter finalization, where gloo's worker threads can still
     hold work objects whose tensors need the GIL being torn down: a finished 2-process CPU run then aborted
-    ("terminate called without an active exception", exit -6, 1 in ~10 runs here; pytorch/pytorch#179291)."""
+    ("terminate called without an active exception", exit -6: once in the 2-process tests of 3 suite runs on
+    2026-12-03; pytorch/pytorch#179291)."""
     global _DESTROY_REGISTERED
     dist = torch.distributed
     if _DESTROY_REGISTERED or not (dist.is_available() and dist.is_initialized()):
