@@ -291,8 +291,8 @@ class PPOModule(RLModule):
         """
         hp = self.hparams
         # one micro-batch: `micro_batch_size`, and `max_tokens_per_micro_batch` on the rollout's lengths (`ctx`)
-        one_graph = (len(self._micro_batches(n_rows, ctx=ctx)) == 1 if ctx is not None or
-                     hp.max_tokens_per_micro_batch is None else False)
+        one_graph = ((ctx is not None or hp.max_tokens_per_micro_batch is None)
+                     and len(self._micro_batches(n_rows, ctx=ctx)) == 1)
         return (self.fuse_old_passes and hp.ppo_epochs == 1 and hp.minibatches == 1 and one_graph
                 and not any(has_active_dropout(m) for m in (self.policy, self.value_model)))
 

@@ -94,8 +94,8 @@ class RLModule(StepLogging, PolicyModuleBase):
             policy synced before each submit, while the update on rollout k runs (`rollout.overlap`); the update
             uses the sampler's log-probs as π_old of the clipped ratio (one optimizer step stale:
             rollout/staleness). On a CPU give each thread one core (`torch.set_num_threads(1)` on 2 cores; there
-            on-policy at 2 intra-op threads measured faster: docs/performance.md). The first batch is only sampled (max_steps updates take max_steps + 1 batches). Single-turn rollouts on
-            an unsharded policy (no tools / environment; GRPO: no dynamic sampling, no remax).
+            on-policy at 2 intra-op threads measured faster: docs/performance.md). The first batch is only
+            sampled (max_steps updates take max_steps + 1 batches). Single-turn rollouts on an unsharded policy (no tools / environment; GRPO: no dynamic sampling, no remax).
         share_prompt_prefix: in every log-prob pass (old, reference, training), rows that repeat a prompt (GRPO's
             G samples) run it through the model once and read its KV cache (`rollout.shared_prompt_logits`: the
             same log-probs and gradients to float rounding; off with gradient checkpointing). False = one forward

@@ -194,6 +194,20 @@ def trim_padding(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor
     return prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :T], completion_mask[:, :T]
 
 
+def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Rows that repeat a prompt (GRPO's G samples): (first [U], a row holding each distinct (ids, mask) prompt;
+    inverse [B], each row's index into them), or None when every row's prompt is distinct. The shared-prefix
+    passes run the U rows and index their outputs back with `inverse`."""
+    B = prompt_ids.size(0)
+    rows, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], dim=1), dim=0, return_inverse=True)
+    U = rows.size(0)
+    if U == B:
+        return None
+    first = torch.full((U,), B, dtype=torch.long, device=inverse.device).scatter_reduce(
+        0, inverse, torch.arange(B, device=inverse.device), "amin")  # [U]
+    return first, inverse
+
+
 def pad_columns(x: Tensor, width: int) -> Tensor:
     """[B, t, ...] -> [B, width, ...] with zeros on the right (the inverse of `trim_padding` for outputs)."""
     if x.size(1) == width:

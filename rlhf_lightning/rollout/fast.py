@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import position_ids_from_mask
+from .base import distinct_prompts, position_ids_from_mask
 
 # model class -> the module classes of its layout, all from the same transformers file.
 _FAMILIES = {
@@ -334,12 +334,9 @@ class FastDecoder:
 
         Rows that repeat a prompt (GRPO's G samples of each) share one pass: only the U distinct rows run, into a
         [U, ..., P] cache, whose columns and logits are then copied to every row that repeats them."""
-        P, B = self.P, self.prompt_ids.size(0)
-        rows, inverse = torch.unique(torch.cat([self.prompt_ids, self.key_mask[:, :P].long()], dim=1), dim=0,
-                                     return_inverse=True)
-        U = rows.size(0) if self.share_prefill else B
-        first = None if U == B else torch.full((U,), B, dtype=torch.long, device=self.device).scatter_reduce(
-            0, inverse, torch.arange(B, device=self.device), "amin")  # [U] a row holding each distinct prompt
+        P = self.P
+        shared = distinct_prompts(self.prompt_ids, self.key_mask[:, :P]) if self.share_prefill else None
+        first, inverse = shared if shared is not None else (None, None)  # [U], [B]
         pick = (lambda t: t) if first is None else (lambda t: t.index_select(0, first))
         key_mask = pick(self.key_mask[:, :P])  # [U, P]
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()  # [P, P]
@@ -351,7 +348,7 @@ class FastDecoder:
         full = [(lw.k_cache, lw.v_cache) for lw in self.layers]
         if first is not None:  # the distinct rows' own cache, only as long as the prompt
             for lw in self.layers:
-                lw.k_cache, lw.v_cache = (c.new_zeros(U, c.size(1), P, c.size(3)) for c in (lw.k_cache, lw.v_cache))
+                lw.k_cache, lw.v_cache = (c.new_zeros(first.size(0), c.size(1), P, c.size(3)) for c in (lw.k_cache, lw.v_cache))
         x = F.embedding(pick(self.prompt_ids).reshape(-1), self.embed)  # [U P, hidden]
         for lw in self.layers:
             x = self._layer(x, lw, cos, sin, 0, mask)

@@ -13,7 +13,8 @@ import inspect
 import torch
 from torch import Tensor
 
-from .base import check_prompt, join_prompt_completion, pad_columns, position_ids_from_mask, trim_padding
+from .base import (check_prompt, distinct_prompts, join_prompt_completion, pad_columns, position_ids_from_mask,
+                   trim_padding)
 
 
 def completion_logprobs(
@@ -102,14 +103,14 @@ def shared_prompt_logits(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask
     prompt distinct, gradient checkpointing on (HF turns the cache off in training), a model whose forward takes
     no cache.
     """
-    B, T = completion_ids.shape
-    rows, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], dim=1), dim=0, return_inverse=True)
-    U = rows.size(0)
+    T = completion_ids.size(1)
     cache_arg = _cache_argument(model)
-    if U == B or cache_arg is None or (torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)):
+    if cache_arg is None or (torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)):
         return None
-    first = torch.full((U,), B, dtype=torch.long, device=inverse.device).scatter_reduce(
-        0, inverse, torch.arange(B, device=inverse.device), "amin")  # [U] a row holding each distinct prompt
+    shared = distinct_prompts(prompt_ids, prompt_mask)
+    if shared is None:
+        return None
+    first, inverse = shared  # [U] a row holding each distinct prompt, [B] each row's
     mask_u = prompt_mask[first]
     prompt = model(input_ids=prompt_ids[first], attention_mask=mask_u, position_ids=position_ids_from_mask(mask_u),
                    use_cache=True, logits_to_keep=1)
